@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    install everything, then train the reference system with Karn (`karn run`)
+#   make test   install everything (Debian prometheus/alertmanager included), then run the tests
+VENV   ?= .venv
+PYTHON ?= python3
+PIP_CONSTRAINTS ?= constraints-cpu.txt
+BIN    := $(VENV)/bin
+
+.PHONY: setup run test bench system-deps clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(PIP_CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(PIP_CONSTRAINTS) -e '.[test]'
+	touch $@
+
+run: setup
+	$(BIN)/karn run $(ARGS)
+
+system-deps:
+	./scripts/install-system-deps.sh
+
+test: setup system-deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

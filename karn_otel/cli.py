@@ -1,0 +1,158 @@
+"""The ``karn`` command: run the reference system, inspect a run directory, replay it.
+
+    karn run [--epochs N] [--seed S] [--out DIR] [--no-live]
+    karn inspect RUN_DIR
+    karn replay RUN_DIR
+
+A missing or corrupt run directory gets a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import karn_otel
+    from karn_otel.config import KarnConfig
+    from karn_otel.reference.trainer import RunConfig, run_episode
+
+    try:
+        cfg = RunConfig(epochs=args.epochs, seed=args.seed, controller=args.controller, num_threads=args.threads)
+        kcfg = KarnConfig(out_dir=Path(args.out), console="plain" if args.no_live else "auto", strict=args.strict)
+    except ValueError as exc:
+        print(f"karn run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    collector = karn_otel.configure(kcfg)
+    run_dir = Path(args.out) / collector.run_id
+    try:
+        run_episode(cfg, checkpoint_dir=run_dir / "checkpoints")
+    except KeyboardInterrupt:
+        print("\nkarn run: interrupted; the run log holds everything up to now", file=sys.stderr)
+        return 130
+    finally:
+        karn_otel.shutdown()
+    stats = collector.stats()
+    print(f"run dir: {run_dir}")
+    print(f"events: {stats.accepted} accepted, {sum(stats.rejected.values())} rejected, {sum(stats.dropped.values())} dropped")
+    print(f"next:    karn inspect {run_dir}    karn replay {run_dir}")
+    return EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from karn_otel.contracts import TelemetryEventType as ET
+    from karn_otel.sinks.runlog import RunDirError, read_run
+
+    try:
+        rec = read_run(args.run_dir)
+    except RunDirError as exc:
+        print(f"karn inspect: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"run {rec.run_id}  ({rec.run_dir})")
+    for ep_id, ctx in rec.episodes.items():
+        slots = " ".join(f"{k}={v}" for k, v in ctx.slot_config.items())
+        print(
+            f"episode {ep_id}  started {ctx.timestamp.isoformat(timespec='seconds')}  git {ctx.git_commit[:12]}"
+            f"  seed {ctx.base_seed}"
+        )
+        print(f"  host {ctx.host_architecture}, {ctx.host_params:,} params; slots {slots}; max epochs {ctx.max_epochs}")
+        hp = ", ".join(f"{k}={v}" for k, v in ctx.hyperparameters.items())
+        print(f"  hyperparameters: {hp}")
+        events = [e for e in rec.events if e.episode_id == ep_id]
+        hosts = [e.payload for e in events if e.event_type is ET.HOST_SNAPSHOT]
+        summary = next((e.payload for e in events if e.event_type is ET.EPISODE_ENDED), None)
+        if hosts:
+            h = hosts[-1]
+            print(
+                f"  last epoch {h.epoch}: val acc {100 * h.val_accuracy:.2f}%  val loss {h.val_loss:.4f}"
+                f"  train loss {h.train_loss:.4f}  params {h.total_params:,} ({h.total_params / h.host_params:.3f}x host,"
+                f" {h.fossilized_params:,} fossilized)"
+            )
+        if summary is not None:
+            host = summary.host_only_accuracy
+            delta = "" if host is None else f" ({100 * (summary.final_val_accuracy - host):+.2f} pts vs host-only {100 * host:.2f}%)"
+            print(f"  finished: {summary.epochs_completed} epochs in {summary.wall_time_s:.1f}s{delta}")
+        else:
+            print("  not finished (no episode_ended event: the run was interrupted or is still going)")
+        counts = Counter(e.event_type.value for e in events)
+        print("  events: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        stats = [e.payload for e in events if e.event_type is ET.TELEMETRY_STATS]
+        if stats:
+            s = stats[-1]
+            rej = ", ".join(f"{k} {v}" for k, v in sorted(s.rejected.items())) or "none"
+            drop = ", ".join(f"{k} {v}" for k, v in sorted(s.dropped.items())) or "none"
+            print(f"  rejected: {rej}; dropped: {drop}")
+        alerts = [e.payload for e in events if e.event_type is ET.HEALTH_ALERT]
+        if alerts:
+            print(f"  alerts: {len(alerts)} (" + ", ".join(sorted({a.check for a in alerts})) + ")")
+    print(f"lines skipped: {len(rec.skipped)}" + (f" (first: line {rec.skipped[0][0]}: {rec.skipped[0][1]})" if rec.skipped else ""))
+    return EXIT_OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from karn_otel.replay import replay_run
+    from karn_otel.sinks.runlog import RunDirError, read_run
+
+    try:
+        rec = read_run(args.run_dir)
+    except RunDirError as exc:
+        print(f"karn replay: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not rec.episodes:
+        print(f"karn replay: error: {args.run_dir}: no episode context recorded", file=sys.stderr)
+        return EXIT_USAGE
+    if rec.skipped:
+        print(f"note: {len(rec.skipped)} undecodable line(s) skipped (first: line {rec.skipped[0][0]}: {rec.skipped[0][1]})")
+    print(f"replaying {len(rec.episodes)} episode(s) of run {rec.run_id} ...", flush=True)
+    try:
+        report = replay_run(rec)
+    except (ValueError, KeyError) as exc:
+        print(f"karn replay: error: cannot rebuild the run from its context: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.identical:
+        print(f"identical: {report.compared} events compared, every recorded value reproduced")
+        return EXIT_OK
+    print(f"DIFFERENT after {report.compared} identical events: {report.first_difference}")
+    return EXIT_DIFFERENT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="karn", description="Karn: research telemetry for morphogenetic training")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train the reference morphogenetic system with Karn recording")
+    r.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    r.add_argument("--seed", type=int, default=0, help="master random seed (default 0)")
+    r.add_argument("--out", default="runs", help="parent directory of the run directory (default ./runs)")
+    r.add_argument("--no-live", action="store_true", help="one plain line per epoch instead of the live dashboard")
+    r.add_argument("--controller", choices=["heuristic"], default="heuristic", help="seed controller")
+    r.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded; replay uses the same)")
+    r.add_argument("--strict", action="store_true", help="raise on an invalid telemetry event instead of counting it")
+    r.set_defaults(func=_run)
+
+    i = sub.add_parser("inspect", help="summarise a run directory")
+    i.add_argument("run_dir", type=Path)
+    i.set_defaults(func=_inspect)
+
+    rp = sub.add_parser("replay", help="re-run a run from its context and compare every recorded value")
+    rp.add_argument("run_dir", type=Path)
+    rp.set_defaults(func=_replay)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

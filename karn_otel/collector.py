@@ -1,0 +1,483 @@
+"""KarnCollector: validate, stamp and route every event (spec "Collector").
+
+``configure(KarnConfig)`` installs the process-wide collector; ``emit(payload)`` sends to
+it. With nothing configured, ``emit`` returns after one global lookup (see
+benchmarks/bench_overhead.py), so instrumented code can call it unconditionally.
+
+Two error rules, as in opentelemetry-python: invalid *configuration* raises at
+construction; an invalid *event* is rejected with a clear message, counted per reason and
+logged once per reason, and training continues. ``strict=True`` raises
+:class:`TelemetryValidationError` instead (tests use it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import secrets
+import threading
+import time
+import types
+import typing
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Union
+
+from karn_otel.config import KarnConfig
+from karn_otel.contracts import (
+    EVENT_TYPE_OF,
+    BatchMetrics,
+    ControllerDecision,
+    CounterfactualMatrix,
+    EpisodeContext,
+    EpisodeSummary,
+    GateEvaluationTrace,
+    HostSnapshot,
+    PolicySnapshot,
+    SlotSnapshot,
+    StageTransition,
+    TelemetryEvent,
+    TelemetryEventType,
+    TelemetryStats,
+    type_hints,
+)
+from karn_otel.store import TelemetryStore
+
+log = logging.getLogger("karn")
+ET = TelemetryEventType
+
+
+class TelemetryValidationError(ValueError):
+    """An event broke a contract rule. ``reason`` is the bounded counter key."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"[{reason}] {message}")
+        self.reason = reason
+
+
+# A processor observes accepted events and may return derived payloads (alerts, dense
+# windows) which the collector then emits itself: data still flows one way.
+Processor = Callable[[TelemetryEvent], Iterable[Any]]
+
+
+class KarnCollector:
+    """Validates, stamps (time, run, episode, epoch, rank, world_size) and routes events."""
+
+    def __init__(self, config: KarnConfig, sinks: Iterable[Any] = (), store: TelemetryStore | None = None) -> None:
+        self.config = config
+        self.run_id = config.run_id or new_run_id()
+        rank, world = discover_rank(config)
+        self.rank, self.world_size = rank, world
+        self.store = store or TelemetryStore(
+            max_dense_traces=config.max_dense_traces,
+            max_epoch_snapshots=config.max_epoch_snapshots,
+            max_recent_events=config.max_recent_events,
+        )
+        self._sinks: tuple[Any, ...] = tuple(sinks)
+        self._processors: tuple[Processor, ...] = ()
+        self._lock = threading.RLock()
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self.sink_errors: Counter[str] = Counter()
+        self._reported: set[str] = set()
+        self._episode: EpisodeContext | None = None
+        self._slot_ids: frozenset[str] = frozenset()
+        self._epoch = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ wiring
+
+    @property
+    def sinks(self) -> tuple[Any, ...]:
+        return self._sinks
+
+    def add_sink(self, sink: Any) -> None:
+        with self._lock:
+            self._sinks = self._sinks + (sink,)  # copy on write: iteration needs no lock
+
+    def add_processor(self, processor: Processor) -> None:
+        with self._lock:
+            self._processors = self._processors + (processor,)
+
+    # ------------------------------------------------------------------ emit
+
+    def emit(
+        self,
+        event: Any,
+        *,
+        epoch: int | None = None,
+        is_reduced: bool = False,
+    ) -> bool:
+        """Validate, stamp and route one event. Returns True when accepted.
+
+        ``event`` is a contract payload (the usual case: the collector builds the envelope)
+        or a complete :class:`TelemetryEvent`. The epoch is taken from the payload when it
+        has one, else from ``epoch``, else the episode's current epoch.
+        """
+        with self._lock:
+            try:
+                env = self._envelope(event, epoch, is_reduced)
+                self._validate(env)
+            except TelemetryValidationError as err:
+                self._reject(err)
+                return False
+            if env.event_type is ET.EPISODE_STARTED:
+                self._episode = env.payload
+                self._slot_ids = frozenset(env.payload.slot_config)
+            elif env.event_type is ET.EPISODE_ENDED:
+                # Karn's own accounting goes into the log just before the summary.
+                self._route(self._envelope(self.stats(), env.epoch, False))
+            self._epoch = env.epoch
+            self.accepted += 1
+            self._route(env)
+            processors = self._processors
+        for proc in processors:
+            for derived in proc(env) or ():
+                self.emit(derived, epoch=env.epoch)
+        if env.event_type is ET.EPISODE_ENDED:
+            self.flush()
+        return True
+
+    def _route(self, env: TelemetryEvent) -> None:
+        self.store.add(env)
+        for sink in self._sinks:
+            try:
+                sink.handle(env)
+            except Exception as exc:  # a broken sink must never stop training
+                name = type(sink).__name__
+                self.sink_errors[name] += 1
+                if self.config.strict:
+                    raise
+                self._report_once(f"sink:{name}", f"Karn sink {name} failed: {exc!r} (further failures counted)")
+
+    def _envelope(self, event: Any, epoch: int | None, is_reduced: bool) -> TelemetryEvent:
+        if isinstance(event, TelemetryEvent):
+            if not isinstance(event.event_type, TelemetryEventType):
+                raise TelemetryValidationError("type_error", f"event_type {event.event_type!r} is not a TelemetryEventType")
+            expected = EVENT_TYPE_OF.get(type(event.payload))
+            if expected is not event.event_type:
+                raise TelemetryValidationError(
+                    "type_error",
+                    f"payload {type(event.payload).__name__} does not match event_type {event.event_type.value}",
+                )
+            return event
+        et = EVENT_TYPE_OF.get(type(event))
+        if et is None:
+            raise TelemetryValidationError(
+                "unknown_event_type", f"{type(event).__name__} is not a Karn contract (see karn_otel.contracts)"
+            )
+        ep = getattr(event, "epoch", None)
+        if et is ET.EPISODE_STARTED:
+            ep = 0 if epoch is None else epoch
+        elif ep is None:
+            ep = epoch if epoch is not None else self._epoch
+        if et is ET.EPISODE_STARTED:
+            episode_id = event.episode_id
+        else:
+            episode_id = self._episode.episode_id if self._episode is not None else ""
+        return TelemetryEvent(
+            event_type=et,
+            run_id=self.run_id,
+            episode_id=episode_id,
+            epoch=ep if isinstance(ep, int) else -1,
+            timestamp=time.time(),
+            payload=event,
+            rank=self.rank,
+            world_size=self.world_size,
+            is_reduced=is_reduced,
+        )
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self, env: TelemetryEvent) -> None:
+        p = env.payload
+        problem = check_types(p)
+        if problem:
+            raise TelemetryValidationError("type_error", f"{type(p).__name__}.{problem}")
+        if not 0 <= env.rank < env.world_size:
+            raise TelemetryValidationError("bad_rank", f"rank {env.rank} outside world_size {env.world_size}")
+        if env.epoch < 0:
+            raise TelemetryValidationError("bad_epoch", f"epoch {env.epoch} is negative")
+        for name in _PARAM_FIELDS.get(type(p), ()):
+            if getattr(p, name) < 0:
+                raise TelemetryValidationError(
+                    "negative_param_count", f"{type(p).__name__}.{name} = {getattr(p, name)} is negative"
+                )
+        if env.event_type is ET.EPISODE_STARTED:
+            bad = {k: v for k, v in p.slot_config.items() if v < 0}
+            if bad:
+                raise TelemetryValidationError("negative_param_count", f"EpisodeContext.slot_config has negative {bad}")
+            return
+        if self._episode is None:
+            raise TelemetryValidationError(
+                "no_active_episode", f"{env.event_type.value} emitted before any EpisodeContext"
+            )
+        if env.episode_id != self._episode.episode_id:
+            raise TelemetryValidationError(
+                "unknown_episode", f"episode {env.episode_id!r} is not the active episode {self._episode.episode_id!r}"
+            )
+        if env.epoch < self._epoch:
+            raise TelemetryValidationError(
+                "epoch_regression",
+                f"{env.event_type.value} at epoch {env.epoch} after epoch {self._epoch} (epochs must not decrease)",
+            )
+        if isinstance(p, SlotSnapshot) and not 0.0 <= p.alpha <= 1.0:
+            raise TelemetryValidationError("alpha_out_of_range", f"slot {p.slot_id!r} alpha {p.alpha} not in [0, 1]")
+        for slot in _slots_named(p):
+            if slot not in self._slot_ids:
+                raise TelemetryValidationError(
+                    "unknown_slot",
+                    f"{type(p).__name__} names slot {slot!r}; the episode's slots are {sorted(self._slot_ids)}",
+                )
+
+    def _reject(self, err: TelemetryValidationError) -> None:
+        self.rejected[err.reason] += 1
+        if self.config.strict:
+            raise err
+        self._report_once(err.reason, f"Karn rejected an event: {err} (further '{err.reason}' rejections are counted)")
+
+    def _report_once(self, key: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning(message)
+
+    # ------------------------------------------------------------------ accounting, lifecycle
+
+    def dropped(self) -> dict[str, int]:
+        """Events lost by sinks (queue full, write failures), summed per sink and reason."""
+        out: Counter[str] = Counter()
+        for sink in self._sinks:
+            fn = getattr(sink, "dropped", None)
+            if fn is not None:
+                for reason, n in fn().items():
+                    out[f"{type(sink).__name__}:{reason}"] += n
+        for name, n in self.sink_errors.items():
+            out[f"{name}:error"] += n
+        return dict(out)
+
+    def stats(self) -> TelemetryStats:
+        return TelemetryStats(accepted=self.accepted, rejected=dict(self.rejected), dropped=self.dropped())
+
+    def flush(self, timeout: float | None = 10.0) -> None:
+        for sink in self._sinks:
+            try:
+                sink.flush(timeout)
+            except Exception as exc:
+                self._report_once(f"flush:{type(sink).__name__}", f"Karn sink flush failed: {exc!r}")
+
+    def close(self) -> None:
+        """Flush and close every sink. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                self._report_once(f"close:{type(sink).__name__}", f"Karn sink close failed: {exc!r}")
+
+
+# ---------------------------------------------------------------------- validation helpers
+
+_PARAM_FIELDS: dict[type, tuple[str, ...]] = {
+    SlotSnapshot: ("seed_params",),
+    HostSnapshot: ("host_params", "total_seed_params", "total_params", "fossilized_params"),
+    EpisodeContext: ("host_params",),
+    EpisodeSummary: ("host_params", "total_params", "fossilized_params"),
+}
+
+
+def _slots_named(p: Any) -> Iterable[str]:
+    if isinstance(p, SlotSnapshot):
+        return (p.slot_id,)
+    if isinstance(p, (HostSnapshot, BatchMetrics)):
+        return p.seed_grad_norms.keys()
+    if isinstance(p, (StageTransition, GateEvaluationTrace)):
+        return (p.slot_id,)
+    if isinstance(p, (ControllerDecision, PolicySnapshot)):
+        slots = [p.action.slot]
+        if p.shadow_action is not None:
+            slots.append(p.shadow_action.slot)
+        return [s for s in slots if s is not None]
+    if isinstance(p, CounterfactualMatrix):
+        return p.slot_ids
+    return ()
+
+
+# Per-class type checkers, built once from the type hints. Each returns None when the value
+# conforms, or a short "field: expected X, got Y" description.
+_Checker = Callable[[Any], Union[str, None]]
+_CHECKERS: dict[type, _Checker] = {}
+
+
+def check_types(obj: Any) -> str | None:
+    """Check a contract instance against its type hints (recursively)."""
+    checker = _CHECKERS.get(type(obj))
+    if checker is None:
+        checker = _dataclass_checker(type(obj))
+    return checker(obj)
+
+
+def _dataclass_checker(cls: type) -> _Checker:
+    hints = type_hints(cls)
+    fields = [(f.name, _checker_for(hints[f.name])) for f in dataclasses.fields(cls)]
+
+    def check(obj: Any) -> str | None:
+        if type(obj) is not cls:
+            return f": expected {cls.__name__}, got {type(obj).__name__}"
+        for name, chk in fields:
+            problem = chk(getattr(obj, name))
+            if problem is not None:
+                return f"{name}{problem}"
+        return None
+
+    _CHECKERS[cls] = check
+    return check
+
+
+def _describe(v: Any) -> str:
+    return type(v).__name__
+
+
+def _checker_for(tp: Any) -> _Checker:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return lambda v: None
+    if tp is float:
+        return lambda v: None if isinstance(v, (float, int)) and not isinstance(v, bool) else f": expected float, got {_describe(v)}"
+    if tp is int:
+        return lambda v: None if isinstance(v, int) and not isinstance(v, bool) else f": expected int, got {_describe(v)}"
+    if tp is bool:
+        return lambda v: None if isinstance(v, bool) else f": expected bool, got {_describe(v)}"
+    if tp is str:
+        return lambda v: None if isinstance(v, str) else f": expected str, got {_describe(v)}"
+    if tp is type(None):
+        return lambda v: None if v is None else f": expected None, got {_describe(v)}"
+    if tp in (Path, datetime) or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+        return lambda v: None if isinstance(v, tp) else f": expected {tp.__name__}, got {_describe(v)}"
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return lambda v: check_types(v) if type(v) is tp else f": expected {tp.__name__}, got {_describe(v)}"
+    if origin is Literal:
+        return lambda v: None if v in args else f": expected one of {args}, got {v!r}"
+    if origin is Union or origin is types.UnionType:
+        members = [_checker_for(a) for a in args]
+
+        def check_union(v: Any) -> str | None:
+            for m in members:
+                if m(v) is None:
+                    return None
+            return f": expected {tp}, got {_describe(v)}"
+
+        return check_union
+    if origin in (list, tuple):
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            items = [_checker_for(a) for a in args]
+
+            def check_fixed(v: Any) -> str | None:
+                if not isinstance(v, tuple) or len(v) != len(items):
+                    return f": expected tuple of {len(items)}, got {_describe(v)}"
+                for i, (c, x) in enumerate(zip(items, v)):
+                    p = c(x)
+                    if p:
+                        return f"[{i}]{p}"
+                return None
+
+            return check_fixed
+        item = _checker_for(args[0]) if args else (lambda v: None)
+        container = origin
+
+        def check_seq(v: Any) -> str | None:
+            if not isinstance(v, container):
+                return f": expected {container.__name__}, got {_describe(v)}"
+            for i, x in enumerate(v):
+                p = item(x)
+                if p:
+                    return f"[{i}]{p}"
+            return None
+
+        return check_seq
+    if origin is dict:
+        kc, vc = (_checker_for(args[0]), _checker_for(args[1])) if args else (lambda v: None, lambda v: None)
+
+        def check_dict(v: Any) -> str | None:
+            if not isinstance(v, dict):
+                return f": expected dict, got {_describe(v)}"
+            for k, x in v.items():
+                p = kc(k) or vc(x)
+                if p:
+                    return f"[{k!r}]{p}"
+            return None
+
+        return check_dict
+    raise TypeError(f"no checker for {tp!r}")
+
+
+# ---------------------------------------------------------------------- identity
+
+
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-xxxxxx`` (UTC + random suffix): sortable and unique."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def discover_rank(config: KarnConfig) -> tuple[int, int]:
+    """Rank and world size from the config, else the usual launcher environment."""
+    rank = config.rank if config.rank is not None else int(os.environ.get("RANK", "0"))
+    world = config.world_size if config.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world_size {world} (check RANK/WORLD_SIZE)")
+    return rank, world
+
+
+# ---------------------------------------------------------------------- process-wide collector
+
+_active: KarnCollector | None = None
+_active_lock = threading.Lock()
+
+
+def configure(config: KarnConfig | None = None, *, sinks: Iterable[Any] | None = None) -> KarnCollector:
+    """Install the process-wide collector (closing any previous one) and return it.
+
+    ``sinks=None`` builds the sinks the config asks for (run log, console); pass a list to
+    choose them yourself.
+    """
+    global _active
+    config = config or KarnConfig()
+    collector = KarnCollector(config)
+    if sinks is None:
+        from karn_otel.sinks.factory import default_sinks
+
+        sinks = default_sinks(config, collector)
+    for s in sinks:
+        collector.add_sink(s)
+    with _active_lock:
+        previous, _active = _active, collector
+    if previous is not None:
+        previous.close()
+    return collector
+
+
+def get_collector() -> KarnCollector | None:
+    """The active collector, or None when Karn is not configured."""
+    return _active
+
+
+def shutdown() -> None:
+    """Close and uninstall the active collector."""
+    global _active
+    with _active_lock:
+        previous, _active = _active, None
+    if previous is not None:
+        previous.close()
+
+
+def emit(event: Any, *, epoch: int | None = None, is_reduced: bool = False) -> bool:
+    """Emit to the active collector; a near-free no-op when Karn is not configured."""
+    c = _active
+    if c is None:
+        return False
+    return c.emit(event, epoch=epoch, is_reduced=is_reduced)

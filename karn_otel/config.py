@@ -1,0 +1,119 @@
+"""Karn's configuration: KarnConfig, CounterfactualConfig, DenseTraceTrigger.
+
+Invalid configuration raises ``ValueError`` at construction (bad values at emit time are
+rejected and counted by the collector instead). Imports neither torch nor opentelemetry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from karn_otel.contracts import OperatingMode
+
+Strategy = Literal["auto", "full_factorial", "shapley", "ablation_only"]
+_STRATEGIES = ("auto", "full_factorial", "shapley", "ablation_only")
+
+
+@dataclass(frozen=True)
+class CounterfactualConfig:
+    """User-configurable counterfactual strategy (spec "Counterfactual Capture")."""
+
+    strategy: Strategy = "auto"
+    # Auto thresholds: full factorial up to this many active seeds, Shapley sampling above.
+    full_factorial_max_seeds: int = 4
+    shapley_samples: int = 20  # permutations (antithetic pairs count as two)
+    force_full_factorial: bool = False
+    max_configurations: int | None = None  # hard cap on distinct evaluations; None = unlimited
+    timeout_seconds: float | None = None  # abort (and mark the result partial) past this
+    confidence: float = 0.95
+    bootstrap_samples: int = 200  # resamples of validation examples for validation-set noise
+    seed: int = 0  # RNG seed for permutation sampling and the bootstrap
+
+    def __post_init__(self) -> None:
+        if self.strategy not in _STRATEGIES:
+            raise ValueError(f"strategy must be one of {_STRATEGIES}, got {self.strategy!r}")
+        if self.full_factorial_max_seeds < 0:
+            raise ValueError("full_factorial_max_seeds must be >= 0")
+        if self.shapley_samples < 2:
+            raise ValueError("shapley_samples must be >= 2 (one antithetic pair)")
+        if self.max_configurations is not None and self.max_configurations < 1:
+            raise ValueError("max_configurations must be >= 1 or None")
+        if self.timeout_seconds is not None and not self.timeout_seconds > 0:
+            raise ValueError("timeout_seconds must be > 0 or None")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError("confidence must be in (0, 1)")
+        if self.bootstrap_samples < 0:
+            raise ValueError("bootstrap_samples must be >= 0")
+
+    def effective_strategy(self, n_active_seeds: int) -> str:
+        """Determine strategy based on config and seed count (verbatim from the spec)."""
+        if self.force_full_factorial:
+            return "full_factorial"
+        if self.strategy != "auto":
+            return self.strategy
+        if n_active_seeds <= self.full_factorial_max_seeds:
+            return "full_factorial"
+        return "shapley"
+
+
+@dataclass(frozen=True)
+class DenseTraceTrigger:
+    """When to open a dense-trace window (spec "Tier 3: Dense Traces")."""
+
+    stage_transition: bool = True
+    loss_spike_threshold: float = 2.0  # loss > 2x rolling average
+    accuracy_drop_threshold: float = 5.0  # percentage points, epoch over epoch
+    gradient_explosion: float = 100.0  # grad norm > 100x typical
+    gate_failure: bool = True
+    value_collapse: bool = True
+    entropy_collapse: bool = True
+    force_dense: bool = False  # research mode toggle
+
+    def __post_init__(self) -> None:
+        if self.loss_spike_threshold <= 1.0:
+            raise ValueError("loss_spike_threshold must be > 1 (a multiple of the rolling average)")
+        if self.accuracy_drop_threshold <= 0:
+            raise ValueError("accuracy_drop_threshold must be > 0 percentage points")
+        if self.gradient_explosion <= 1.0:
+            raise ValueError("gradient_explosion must be > 1 (a multiple of the typical norm)")
+
+
+@dataclass(frozen=True)
+class KarnConfig:
+    """Everything `configure()` needs.
+
+    ``out_dir=None`` disables the run log; ``console`` is "auto" (live dashboard on a
+    terminal, one line per epoch otherwise), "live", "plain" or "off".
+    """
+
+    run_id: str | None = None  # None: generated (UTC time + random suffix)
+    out_dir: Path | None = Path("runs")
+    console: Literal["auto", "live", "plain", "off"] = "auto"
+    strict: bool = False  # raise on invalid events instead of rejecting and counting
+    mode: OperatingMode = OperatingMode.STANDARD
+    max_dense_traces: int = 10  # ring size of dense traces kept in memory
+    max_epoch_snapshots: int = 10_000  # tier-2 history kept in memory (the run log keeps all)
+    max_recent_events: int = 256  # decisions, alerts, transitions kept for the console
+    runlog_queue_size: int = 100_000  # events buffered for the writer thread before drops
+    console_refresh_hz: float = 4.0
+    rank: int | None = None  # None: discovered from the environment
+    world_size: int | None = None
+    counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
+    dense_trigger: DenseTraceTrigger = field(default_factory=DenseTraceTrigger)
+
+    def __post_init__(self) -> None:
+        if self.console not in ("auto", "live", "plain", "off"):
+            raise ValueError(f"console must be auto/live/plain/off, got {self.console!r}")
+        for name in ("max_dense_traces", "max_epoch_snapshots", "max_recent_events", "runlog_queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if not self.console_refresh_hz > 0:
+            raise ValueError("console_refresh_hz must be > 0")
+        if self.rank is not None and self.rank < 0:
+            raise ValueError("rank must be >= 0")
+        if self.world_size is not None and self.world_size < 1:
+            raise ValueError("world_size must be >= 1")
+        if self.rank is not None and self.world_size is not None and self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} out of range for world_size {self.world_size}")

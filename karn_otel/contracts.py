@@ -1,0 +1,676 @@
+"""Karn's typed contracts: every event payload and the envelope that carries it.
+
+The names follow the Karn design document ("Data Model: Three Tiers" plus the expert
+review's P0-P2 additions), so a reader of the spec finds each one by name:
+
+* Tier 1 (once per episode): :class:`EpisodeContext`, :class:`HostBaseline`.
+* Tier 2 (every epoch): :class:`HostSnapshot`, :class:`SlotSnapshot`, :class:`PolicySnapshot`,
+  :class:`CounterfactualMatrix`.
+* Tier 3 (adaptive): :class:`DenseTrace` with :class:`BatchMetrics` and
+  :class:`GateEvaluationTrace`.
+
+Every contract is a frozen dataclass. ``to_json``/``from_json`` give an exact round trip,
+non-finite floats included: a diverged loss is written as ``{"$float": "nan"}`` (plain JSON
+has no NaN) and read back as ``float("nan")``, never as ``null``. Decoding is driven by the
+type hints, so a round trip also restores enums, tuples, paths and datetimes.
+
+This module imports neither torch nor opentelemetry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Union
+
+SCHEMA_VERSION = 1
+"""Version of the event schema written to ``events.jsonl``. Bump on incompatible change."""
+
+
+# --------------------------------------------------------------------------- enums
+
+
+class SeedStage(str, enum.Enum):
+    """Seed lifecycle. The happy path runs top to bottom; CULLED is the exit."""
+
+    DORMANT = "DORMANT"
+    GERMINATED = "GERMINATED"
+    TRAINING = "TRAINING"
+    BLENDING = "BLENDING"
+    PROBATIONARY = "PROBATIONARY"
+    FOSSILIZED = "FOSSILIZED"
+    CULLED = "CULLED"
+
+
+class ActionOp(str, enum.Enum):
+    """The controller's operation head."""
+
+    WAIT = "WAIT"
+    GERMINATE = "GERMINATE"
+    FOSSILIZE = "FOSSILIZE"
+    CULL = "CULL"
+
+
+class Severity(str, enum.Enum):
+    OK = "ok"
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class OperatingMode(str, enum.Enum):
+    """Spec "Operating Modes": standard (trigger-based dense capture) or research (dense always)."""
+
+    STANDARD = "standard"
+    RESEARCH = "research"
+
+
+class TelemetryEventType(str, enum.Enum):
+    EPISODE_STARTED = "episode_started"  # EpisodeContext
+    HOST_BASELINE = "host_baseline"  # HostBaseline (start: finals None; end: finals set)
+    SLOT_SNAPSHOT = "slot_snapshot"  # SlotSnapshot
+    HOST_SNAPSHOT = "host_snapshot"  # HostSnapshot; closes an epoch
+    POLICY_SNAPSHOT = "policy_snapshot"  # PolicySnapshot
+    PPO_UPDATE = "ppo_update"  # PPOUpdateStats
+    CONTROLLER_DECISION = "controller_decision"  # ControllerDecision
+    STAGE_TRANSITION = "stage_transition"  # StageTransition
+    GATE_EVALUATION = "gate_evaluation"  # GateEvaluationTrace
+    BATCH_METRICS = "batch_metrics"  # BatchMetrics
+    DENSE_TRACE = "dense_trace"  # DenseTrace
+    COUNTERFACTUAL = "counterfactual"  # CounterfactualMatrix
+    HEALTH_ALERT = "health_alert"  # HealthAlert
+    MODE_CHANGE = "mode_change"  # ModeChange
+    TELEMETRY_STATS = "telemetry_stats"  # TelemetryStats (Karn's own accounting)
+    EPISODE_ENDED = "episode_ended"  # EpisodeSummary
+
+
+# --------------------------------------------------------------------------- tier 1
+
+
+@dataclass(frozen=True)
+class EpisodeContext:
+    """Everything needed to reproduce an episode (spec Tier 1)."""
+
+    episode_id: str
+    timestamp: datetime
+    git_commit: str
+    base_seed: int
+    torch_seed: int
+    numpy_seed: int
+    host_architecture: str
+    host_params: int
+    slot_config: dict[str, int]  # slot id -> channel width at that slot
+    max_epochs: int
+    task_type: str
+    hyperparameters: dict[str, Union[bool, int, float, str]]
+    software: dict[str, str] = field(default_factory=dict)  # python/torch/numpy versions
+
+
+RetentionPolicy = Literal["keep_all", "keep_last", "delete_after_run"]
+
+
+@dataclass(frozen=True)
+class HostBaseline:
+    """The host-only reference (spec Tier 1, review P2 #10: checkpoint as a path)."""
+
+    initial_loss: float
+    initial_accuracy: float  # fraction in [0, 1]
+    initial_checkpoint: Path
+    checkpoint_retention_policy: RetentionPolicy = "keep_last"
+    final_host_only_loss: float | None = None
+    final_host_only_accuracy: float | None = None
+
+
+# --------------------------------------------------------------------------- tier 2
+
+
+@dataclass(frozen=True)
+class SlotSnapshot:
+    slot_id: str
+    stage: SeedStage
+    epochs_in_stage: int
+    seed_id: str | None
+    blueprint_id: str | None
+    seed_params: int
+    alpha: float  # blend coefficient in [0, 1]
+    counterfactual_contribution: float | None  # acc_with - acc_without (fraction)
+    total_improvement: float | None  # acc_now - acc_at_germination (fraction)
+    improvement_this_epoch: float
+    last_gate_attempted: str | None
+    last_gate_passed: bool | None
+    last_gate_reason: str | None
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    host_params: int
+    total_seed_params: int
+    total_params: int
+    fossilized_params: int
+    host_grad_norm: float
+    seed_grad_norms: dict[str, float]
+    grad_isolation_leakage: float | None
+
+
+@dataclass(frozen=True)
+class FactoredAction:
+    """One decision of the controller, one field per action head."""
+
+    op: ActionOp
+    slot: str | None = None
+    blueprint: str | None = None
+    blend: str | None = None
+
+    def label(self) -> str:
+        if self.op is ActionOp.WAIT:
+            return "WAIT"
+        if self.op is ActionOp.GERMINATE:
+            return f"GERMINATE({self.slot},{self.blueprint})"
+        return f"{self.op.value}({self.slot})"
+
+
+@dataclass(frozen=True)
+class RewardComponentsTelemetry:
+    """Named reward terms; their sum is the reward."""
+
+    accuracy_gain: float = 0.0
+    parameter_cost: float = 0.0
+    lifecycle_bonus: float = 0.0
+    invalid_action_penalty: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.accuracy_gain + self.parameter_cost + self.lifecycle_bonus + self.invalid_action_penalty
+
+
+@dataclass(frozen=True)
+class AdvantageStats:
+    mean: float
+    std: float
+    min: float
+    max: float
+    fraction_clipped: float  # |A| > clip threshold
+
+
+@dataclass(frozen=True)
+class RatioStats:
+    mean: float
+    fraction_clipped_high: float  # ratio > 1 + eps
+    fraction_clipped_low: float  # ratio < 1 - eps
+    per_head_clip_rates: dict[str, float]
+
+
+@dataclass(frozen=True)
+class LSTMHealth:
+    hidden_mean: float
+    hidden_std: float
+    cell_mean: float
+    cell_std: float
+    saturation_fraction: float  # |h| > 0.9
+
+
+@dataclass(frozen=True)
+class PPOUpdateStats:
+    """Statistics of one PPO update, materialised once per update."""
+
+    update_index: int
+    policy_loss: float
+    value_loss: float
+    kl_divergence: float  # approx KL(old || new)
+    per_head_kl: dict[str, float]
+    explained_variance: float
+    entropy: dict[str, float]  # per head, nats
+    value_variance: float
+    advantage_stats: AdvantageStats
+    ratio_stats: RatioStats
+    lstm_health: LSTMHealth | None
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """One controller decision with the policy internals behind it (spec Tier 2 + P0 #1, P1 #6)."""
+
+    observation_vector: tuple[float, ...]
+    action: FactoredAction
+    action_log_probs: dict[str, float]
+    action_was_masked: bool
+    value_estimate: float
+    advantage: float | None
+    reward_total: float
+    reward_components: RewardComponentsTelemetry
+    kl_divergence: float | None = None  # from the latest PPO update, None before the first
+    explained_variance: float | None = None
+    per_head_kl: dict[str, float] = field(default_factory=dict)
+    advantage_stats: AdvantageStats | None = None
+    ratio_stats: RatioStats | None = None
+    lstm_health: LSTMHealth | None = None
+    entropy: dict[str, float] = field(default_factory=dict)
+    shadow_action: FactoredAction | None = None  # what the heuristic would have done
+
+
+@dataclass(frozen=True)
+class ControllerDecision:
+    """What the controller decided this epoch and why (any controller, heuristic included)."""
+
+    controller: str
+    action: FactoredAction
+    reason: str
+    shadow_action: FactoredAction | None = None
+
+
+@dataclass(frozen=True)
+class StageTransition:
+    slot_id: str
+    seed_id: str | None
+    blueprint_id: str | None
+    from_stage: SeedStage
+    to_stage: SeedStage
+    reason: str
+
+
+@dataclass(frozen=True)
+class GateEvaluationTrace:
+    """The internals of one gate check G0-G5."""
+
+    gate: str
+    slot_id: str
+    seed_id: str | None
+    passed: bool
+    reason: str
+    from_stage: SeedStage
+    to_stage: SeedStage | None
+    measurements: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- counterfactuals
+
+
+@dataclass(frozen=True)
+class CounterfactualResult:
+    config: tuple[bool, ...]  # (True, False, True) = first on, second off, third on
+    alpha_settings: dict[str, float]
+    val_loss: float
+    val_accuracy: float
+    per_class_accuracy: dict[int, float] | None = None  # research mode only
+
+
+@dataclass(frozen=True)
+class ShapleyEstimate:
+    """A Shapley value with its uncertainty (review P1 #4).
+
+    ``std`` is the standard error of ``mean``; ``ci_low``/``ci_high`` the two-sided interval at
+    ``confidence`` (t-quantiles for sampling, combined with validation-set bootstrap noise).
+    """
+
+    mean: float
+    std: float
+    n_samples: int
+    algorithm: str = "permutation_antithetic"
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    confidence: float = 0.95
+
+
+@dataclass(frozen=True)
+class CounterfactualMatrix:
+    epoch: int
+    slot_ids: tuple[str, ...]
+    configs: tuple[CounterfactualResult, ...]
+    marginal_contributions: dict[str, float]
+    interaction_effects: dict[tuple[str, str], float]
+    shapley_values: dict[str, ShapleyEstimate] | None
+    strategy: str = "full_factorial"
+    interaction_index: dict[tuple[str, str], float] | None = None
+    n_evaluations: int = 0
+    partial: bool = False
+    partial_reason: str | None = None
+    elapsed_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- tier 3
+
+
+@dataclass(frozen=True)
+class BatchMetrics:
+    epoch: int
+    batch_idx: int
+    loss: float
+    accuracy: float
+    host_grad_norm: float
+    seed_grad_norms: dict[str, float]
+    isolation_leakage: float | None
+
+
+@dataclass(frozen=True)
+class DenseTrace:
+    trigger_reason: str
+    window_start_epoch: int
+    window_end_epoch: int
+    batch_metrics: tuple[BatchMetrics, ...]
+    gradient_histograms: dict[str, tuple[float, ...]]
+    gradient_flow: dict[str, float]
+    activation_means: dict[str, float]
+    activation_stds: dict[str, float]
+    dead_neuron_counts: dict[str, int]
+    gate_evaluation_details: GateEvaluationTrace | None = None
+
+
+# --------------------------------------------------------------------------- health, modes, accounting
+
+
+@dataclass(frozen=True)
+class HealthAlert:
+    check: str  # bounded set: see karn_otel.health
+    severity: Severity
+    message: str
+    value: float
+    threshold: float
+
+
+@dataclass(frozen=True)
+class ModeChange:
+    mode: OperatingMode
+    reason: str
+
+
+@dataclass(frozen=True)
+class TelemetryStats:
+    """Karn's own accounting, written at episode end so `karn inspect` can show it."""
+
+    accepted: int
+    rejected: dict[str, int]
+    dropped: dict[str, int]
+
+
+@dataclass(frozen=True)
+class EpisodeSummary:
+    epochs_completed: int
+    final_val_loss: float
+    final_val_accuracy: float
+    host_only_accuracy: float | None
+    host_params: int
+    total_params: int
+    fossilized_params: int
+    wall_time_s: float
+
+
+Payload = Union[
+    EpisodeContext,
+    HostBaseline,
+    SlotSnapshot,
+    HostSnapshot,
+    PolicySnapshot,
+    PPOUpdateStats,
+    ControllerDecision,
+    StageTransition,
+    GateEvaluationTrace,
+    BatchMetrics,
+    DenseTrace,
+    CounterfactualMatrix,
+    HealthAlert,
+    ModeChange,
+    TelemetryStats,
+    EpisodeSummary,
+]
+
+PAYLOAD_TYPES: dict[TelemetryEventType, type] = {
+    TelemetryEventType.EPISODE_STARTED: EpisodeContext,
+    TelemetryEventType.HOST_BASELINE: HostBaseline,
+    TelemetryEventType.SLOT_SNAPSHOT: SlotSnapshot,
+    TelemetryEventType.HOST_SNAPSHOT: HostSnapshot,
+    TelemetryEventType.POLICY_SNAPSHOT: PolicySnapshot,
+    TelemetryEventType.PPO_UPDATE: PPOUpdateStats,
+    TelemetryEventType.CONTROLLER_DECISION: ControllerDecision,
+    TelemetryEventType.STAGE_TRANSITION: StageTransition,
+    TelemetryEventType.GATE_EVALUATION: GateEvaluationTrace,
+    TelemetryEventType.BATCH_METRICS: BatchMetrics,
+    TelemetryEventType.DENSE_TRACE: DenseTrace,
+    TelemetryEventType.COUNTERFACTUAL: CounterfactualMatrix,
+    TelemetryEventType.HEALTH_ALERT: HealthAlert,
+    TelemetryEventType.MODE_CHANGE: ModeChange,
+    TelemetryEventType.TELEMETRY_STATS: TelemetryStats,
+    TelemetryEventType.EPISODE_ENDED: EpisodeSummary,
+}
+EVENT_TYPE_OF: dict[type, TelemetryEventType] = {cls: et for et, cls in PAYLOAD_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class TelemetryEvent:
+    """The envelope of every record (review P0 #2: rank, world_size, is_reduced from day one)."""
+
+    event_type: TelemetryEventType
+    run_id: str
+    episode_id: str
+    epoch: int
+    timestamp: float  # unix seconds
+    payload: Payload
+    rank: int = 0
+    world_size: int = 1
+    is_reduced: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- JSON encoding
+
+
+class ContractDecodeError(ValueError):
+    """A JSON document does not match the contract it claims to be."""
+
+
+_FLOAT_TAG = "$float"
+_NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _encode_float(x: float) -> Any:
+    if math.isfinite(x):
+        return float(x)
+    return {_FLOAT_TAG: "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert a contract (or any value inside one) to plain JSON types.
+
+    Dicts whose keys are not strings become lists of ``[key, value]`` pairs; the decoder
+    knows from the type hints which one to expect.
+    """
+    tp = type(obj)
+    if tp is float:  # the common case first: this runs on the writer thread for every field
+        return obj if math.isfinite(obj) else _encode_float(obj)
+    if obj is None or tp is str or tp is bool or tp is int:
+        return obj
+    names = _FIELD_NAMES.get(tp)
+    if names is None and dataclasses.is_dataclass(obj):
+        names = _FIELD_NAMES[tp] = tuple(f.name for f in dataclasses.fields(obj))
+    if names is not None:
+        return {n: to_jsonable(getattr(obj, n)) for n in names}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return _encode_float(float(obj))
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: to_jsonable(v) for k, v in obj.items()}
+        return [[to_jsonable(k), to_jsonable(v)] for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    raise TypeError(f"cannot encode {type(obj).__name__} as Karn JSON")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    """Resolved field type hints of a contract class (cached)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = hints
+    return hints
+
+
+def from_jsonable(tp: Any, data: Any, where: str = "$") -> Any:
+    """Decode ``data`` (plain JSON types) as type ``tp``; raise ContractDecodeError on mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return data
+    if origin is Union or origin is types.UnionType:
+        if data is None and type(None) in args:
+            return None
+        # Try the most specific JSON-compatible member first (bool before int before float).
+        ordered = sorted((a for a in args if a is not type(None)), key=_union_rank)
+        for member in ordered:
+            try:
+                return from_jsonable(member, data, where)
+            except ContractDecodeError:
+                continue
+        raise ContractDecodeError(f"{where}: {data!r} matches none of {tp}")
+    if origin is Literal:
+        if data in args:
+            return data
+        raise ContractDecodeError(f"{where}: {data!r} not one of {args}")
+    if tp is type(None):
+        if data is None:
+            return None
+        raise ContractDecodeError(f"{where}: expected null")
+    if tp is bool:
+        if isinstance(data, bool):
+            return data
+        raise ContractDecodeError(f"{where}: expected bool, got {data!r}")
+    if tp is int:
+        if isinstance(data, int) and not isinstance(data, bool):
+            return data
+        raise ContractDecodeError(f"{where}: expected int, got {data!r}")
+    if tp is float:
+        if isinstance(data, bool):
+            raise ContractDecodeError(f"{where}: expected float, got bool")
+        if isinstance(data, (int, float)):
+            return float(data)
+        if isinstance(data, dict) and set(data) == {_FLOAT_TAG} and data[_FLOAT_TAG] in _NONFINITE:
+            return _NONFINITE[data[_FLOAT_TAG]]
+        raise ContractDecodeError(f"{where}: expected float, got {data!r}")
+    if tp is str:
+        if isinstance(data, str):
+            return data
+        raise ContractDecodeError(f"{where}: expected str, got {data!r}")
+    if tp is Path:
+        if isinstance(data, str):
+            return Path(data)
+        raise ContractDecodeError(f"{where}: expected path string")
+    if tp is datetime:
+        try:
+            return datetime.fromisoformat(data)
+        except (TypeError, ValueError) as exc:
+            raise ContractDecodeError(f"{where}: bad datetime {data!r}") from exc
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(data)
+        except ValueError as exc:
+            raise ContractDecodeError(f"{where}: {data!r} is not a {tp.__name__}") from exc
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise ContractDecodeError(f"{where}: expected object for {tp.__name__}")
+        hints = type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in data:
+                kwargs[f.name] = from_jsonable(hints[f.name], data[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ContractDecodeError(f"{where}: {tp.__name__} missing field {f.name!r}")
+        unknown = set(data) - {f.name for f in dataclasses.fields(tp)}
+        if unknown:
+            raise ContractDecodeError(f"{where}: {tp.__name__} has no field(s) {sorted(unknown)}")
+        return tp(**kwargs)
+    if origin in (list, tuple):
+        if not isinstance(data, list):
+            raise ContractDecodeError(f"{where}: expected array")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(data):
+                raise ContractDecodeError(f"{where}: expected {len(args)} items")
+            return tuple(from_jsonable(a, d, f"{where}[{i}]") for i, (a, d) in enumerate(zip(args, data)))
+        item = args[0] if args else Any
+        values = [from_jsonable(item, d, f"{where}[{i}]") for i, d in enumerate(data)]
+        return tuple(values) if origin is tuple else values
+    if origin is dict:
+        ktp, vtp = args if args else (Any, Any)
+        if isinstance(data, dict):
+            return {from_jsonable(ktp, k, where): from_jsonable(vtp, v, f"{where}[{k!r}]") for k, v in data.items()}
+        if isinstance(data, list) and all(isinstance(p, list) and len(p) == 2 for p in data):
+            return {from_jsonable(ktp, k, where): from_jsonable(vtp, v, f"{where}[{k!r}]") for k, v in data}
+        raise ContractDecodeError(f"{where}: expected mapping")
+    raise ContractDecodeError(f"{where}: unsupported type {tp!r}")
+
+
+def _union_rank(tp: Any) -> int:
+    return {bool: 0, int: 1, float: 2, str: 3}.get(tp, 4)
+
+
+def event_to_dict(event: TelemetryEvent) -> dict[str, Any]:
+    return to_jsonable(event)
+
+
+def event_from_dict(data: dict[str, Any]) -> TelemetryEvent:
+    """Decode one envelope; the payload class is chosen by ``event_type``."""
+    if not isinstance(data, dict):
+        raise ContractDecodeError("event is not a JSON object")
+    try:
+        event_type = TelemetryEventType(data.get("event_type"))
+    except ValueError as exc:
+        raise ContractDecodeError(f"unknown event_type {data.get('event_type')!r}") from exc
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ContractDecodeError(f"schema_version {version!r} is not supported (this Karn reads {SCHEMA_VERSION})")
+    payload = from_jsonable(PAYLOAD_TYPES[event_type], data.get("payload"), "$.payload")
+    rest = {k: v for k, v in data.items() if k != "payload"}
+    hints = dict(type_hints(TelemetryEvent))
+    hints.pop("payload")
+    kwargs = {}
+    for name, tp in hints.items():
+        if name in rest:
+            kwargs[name] = from_jsonable(tp, rest[name], f"$.{name}")
+    return TelemetryEvent(payload=payload, **kwargs)
+
+
+def event_to_json(event: TelemetryEvent) -> str:
+    """One line of ``events.jsonl`` (strict JSON: no NaN tokens)."""
+    return json.dumps(event_to_dict(event), separators=(",", ":"), allow_nan=False)
+
+
+def event_from_json(line: str) -> TelemetryEvent:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ContractDecodeError(f"not JSON: {exc}") from exc
+    return event_from_dict(data)
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), separators=(",", ":"), allow_nan=False)
+
+
+def from_json(cls: type, text: str) -> Any:
+    return from_jsonable(cls, json.loads(text))

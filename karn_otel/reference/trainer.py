@@ -1,0 +1,386 @@
+"""Tolaria's role: train the host with its seeds for one episode, reporting through Karn.
+
+One epoch, in order: train over the batches (metrics accumulated on the device), evaluate,
+run the counterfactual pass, advance the lifecycle (G1-G3, alpha), let the controller act
+(G0/G4/G5), then emit the slot snapshots and the host snapshot that closes the epoch.
+Deterministic on CPU for a given RunConfig: `karn replay` depends on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from karn_otel import emit
+from karn_otel.contracts import (
+    ActionOp,
+    ControllerDecision,
+    CounterfactualMatrix,
+    CounterfactualResult,
+    EpisodeContext,
+    EpisodeSummary,
+    HostBaseline,
+    HostSnapshot,
+    SeedStage,
+    SlotSnapshot,
+)
+from karn_otel.reference.controller import ControllerObservation, HeuristicConfig, HeuristicController, SlotView
+from karn_otel.reference.data import DigitsData, load_digits_data
+from karn_otel.reference.host import HostCNN
+from karn_otel.reference.slots import LifecycleConfig
+from karn_otel.torch.ablation import evaluate_configurations
+from karn_otel.torch.accumulate import EpochAccumulator
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines an episode. Stored in EpisodeContext.hyperparameters."""
+
+    epochs: int = 20
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed_lr: float = 3e-3
+    widths: tuple[int, int, int] = (4, 8, 16)
+    controller: str = "heuristic"
+    num_threads: int = 1
+    warmup_epochs: int = 2
+    min_training_epochs: int = 2
+    blend_epochs: int = 3
+    probation_epochs: int = 2
+    plateau_threshold: float = 0.02  # germinate when val accuracy gained less than this over 2 epochs
+    checkpoint_retention: str = "keep_last"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.controller not in ("heuristic",):
+            raise ValueError(f"unknown controller {self.controller!r}")
+        if self.checkpoint_retention not in ("keep_all", "keep_last", "delete_after_run"):
+            raise ValueError(f"unknown checkpoint_retention {self.checkpoint_retention!r}")
+
+    def to_hyperparameters(self) -> dict[str, bool | int | float | str]:
+        out: dict[str, bool | int | float | str] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):
+                v = ",".join(str(i) for i in v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, bool | int | float | str]) -> "RunConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for k, v in hp.items():
+            if k not in known:
+                continue
+            if k == "widths":
+                v = tuple(int(i) for i in str(v).split(","))
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    @property
+    def lifecycle(self) -> LifecycleConfig:
+        return LifecycleConfig(
+            min_training_epochs=self.min_training_epochs,
+            blend_epochs=self.blend_epochs,
+            probation_epochs=self.probation_epochs,
+        )
+
+
+@dataclass(frozen=True)
+class EpisodeResult:
+    episode_id: str
+    final_val_accuracy: float
+    host_only_accuracy: float
+    total_params: int
+    host_params: int
+    wall_time_s: float
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def software_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+
+
+class ReferenceTrainer:
+    def __init__(self, cfg: RunConfig, checkpoint_dir: Path | None = None) -> None:
+        self.cfg = cfg
+        self.checkpoint_dir = checkpoint_dir
+        torch.set_num_threads(cfg.num_threads)
+        torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.seed)
+        self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.data: DigitsData = load_digits_data(cfg.seed)
+        self.model = HostCNN(cfg.widths, cfg.lifecycle)
+        self.slot_ids = list(self.model.slots)
+        self.host_params = self.model.host_params
+        self.host_opt = torch.optim.Adam(self.model.host_parameters(), lr=cfg.lr)
+        self.seed_opts: dict[str, torch.optim.Optimizer] = {}
+        self.controller = HeuristicController(
+            HeuristicConfig(
+                warmup_epochs=cfg.warmup_epochs,
+                probation_epochs=cfg.probation_epochs,
+                plateau_threshold=cfg.plateau_threshold,
+            )
+        )
+        self.accuracy_history: list[float] = []
+        self.fossilized_params = 0
+
+    # -- evaluation ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        (correct, loss), = evaluate_configurations(
+            self.model, self.model.slots, [], [()], self.data.x_val, self.data.y_val
+        )
+        return float(loss.mean()), float(correct.mean())
+
+    def host_only(self) -> tuple[float, float]:
+        """Validation loss/accuracy with every seed's alpha forced to 0."""
+        (correct, loss), = evaluate_configurations(
+            self.model, self.model.slots, self.slot_ids, [(False,) * len(self.slot_ids)], self.data.x_val, self.data.y_val
+        )
+        return float(loss.mean()), float(correct.mean())
+
+    def counterfactual(self, epoch: int) -> CounterfactualMatrix:
+        """Removal cost of each active seed, plus the all-off (host-only) configuration."""
+        t0 = time.perf_counter()
+        active = [sid for sid in self.slot_ids if self.model.slots[sid].is_active]
+        n = len(active)
+        configs = [tuple([True] * n), tuple([False] * n)] + [
+            tuple(j != i for j in range(n)) for i in range(n)
+        ]
+        configs = list(dict.fromkeys(configs))  # n = 0 or 1 repeat a configuration
+        results = evaluate_configurations(self.model, self.model.slots, active, configs, self.data.x_val, self.data.y_val)
+        acc = {c: float(r[0].mean()) for c, r in zip(configs, results)}
+        rows = tuple(
+            CounterfactualResult(
+                config=c,
+                alpha_settings={sid: (self.model.slots[sid].alpha if on else 0.0) for sid, on in zip(active, c)},
+                val_loss=float(r[1].mean()),
+                val_accuracy=float(r[0].mean()),
+            )
+            for c, r in zip(configs, results)
+        )
+        full = tuple([True] * n)
+        marginal = {sid: acc[full] - acc[tuple(j != i for j in range(n))] for i, sid in enumerate(active)}
+        return CounterfactualMatrix(
+            epoch=epoch,
+            slot_ids=tuple(active),
+            configs=rows,
+            marginal_contributions=marginal,
+            interaction_effects={},
+            shapley_values=None,
+            strategy="ablation_only",
+            n_evaluations=len(configs),
+            elapsed_s=time.perf_counter() - t0,
+        )
+
+    # -- training --------------------------------------------------------------------
+
+    def train_epoch(self) -> dict:
+        model, d = self.model, self.data
+        model.train()
+        seed_params = {sid: list(s.seed.parameters()) for sid, s in model.slots.items() if s.seed is not None}
+        host_params = model.host_parameters()
+        acc = EpochAccumulator(self.slot_ids)
+        for s in model.slots.values():
+            s.leak_meter.zero_()
+        opts = [self.host_opt, *self.seed_opts.values()]
+        perm = torch.randperm(d.x_train.shape[0], generator=self.rng)
+        for idx in perm.split(self.cfg.batch_size):
+            xb, yb = d.x_train[idx], d.y_train[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            acc.update(loss, logits, yb, host_params, seed_params)
+            for opt in opts:
+                opt.step()
+        metrics = acc.materialize()
+        isolated = [s for s in model.slots.values() if s.is_isolated]
+        leak = torch.stack([s.leak_meter for s in isolated]).sum().sqrt().item() if isolated else None
+        metrics["leakage"] = leak
+        return metrics
+
+    # -- the episode -----------------------------------------------------------------
+
+    def run(self) -> EpisodeResult:
+        cfg, model = self.cfg, self.model
+        t_start = time.perf_counter()
+        episode_id = uuid.uuid4().hex
+        emit(
+            EpisodeContext(
+                episode_id=episode_id,
+                timestamp=datetime.now(timezone.utc),
+                git_commit=git_commit(),
+                base_seed=cfg.seed,
+                torch_seed=cfg.seed,
+                numpy_seed=cfg.seed,
+                host_architecture="cnn_3block",
+                host_params=self.host_params,
+                slot_config=model.slot_config,
+                max_epochs=cfg.epochs,
+                task_type="classification",
+                hyperparameters=cfg.to_hyperparameters(),
+                software=software_versions(),
+            )
+        )
+        init_loss, init_acc = self.evaluate()
+        ckpt = Path(self.checkpoint_dir or ".") / f"{episode_id}-initial.pt"
+        if self.checkpoint_dir is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), ckpt)
+        baseline = HostBaseline(init_loss, init_acc, ckpt, cfg.checkpoint_retention)  # type: ignore[arg-type]
+        emit(baseline, epoch=0)
+        self.accuracy_history.append(init_acc)
+
+        val_loss, val_acc = init_loss, init_acc
+        for epoch in range(1, cfg.epochs + 1):
+            m = self.train_epoch()
+            val_loss, val_acc = self.evaluate()
+            self.accuracy_history.append(val_acc)
+            cf = self.counterfactual(epoch)
+            emit(cf)  # opens the epoch for the events below
+            for sid, slot in model.slots.items():
+                slot.counterfactual_contribution = cf.marginal_contributions.get(sid)
+
+            # The automatic lifecycle first (G1-G3, alpha), then the controller's decision on
+            # the resulting state, so a germination or cull is visible in this epoch's snapshot.
+            for sid, slot in model.slots.items():
+                slot.step_epoch(val_loss, m["seed_grad_norms"][sid])
+            obs = self.observation(epoch, val_acc, val_loss)
+            action, reason = self.controller.decide(obs)
+            self.apply(action, val_acc)
+            emit(ControllerDecision(self.controller.name, action, reason))
+            self.emit_snapshots(epoch, m, val_loss, val_acc)
+
+        host_loss, host_acc = self.host_only()
+        emit(dataclasses.replace(baseline, final_host_only_loss=host_loss, final_host_only_accuracy=host_acc))
+        total = self.host_params + sum(s.seed_params for s in model.slots.values())
+        wall = time.perf_counter() - t_start
+        emit(
+            EpisodeSummary(
+                epochs_completed=cfg.epochs,
+                final_val_loss=val_loss,
+                final_val_accuracy=val_acc,
+                host_only_accuracy=host_acc,
+                host_params=self.host_params,
+                total_params=total,
+                fossilized_params=self.fossilized_params,
+                wall_time_s=wall,
+            )
+        )
+        return EpisodeResult(episode_id, val_acc, host_acc, total, self.host_params, wall)
+
+    def observation(self, epoch: int, val_acc: float, val_loss: float) -> ControllerObservation:
+        return ControllerObservation(
+            epoch=epoch,
+            max_epochs=self.cfg.epochs,
+            val_accuracy=val_acc,
+            val_loss=val_loss,
+            accuracy_history=tuple(self.accuracy_history),
+            slots=tuple(
+                SlotView(
+                    s.slot_id,
+                    s.stage,
+                    s.epochs_in_stage,
+                    s.alpha,
+                    s.counterfactual_contribution,
+                    s.consecutive_gate_failures,
+                    s.seed_params,
+                )
+                for s in self.model.slots.values()
+            ),
+            host_params=self.host_params,
+        )
+
+    def apply(self, action, val_acc: float) -> None:
+        slots = self.model.slots
+        if action.op is ActionOp.GERMINATE:
+            seed = slots[action.slot].germinate(action.blueprint, self.host_params, val_acc)
+            if seed is not None:
+                self.seed_opts[action.slot] = torch.optim.Adam(seed.parameters(), lr=self.cfg.seed_lr)
+        elif action.op is ActionOp.FOSSILIZE:
+            if slots[action.slot].try_fossilize():
+                self.fossilized_params += slots[action.slot].seed_params
+        elif action.op is ActionOp.CULL:
+            if slots[action.slot].cull("culled by controller"):
+                self.seed_opts.pop(action.slot, None)
+
+    def emit_snapshots(self, epoch: int, m: dict, val_loss: float, val_acc: float) -> None:
+        seed_norms: dict[str, float] = {}
+        total_seed = 0
+        for sid, s in self.model.slots.items():
+            contribution = s.counterfactual_contribution if s.is_active else None
+            improvement = 0.0
+            if contribution is not None and s.last_contribution is not None:
+                improvement = contribution - s.last_contribution
+            s.last_contribution = contribution
+            gate = s.last_gate
+            emit(
+                SlotSnapshot(
+                    slot_id=sid,
+                    stage=s.stage,
+                    epochs_in_stage=s.epochs_in_stage,
+                    seed_id=s.seed_id,
+                    blueprint_id=s.blueprint_id,
+                    seed_params=s.seed_params,
+                    alpha=s.alpha if s.is_active else 0.0,
+                    counterfactual_contribution=contribution,
+                    total_improvement=(val_acc - s.accuracy_at_germination)
+                    if (s.seed is not None and s.accuracy_at_germination is not None)
+                    else None,
+                    improvement_this_epoch=improvement,
+                    last_gate_attempted=gate[0] if gate else None,
+                    last_gate_passed=gate[1] if gate else None,
+                    last_gate_reason=gate[2] if gate else None,
+                )
+            )
+            if s.seed is not None and s.stage is not SeedStage.CULLED:
+                seed_norms[sid] = m["seed_grad_norms"][sid]
+                total_seed += s.seed_params
+        emit(
+            HostSnapshot(
+                epoch=epoch,
+                train_loss=m["loss"],
+                train_accuracy=m["accuracy"],
+                val_loss=val_loss,
+                val_accuracy=val_acc,
+                host_params=self.host_params,
+                total_seed_params=total_seed,
+                total_params=self.host_params + total_seed,
+                fossilized_params=self.fossilized_params,
+                host_grad_norm=m["host_grad_norm"],
+                seed_grad_norms=seed_norms,
+                grad_isolation_leakage=m["leakage"],
+            )
+        )
+
+
+def run_episode(cfg: RunConfig, checkpoint_dir: Path | None = None) -> EpisodeResult:
+    return ReferenceTrainer(cfg, checkpoint_dir).run()

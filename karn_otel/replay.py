@@ -1,0 +1,146 @@
+"""Exact replay: re-run an episode from its recorded EpisodeContext and compare every value.
+
+Only fields that cannot repeat are ignored: identities (run and episode ids), wall-clock
+times, the checkpoint's file name and Karn's own accounting. Everything else — every loss,
+accuracy, gradient norm, gate reason and counterfactual — must be bit-identical, and the
+first difference is named.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from karn_otel.contracts import TelemetryEvent, TelemetryEventType, to_jsonable
+from karn_otel.sinks.runlog import RunRecord
+
+ET = TelemetryEventType
+
+# (event type, payload field) pairs that legitimately differ between two runs.
+VOLATILE: dict[ET, frozenset[str]] = {
+    ET.EPISODE_STARTED: frozenset({"episode_id", "timestamp", "git_commit", "software"}),
+    ET.HOST_BASELINE: frozenset({"initial_checkpoint"}),
+    ET.COUNTERFACTUAL: frozenset({"elapsed_s"}),
+    ET.EPISODE_ENDED: frozenset({"wall_time_s"}),
+}
+SKIPPED_TYPES = frozenset({ET.TELEMETRY_STATS})
+
+
+@dataclass
+class ReplayReport:
+    compared: int
+    first_difference: str | None
+    notes: list[str]
+
+    @property
+    def identical(self) -> bool:
+        return self.first_difference is None
+
+
+def comparable(event: TelemetryEvent) -> dict[str, Any]:
+    payload = to_jsonable(event.payload)
+    for name in VOLATILE.get(event.event_type, ()):
+        payload.pop(name, None)
+    return {"event_type": event.event_type.value, "epoch": event.epoch, "payload": payload}
+
+
+def first_difference(recorded: Any, replayed: Any, path: str = "") -> str | None:
+    """Path and values of the first difference between two JSON-able values, or None."""
+    if isinstance(recorded, dict) and isinstance(replayed, dict):
+        for key in list(recorded) + [k for k in replayed if k not in recorded]:
+            if key not in replayed:
+                return f"{path}.{key}: recorded {recorded[key]!r}, missing in replay"
+            if key not in recorded:
+                return f"{path}.{key}: not recorded, replay has {replayed[key]!r}"
+            d = first_difference(recorded[key], replayed[key], f"{path}.{key}")
+            if d:
+                return d
+        return None
+    if isinstance(recorded, list) and isinstance(replayed, list):
+        if len(recorded) != len(replayed):
+            return f"{path}: recorded {len(recorded)} items, replayed {len(replayed)}"
+        for i, (a, b) in enumerate(zip(recorded, replayed)):
+            d = first_difference(a, b, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if type(recorded) is not type(replayed) or recorded != replayed:
+        return f"{path}: recorded {recorded!r}, replayed {replayed!r}"
+    return None
+
+
+def compare_events(recorded: list[TelemetryEvent], replayed: list[TelemetryEvent]) -> ReplayReport:
+    rec = [e for e in recorded if e.event_type not in SKIPPED_TYPES]
+    rep = [e for e in replayed if e.event_type not in SKIPPED_TYPES]
+    for i, (a, b) in enumerate(zip(rec, rep)):
+        d = first_difference(comparable(a), comparable(b))
+        if d:
+            where = f"event #{i + 1} ({a.event_type.value}, epoch {a.epoch})"
+            return ReplayReport(i, f"{where}: {d.lstrip('.')}", [])
+    if len(rec) != len(rep):
+        n = min(len(rec), len(rep))
+        extra = rec[n] if len(rec) > n else rep[n]
+        who = "recorded" if len(rec) > n else "replayed"
+        return ReplayReport(
+            n,
+            f"event #{n + 1}: only the {who} run has it ({extra.event_type.value}, epoch {extra.epoch});"
+            f" recorded {len(rec)} events, replayed {len(rep)}",
+            [],
+        )
+    return ReplayReport(len(rec), None, [])
+
+
+def replay_run(record: RunRecord) -> ReplayReport:
+    """Re-run every episode of a reference-system run and compare it with the record."""
+    import torch
+
+    from karn_otel import collector as kc
+    from karn_otel.config import KarnConfig
+    from karn_otel.reference.trainer import RunConfig, run_episode
+    from karn_otel.sinks import MemorySink
+
+    notes: list[str] = []
+    compared = 0
+    for episode_id, ctx in record.episodes.items():
+        recorded = [e for e in record.events if e.episode_id == episode_id]
+        cfg = RunConfig.from_hyperparameters(ctx.hyperparameters)
+        sink = MemorySink()
+        collector = kc.KarnCollector(KarnConfig(out_dir=None, console="off"), sinks=[sink])
+        previous = kc._active
+        kc._active = collector
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                run_episode(cfg, checkpoint_dir=Path(tmp))
+                ckpt_note = _compare_checkpoints(recorded, Path(tmp), torch)
+        finally:
+            kc._active = previous
+        from karn_otel.reference.trainer import software_versions
+
+        if ctx.software and ctx.software != software_versions():
+            notes.append(f"software differs: recorded {ctx.software}, now {software_versions()}")
+        if ckpt_note is not None and ckpt_note.endswith("DIFFERS"):
+            return ReplayReport(compared, f"episode {episode_id[:8]}: {ckpt_note}", notes)
+        if ckpt_note:
+            notes.append(ckpt_note)
+        report = compare_events(recorded, sink.events)
+        compared += report.compared
+        if not report.identical:
+            return ReplayReport(compared, f"episode {episode_id[:8]}: {report.first_difference}", notes)
+    return ReplayReport(compared, None, notes)
+
+
+def _compare_checkpoints(recorded: list[TelemetryEvent], tmp: Path, torch: Any) -> str | None:
+    """Compare the recorded initial checkpoint (if retained) with the replay's."""
+    for e in recorded:
+        if e.event_type is ET.HOST_BASELINE:
+            path = Path(e.payload.initial_checkpoint)
+            replayed = sorted(tmp.glob("*-initial.pt"))
+            if not path.is_file() or not replayed:
+                return "initial checkpoint not retained; weights compared through the recorded values only"
+            a = torch.load(path, weights_only=True)
+            b = torch.load(replayed[0], weights_only=True)
+            same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            return "initial checkpoint identical" if same else "initial checkpoint DIFFERS"
+    return None

@@ -1,0 +1,239 @@
+"""The console sink: the spec's live dashboard ("Live Dashboard Output").
+
+On a terminal, a daemon thread redraws the dashboard a few times a second from the
+TelemetryStore; ``handle`` on the training thread only marks it dirty. When stdout is not
+a terminal (CI, a log file) it prints one plain line per epoch, and one per alert.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Callable, TextIO
+
+from karn_otel.analytics import MorphogeneticAnalytics
+from karn_otel.contracts import SeedStage, TelemetryEvent, TelemetryEventType, TelemetryStats
+from karn_otel.store import TelemetryStore
+
+ET = TelemetryEventType
+WIDTH = 67  # inner width of the box, as in the spec
+
+
+class ConsoleSink:
+    def __init__(
+        self,
+        store: TelemetryStore,
+        stats: Callable[[], TelemetryStats],
+        live: bool | None = None,
+        stream: TextIO | None = None,
+        refresh_hz: float = 4.0,
+    ) -> None:
+        self.store = store
+        self.analytics = MorphogeneticAnalytics(store)
+        self._stats = stats
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty() if live is None else live
+        self._period = 1.0 / refresh_hz
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._drawn_lines = 0
+        self._thread: threading.Thread | None = None
+        if self.live:
+            self._thread = threading.Thread(target=self._loop, name="karn-console", daemon=True)
+            self._thread.start()
+
+    # -- sink protocol ----------------------------------------------------------------
+
+    def handle(self, event: TelemetryEvent) -> None:
+        if self.live:
+            self._dirty.set()
+            return
+        if event.event_type is ET.HOST_SNAPSHOT:
+            self._write(self.plain_line() + "\n")
+        elif event.event_type is ET.HEALTH_ALERT:
+            a = event.payload
+            self._write(f"[karn] ALERT {a.severity.value} {a.check}: {a.message}\n")
+        elif event.event_type is ET.EPISODE_ENDED:
+            s = event.payload
+            host = "n/a" if s.host_only_accuracy is None else f"{100 * s.host_only_accuracy:.1f}%"
+            self._write(
+                f"[karn] episode done: {s.epochs_completed} epochs, val acc {100 * s.final_val_accuracy:.1f}% "
+                f"(host-only {host}), {s.total_params:,} params ({s.fossilized_params:,} fossilized)\n"
+            )
+
+    def flush(self, timeout: float | None = None) -> None:
+        if self.live:
+            self._draw()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._dirty.set()
+            self._thread.join(timeout=2.0)
+            self._draw()
+
+    # -- rendering --------------------------------------------------------------------
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # closed pipe: the dashboard is best-effort
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self._dirty.wait(timeout=1.0):
+                self._dirty.clear()
+                self._draw()
+                self._stop.wait(self._period)
+
+    def _draw(self) -> None:
+        lines = self.render()
+        up = f"\x1b[{self._drawn_lines}A" if self._drawn_lines else ""
+        self._write(up + "\x1b[J" + "\n".join(lines) + "\n")
+        self._drawn_lines = len(lines)
+
+    def plain_line(self) -> str:
+        h = self.store.latest_host()
+        if h is None:
+            return "[karn] (no epoch yet)"
+        a = self.analytics
+        ctx = self.store.context
+        total = f"/{ctx.max_epochs}" if ctx else ""
+        delta = a.accuracy_delta()
+        ratio = a.param_ratio()
+        seeds = " ".join(
+            f"{sid}:{s.stage.value[:5]}" + (f"@{s.alpha:.2f}" if s.stage is SeedStage.BLENDING else "")
+            for sid, s in sorted(self.store.slots().items(), key=lambda kv: _slot_order(self.store, kv[0]))
+        )
+        dec = self.store.recent_decisions(1)
+        action = dec[-1][1].action.label() if dec else "-"
+        ratio_s = "n/a" if ratio is None else f"{ratio:.3f}x"
+        return (
+            f"[karn] epoch {h.epoch}{total}  val_acc {100 * h.val_accuracy:5.1f}%"
+            f" ({_pts(delta)} vs host-only)  val_loss {h.val_loss:.4f}"
+            f"  params {ratio_s}  seeds {seeds or '-'}  action {action}"
+        )
+
+    def render(self) -> list[str]:
+        """The dashboard as lines of text (also used by tests)."""
+        a = self.analytics
+        st = self.store
+        ctx = st.context
+        h = st.latest_host()
+        rows: list[str | None] = []  # None draws a separator
+        epoch = f"Epoch {h.epoch}/{ctx.max_epochs}" if (h and ctx) else "starting"
+        mode = st.mode.value.upper()
+        rows.append(_lr("KARN · MORPHOGENETIC TRAINING MONITOR", f"{mode}  {epoch}"))
+        rows.append(None)
+        if h is None:
+            rows.append("  waiting for the first epoch...")
+        else:
+            delta = a.accuracy_delta()
+            rows.append(
+                _lr(
+                    f"ACCURACY        {100 * h.val_accuracy:.1f}% ({_pts(delta)} vs host-only)",
+                    _verdict(delta is not None and delta > 0, delta is None),
+                )
+            )
+            ratio = a.param_ratio()
+            rows.append(f"PARAM RATIO     {ratio:.2f}x host params" if ratio else "PARAM RATIO     n/a")
+            eff = a.params_efficiency_ratio()
+            rows.append(
+                _lr(
+                    f"EFFICIENCY      {eff:.2f}x acc/param vs host-only" if eff else "EFFICIENCY      n/a",
+                    _verdict(eff is not None and eff > 1.0, eff is None),
+                )
+            )
+        rows.append(None)
+        cf = st.latest_counterfactual()
+        label = "Shapley, 95% CI" if cf is not None and cf.shapley_values else "removal cost"
+        rows.append(f"SEEDS ({label})")
+        contributions = a.seed_contributions()
+        slots = st.slots()
+        if not slots:
+            rows.append("  no slots reported yet")
+        for sid in sorted(slots, key=lambda s: _slot_order(st, s)):
+            s = slots[sid]
+            head = f"  {sid + ':':<7}{s.stage.value:<13}"
+            if s.seed_id is None:
+                rows.append(head + "-")
+                continue
+            c = contributions.get(sid)
+            contrib = "   n/a"
+            star = ""
+            if c is not None and c.contribution is not None:
+                contrib = _pts(c.contribution)
+                if c.ci_low is not None and c.ci_high is not None:
+                    contrib += f" [{_pts(c.ci_low)},{_pts(c.ci_high)}]"
+                eff = c.efficiency
+                if eff is not None:
+                    contrib += f" eff {eff:.2f}"
+                    star = " ★" if c.helps and eff >= 1.0 else ""
+            rows.append(f"{head}α={s.alpha:.2f} {contrib} ({s.blueprint_id}, {_k(s.seed_params)}){star}")
+        rows.append(None)
+        rows.append("POLICY HEALTH")
+        upd = st.ppo_updates()
+        if upd:
+            u = upd[-1]
+            ent = sum(u.entropy.values())
+            rows.append(f"  Value variance: {u.value_variance:.3f}   Entropy: {ent:.2f}   KL: {u.kl_divergence:.4f}")
+            rows.append(f"  Explained var: {u.explained_variance:.2f}   clip: {u.ratio_stats.fraction_clipped_high + u.ratio_stats.fraction_clipped_low:.2f}")
+        else:
+            dec = st.recent_decisions(1)
+            who = dec[-1][1].controller if dec else "-"
+            rows.append(f"  controller: {who} (no PPO updates)")
+        recent = " ".join(d.action.label() for _, d in st.recent_decisions(5))
+        rows.append(f"  Recent actions: {recent or '-'}")
+        rows.append(None)
+        alerts = st.recent_alerts(3)
+        if not alerts:
+            rows.append("ALERTS: None")
+        else:
+            rows.append(f"ALERTS: {len(st.recent_alerts())}")
+            for ep, al in alerts:
+                rows.append(f"  e{ep} {al.severity.value.upper()} {al.check}: {al.message}")
+        stats = self._stats()
+        rows.append(
+            f"TELEMETRY: {stats.accepted} events, {sum(stats.rejected.values())} rejected,"
+            f" {sum(stats.dropped.values())} dropped"
+        )
+        return _box(rows)
+
+
+def _slot_order(store: TelemetryStore, slot_id: str) -> int:
+    ctx = store.context
+    if ctx is None or slot_id not in ctx.slot_config:
+        return 1 << 30
+    return list(ctx.slot_config).index(slot_id)
+
+
+def _pts(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}%"
+
+
+def _k(n: int) -> str:
+    return f"{n / 1000:.1f}K params" if n >= 1000 else f"{n} params"
+
+
+def _verdict(win: bool, unknown: bool) -> str:
+    return "" if unknown else ("✓ WIN" if win else "✗ not yet")
+
+
+def _lr(left: str, right: str) -> str:
+    gap = WIDTH - 2 - len(left) - len(right)
+    return left + " " * max(1, gap) + right
+
+
+def _box(rows: list[str | None]) -> list[str]:
+    out = ["┌" + "─" * WIDTH + "┐"]
+    for r in rows:
+        if r is None:
+            out.append("├" + "─" * WIDTH + "┤")
+        else:
+            text = ("  " + r) if not r.startswith("  ") else r
+            text = text[:WIDTH]
+            out.append("│" + text + " " * (WIDTH - len(text)) + "│")
+    out.append("└" + "─" * WIDTH + "┘")
+    return out

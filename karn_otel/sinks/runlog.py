@@ -1,0 +1,239 @@
+"""The run log: the run directory on disk, the source of truth for everything after a run.
+
+Layout of ``<out>/<run_id>/``::
+
+    run.json                          run id, schema version, creation time
+    events.jsonl                      one TelemetryEvent envelope per line, append-only
+    episodes/<episode_id>/context.json  each episode's EpisodeContext (a run may hold several)
+    checkpoints/                      initial host checkpoints (written by the trainer)
+
+``RunLogSink.handle`` only appends to an in-memory queue; a writer thread serialises and
+writes, so the training thread never waits on JSON encoding or the disk. A full queue or a
+failing disk (ENOSPC) drops events and counts them; training goes on. At EPISODE_ENDED the
+collector flushes, and ``flush`` fsyncs, so a finished episode is on disk.
+
+``read_run`` tolerates a torn last line (a killed process) and reports what it skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from karn_otel.contracts import (
+    SCHEMA_VERSION,
+    ContractDecodeError,
+    EpisodeContext,
+    HostBaseline,
+    TelemetryEvent,
+    TelemetryEventType,
+    event_from_json,
+    event_to_json,
+    from_json,
+    to_json,
+)
+
+log = logging.getLogger("karn")
+EVENTS_FILE = "events.jsonl"
+RUN_FILE = "run.json"
+
+
+class RunLogSink:
+    """Writes events to ``<out_dir>/<run_id>/events.jsonl`` from a background thread."""
+
+    def __init__(self, out_dir: Path, run_id: str, max_queue: int = 100_000, wake_batch: int = 512) -> None:
+        self.run_dir = Path(out_dir) / run_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "run_id": run_id,
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(),
+        }
+        (self.run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        self._file = open(self.run_dir / EVENTS_FILE, "a", encoding="utf-8")
+        self._q: deque[TelemetryEvent] = deque()
+        self._max_queue = max_queue
+        self._wake_batch = wake_batch
+        self._wake = threading.Event()
+        self._cv = threading.Condition()
+        self._enqueued = 0
+        self._written = 0  # written or dropped by the writer: the flush watermark
+        self._dropped: Counter[str] = Counter()
+        self._baselines: list[HostBaseline] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="karn-runlog", daemon=True)
+        self._thread.start()
+
+    # -- training thread -------------------------------------------------------------
+
+    def handle(self, event: TelemetryEvent) -> None:
+        if len(self._q) >= self._max_queue:
+            self._dropped["queue_full"] += 1
+            return
+        self._q.append(event)
+        self._enqueued += 1
+        if len(self._q) >= self._wake_batch or event.event_type is TelemetryEventType.EPISODE_ENDED:
+            self._wake.set()
+
+    def dropped(self) -> dict[str, int]:
+        return dict(self._dropped)
+
+    def flush(self, timeout: float | None = 10.0) -> None:
+        """Block until everything handled so far is written and fsynced (or timeout)."""
+        target = self._enqueued
+        self._wake.set()
+        with self._cv:
+            self._cv.wait_for(lambda: self._written >= target or not self._thread.is_alive(), timeout)
+        self._wake.set()
+
+    def close(self) -> None:
+        self.flush(timeout=10.0)
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10.0)
+        self._apply_retention()
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+    # -- writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(timeout=0.25)
+            self._wake.clear()
+            self._drain()
+            if self._stop and not self._q:
+                return
+
+    def _drain(self) -> None:
+        lines: list[str] = []
+        n = 0
+        while self._q:
+            event = self._q.popleft()
+            n += 1
+            try:
+                lines.append(event_to_json(event) + "\n")
+                self._side_files(event)
+            except Exception as exc:  # an unencodable event must not kill the writer
+                self._dropped["encode_error"] += 1
+                log.warning("Karn run log could not encode %s: %r", event.event_type.value, exc)
+        if lines:
+            try:
+                self._file.write("".join(lines))
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as exc:  # full disk, lost mount: count and keep training
+                self._dropped["write_error"] += len(lines)
+                if self._dropped["write_error"] == len(lines):
+                    log.warning("Karn run log write failed (%s); events are being dropped and counted", exc)
+        if n:
+            with self._cv:
+                self._written += n
+                self._cv.notify_all()
+
+    def _side_files(self, event: TelemetryEvent) -> None:
+        if event.event_type is TelemetryEventType.EPISODE_STARTED:
+            ep_dir = self.run_dir / "episodes" / event.payload.episode_id
+            ep_dir.mkdir(parents=True, exist_ok=True)
+            (ep_dir / "context.json").write_text(to_json(event.payload) + "\n")
+        elif event.event_type is TelemetryEventType.HOST_BASELINE and event.payload.final_host_only_accuracy is None:
+            self._baselines.append(event.payload)
+
+    def _apply_retention(self) -> None:
+        """Apply each baseline's checkpoint_retention_policy once the run is over."""
+        for i, b in enumerate(self._baselines):
+            last = i == len(self._baselines) - 1
+            if b.checkpoint_retention_policy == "delete_after_run" or (
+                b.checkpoint_retention_policy == "keep_last" and not last
+            ):
+                try:
+                    Path(b.initial_checkpoint).unlink(missing_ok=True)
+                except OSError:
+                    pass
+
+
+# ---------------------------------------------------------------------- reading
+
+
+class RunDirError(Exception):
+    """A run directory is missing or unreadable. The message is one line for the user."""
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    run_id: str
+    events: list[TelemetryEvent]
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
+    episodes: dict[str, EpisodeContext] = field(default_factory=dict)
+
+
+def read_events(path: Path) -> tuple[list[TelemetryEvent], list[tuple[int, str]]]:
+    """Decode an events.jsonl. Undecodable lines are skipped and reported, never fatal."""
+    events: list[TelemetryEvent] = []
+    skipped: list[tuple[int, str]] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    # A file written completely ends with "\n", leaving one empty last element.
+    torn_tail = lines[-1] != ""
+    if not torn_tail:
+        lines.pop()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(event_from_json(line))
+        except ContractDecodeError as exc:
+            why = "torn last line (process killed mid-write?)" if (torn_tail and i == len(lines)) else str(exc)
+            skipped.append((i, why))
+    return events, skipped
+
+
+def read_run(run_dir: Path | str) -> RunRecord:
+    """Load a run directory; raises RunDirError with a one-line message when it can't."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: not a directory")
+    events_path = run_dir / EVENTS_FILE
+    if not events_path.is_file():
+        raise RunDirError(f"{run_dir}: not a Karn run directory (no {EVENTS_FILE})")
+    run_id = run_dir.name
+    meta_path = run_dir / RUN_FILE
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            run_id = meta.get("run_id", run_id)
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise RunDirError(
+                    f"{run_dir}: schema_version {meta.get('schema_version')} (this Karn reads {SCHEMA_VERSION})"
+                )
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise RunDirError(f"{run_dir}/{RUN_FILE}: corrupt ({exc})") from None
+    try:
+        events, skipped = read_events(events_path)
+    except OSError as exc:
+        raise RunDirError(f"{events_path}: {exc.strerror or exc}") from None
+    if not events:
+        why = f"; {len(skipped)} undecodable line(s), first at line {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise RunDirError(f"{events_path}: no readable events{why}")
+    episodes: dict[str, EpisodeContext] = {}
+    for ev in events:
+        if ev.event_type is TelemetryEventType.EPISODE_STARTED:
+            episodes[ev.payload.episode_id] = ev.payload
+    for ctx_path in sorted((run_dir / "episodes").glob("*/context.json")):
+        try:
+            ctx = from_json(EpisodeContext, ctx_path.read_text())
+            episodes.setdefault(ctx.episode_id, ctx)
+        except (ContractDecodeError, json.JSONDecodeError, OSError):
+            skipped.append((0, f"{ctx_path}: corrupt episode context"))
+    return RunRecord(run_dir=run_dir, run_id=run_id, events=events, skipped=skipped, episodes=episodes)

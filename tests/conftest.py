@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import math
+import dataclasses
+import enum
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from karn_otel import collector as kc
+from karn_otel.config import KarnConfig
+from karn_otel.contracts import EpisodeContext
+from karn_otel.sinks import MemorySink
+
+
+def canon(x: Any) -> Any:
+    """A canonical, type-strict form: NaN equals NaN, -0.0 differs from 0.0, 1 from 1.0."""
+    if dataclasses.is_dataclass(x):
+        return (type(x).__name__, tuple((f.name, canon(getattr(x, f.name))) for f in dataclasses.fields(x)))
+    if isinstance(x, float):
+        return ("float", "nan" if math.isnan(x) else x.hex())
+    if isinstance(x, enum.Enum):
+        return (type(x).__name__, x.value)
+    if isinstance(x, bool):
+        return ("bool", x)
+    if isinstance(x, int):
+        return ("int", x)
+    if isinstance(x, dict):
+        return ("dict", tuple((canon(k), canon(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(canon(v) for v in x))
+    if isinstance(x, (str, type(None), Path, datetime)):
+        return (type(x).__name__, x)
+    raise TypeError(type(x))
+
+
+def make_context(slots=("early", "mid", "late"), episode_id="ep-1") -> EpisodeContext:
+    return EpisodeContext(
+        episode_id=episode_id,
+        timestamp=datetime(2026, 1, 1, 12, 0, 0),
+        git_commit="abc",
+        base_seed=0,
+        torch_seed=0,
+        numpy_seed=0,
+        host_architecture="cnn_3block",
+        host_params=1000,
+        slot_config={s: 8 for s in slots},
+        max_epochs=10,
+        task_type="classification",
+        hyperparameters={"lr": 0.01, "batch_size": 64},
+    )
+
+
+@pytest.fixture
+def memory_collector():
+    """A strict collector with an in-memory sink, installed as the process-wide one."""
+    sink = MemorySink()
+    c = kc.configure(KarnConfig(out_dir=None, console="off", strict=True), sinks=[sink])
+    c.memory = sink  # type: ignore[attr-defined]
+    yield c
+    kc.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_collector():
+    yield
+    kc.shutdown()

@@ -1,0 +1,112 @@
+"""The reference system: deterministic, a real lifecycle, measured isolation, honest baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from karn_otel.contracts import SeedStage, TelemetryEventType as ET
+from karn_otel.reference.host import HostCNN
+from karn_otel.reference.slots import BLUEPRINTS, LifecycleConfig, build_seed, count_params
+from karn_otel.reference.trainer import ReferenceTrainer, RunConfig, run_episode
+from karn_otel.replay import compare_events
+from tests.conftest import canon
+
+# Grows a seed whenever none is growing, so a short run walks the whole lifecycle.
+FAST = RunConfig(epochs=12, warmup_epochs=1, min_training_epochs=1, blend_epochs=2, probation_epochs=1, plateau_threshold=1.0)
+
+
+def _events(memory_collector, cfg=FAST):
+    memory_collector.memory.events.clear()
+    run_episode(cfg)
+    return list(memory_collector.memory.events)
+
+
+def test_full_lifecycle_is_reported(memory_collector):
+    events = _events(memory_collector)
+    transitions = [(e.payload.from_stage, e.payload.to_stage) for e in events if e.event_type is ET.STAGE_TRANSITION]
+    path = [SeedStage.DORMANT, SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING, SeedStage.PROBATIONARY]
+    for a, b in zip(path, path[1:]):
+        assert (a, b) in transitions, f"missing {a.value} -> {b.value}"
+    assert any(b in (SeedStage.FOSSILIZED, SeedStage.CULLED) for _, b in transitions)
+    gates = {e.payload.gate for e in events if e.event_type is ET.GATE_EVALUATION}
+    assert {"G0", "G1", "G2", "G3", "G4"} <= gates
+    assert all(e.payload.reason for e in events if e.event_type is ET.GATE_EVALUATION)
+    hosts = [e.payload for e in events if e.event_type is ET.HOST_SNAPSHOT]
+    assert [h.epoch for h in hosts] == list(range(1, FAST.epochs + 1))
+    assert memory_collector.rejected == {}, "the reference system emits only valid events"
+
+
+def test_deterministic_on_cpu(memory_collector):
+    a = _events(memory_collector)
+    b = _events(memory_collector)
+    assert compare_events(a, b).identical
+
+
+def test_different_seed_differs(memory_collector):
+    a = _events(memory_collector)
+    b = _events(memory_collector, dataclasses.replace(FAST, seed=1))
+    report = compare_events(a, b)
+    assert not report.identical and "payload" in report.first_difference
+
+
+def test_isolation_blocks_and_meters_host_gradient():
+    lc = LifecycleConfig()
+    model = HostCNN((4, 8, 16), lc)
+    slot = model.slots["mid"]
+    slot.germinate("conv_light", model.host_params, 0.0)
+    slot.stage = SeedStage.TRAINING
+    x = torch.randn(8, 1, 8, 8)
+    model(x).sum().backward()
+    assert slot.leak_meter.item() == 0.0, "nothing leaks through an isolated seed"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in slot.seed.parameters()), "the seed still learns"
+    # Host output is untouched by an isolated seed.
+    with slot.force_alpha(0.0):
+        ref = model(x)
+    assert torch.equal(model(x), ref)
+
+    leaky = HostCNN((4, 8, 16), dataclasses.replace(lc, leak=0.5))
+    leaky.load_state_dict(model.state_dict(), strict=False)
+    s2 = leaky.slots["mid"]
+    s2.germinate("conv_light", leaky.host_params, 0.0)
+    s2.stage = SeedStage.TRAINING
+    s2.seed.load_state_dict(slot.seed.state_dict())
+    torch.nn.init.normal_(s2.seed.pw.weight)  # a seed with non-zero output gradient path
+    leaky(x).sum().backward()
+    assert s2.leak_meter.item() > 0, "a leaking isolation boundary is measured"
+
+
+def test_counterfactual_restores_training_state():
+    t = ReferenceTrainer(FAST)
+    slot = t.model.slots["late"]
+    slot.germinate("norm", t.host_params, 0.0)
+    slot.stage, slot.alpha = SeedStage.BLENDING, 0.5
+    t.model.train()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    cf = t.counterfactual(epoch=1)
+    assert t.model.training, "training mode restored"
+    assert slot._forced_alpha is None and slot.alpha == 0.5
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert cf.slot_ids == ("late",) and len(cf.configs) == 2
+
+
+@pytest.mark.parametrize("bp", BLUEPRINTS)
+def test_blueprints_start_silent_and_preserve_shape(bp):
+    seed = build_seed(bp, 8)
+    x = torch.randn(2, 8, 4, 4)
+    out = seed(x)
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+    assert count_params(seed) > 0
+
+
+def test_host_baseline_reports_host_only_accuracy(memory_collector):
+    events = _events(memory_collector)
+    baselines = [e.payload for e in events if e.event_type is ET.HOST_BASELINE]
+    assert baselines[0].final_host_only_accuracy is None
+    end = baselines[-1]
+    assert end.final_host_only_accuracy is not None and 0 <= end.final_host_only_accuracy <= 1
+    summary = events[-1].payload
+    assert events[-1].event_type is ET.EPISODE_ENDED
+    assert summary.host_only_accuracy == end.final_host_only_accuracy

@@ -1,0 +1,75 @@
+"""Console: the spec's dashboard blocks render from the store; plain mode prints per epoch."""
+
+from __future__ import annotations
+
+import io
+
+from karn_otel.contracts import (
+    ActionOp,
+    ControllerDecision,
+    CounterfactualMatrix,
+    CounterfactualResult,
+    FactoredAction,
+    HealthAlert,
+    Severity,
+    ShapleyEstimate,
+)
+from karn_otel.sinks.console import WIDTH, ConsoleSink
+from tests.conftest import make_context
+from tests.test_collector import host, slot
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _feed(c):
+    c.emit(make_context())
+    c.emit(
+        CounterfactualMatrix(
+            epoch=4,
+            slot_ids=("mid",),
+            configs=(
+                CounterfactualResult((True,), {"mid": 1.0}, 0.3, 0.672),
+                CounterfactualResult((False,), {"mid": 0.0}, 0.4, 0.623),
+            ),
+            marginal_contributions={"mid": 0.049},
+            interaction_effects={},
+            shapley_values={"mid": ShapleyEstimate(0.049, 0.01, 1, "exact_enumeration", 0.029, 0.069)},
+        )
+    )
+    c.emit(ControllerDecision("heuristic", FactoredAction(ActionOp.GERMINATE, "mid", "attention"), "plateau"))
+    c.emit(slot("mid", alpha=1.0, seed_params=2000, blueprint_id="attention"))
+    c.emit(HealthAlert("loss_spike", Severity.WARNING, "loss 3.1x rolling mean", 3.1, 2.0))
+    c.emit(host(epoch=4, val_accuracy=0.672, host_params=10_000, total_seed_params=2000, total_params=12_000, seed_grad_norms={}))
+
+
+def test_live_dashboard_renders_every_block(memory_collector):
+    stream = Tty()
+    sink = ConsoleSink(memory_collector.store, memory_collector.stats, live=True, stream=stream, refresh_hz=50)
+    memory_collector.add_sink(sink)
+    _feed(memory_collector)
+    lines = sink.render()
+    text = "\n".join(lines)
+    assert all(len(line) == WIDTH + 2 for line in lines), "a closed box"
+    assert "Epoch 4/10" in text
+    assert "67.2% (+4.9% vs host-only)" in text and "✓ WIN" in text
+    assert "PARAM RATIO     1.20x" in text
+    assert "mid:" in text and "+4.9% [+2.9%,+6.9%]" in text and "attention" in text
+    assert "GERMINATE(mid,attention)" in text
+    assert "loss_spike" in text
+    sink.close()
+    assert "KARN" in stream.getvalue(), "the refresh thread drew to the terminal"
+
+
+def test_plain_mode_prints_one_line_per_epoch_and_alerts(memory_collector):
+    stream = io.StringIO()
+    sink = ConsoleSink(memory_collector.store, memory_collector.stats, live=None, stream=stream)
+    assert sink.live is False, "not a terminal: plain lines"
+    memory_collector.add_sink(sink)
+    _feed(memory_collector)
+    out = stream.getvalue().splitlines()
+    assert len(out) == 2
+    assert out[0].startswith("[karn] ALERT warning loss_spike")
+    assert out[1].startswith("[karn] epoch 4/10") and "+4.9% vs host-only" in out[1]

@@ -1,0 +1,101 @@
+"""`karn run` / `inspect` / `replay` as a user runs them: real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KARN = [sys.executable, "-m", "karn_otel.cli"]
+
+
+def karn(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([*KARN, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    r = karn("run", "--epochs", "3", "--no-live", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.startswith("[karn] epoch")]
+    assert len(lines) == 3, r.stdout
+    assert "Traceback" not in r.stderr
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    return d
+
+
+def test_run_writes_a_complete_run_dir(run_dir):
+    assert (run_dir / "run.json").is_file()
+    events = [json.loads(l) for l in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[0]["event_type"] == "episode_started"
+    assert events[-1]["event_type"] == "episode_ended"
+    assert sum(e["event_type"] == "host_snapshot" for e in events) == 3
+    assert list((run_dir / "checkpoints").glob("*-initial.pt"))
+
+
+def test_inspect(run_dir):
+    r = karn("inspect", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    assert "host cnn_3block" in r.stdout
+    assert "last epoch 3:" in r.stdout
+    assert "host_snapshot 3" in r.stdout
+    assert "rejected: none" in r.stdout
+    assert "lines skipped: 0" in r.stdout
+
+
+def test_replay_is_identical(run_dir):
+    r = karn("replay", str(run_dir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "identical:" in r.stdout and "initial checkpoint identical" in r.stdout
+
+
+def test_replay_names_the_first_tampered_value(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    path = copy / "events.jsonl"
+    lines = path.read_text().splitlines()
+    i = next(i for i, l in enumerate(lines) if '"host_snapshot"' in l and '"epoch":2' in l)
+    ev = json.loads(lines[i])
+    ev["payload"]["val_loss"] += 1e-9
+    lines[i] = json.dumps(ev, separators=(",", ":"))
+    path.write_text("\n".join(lines) + "\n")
+    r = karn("replay", str(copy))
+    assert r.returncode == 1
+    assert "DIFFERENT" in r.stdout and "host_snapshot, epoch 2" in r.stdout and "payload.val_loss" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", ["inspect", "replay"])
+def test_missing_or_corrupt_run_dir_is_one_line(cmd, tmp_path):
+    r = karn(cmd, str(tmp_path / "nope"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "no such run directory" in r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "events.jsonl").write_text("not json at all\n")
+    r = karn(cmd, str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no readable events" in r.stderr
+
+
+def test_torn_run_dir_still_inspects(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "torn"
+    shutil.copytree(run_dir, copy)
+    with open(copy / "events.jsonl", "a") as f:
+        f.write('{"event_type":"host_snap')
+    r = karn("inspect", str(copy))
+    assert r.returncode == 0
+    assert "lines skipped: 1" in r.stdout and "torn last line" in r.stdout
+
+
+def test_bad_arguments_fail_cleanly(tmp_path):
+    r = karn("run", "--epochs", "0", "--out", str(tmp_path))
+    assert r.returncode == 2 and "epochs must be >= 1" in r.stderr and "Traceback" not in r.stderr
