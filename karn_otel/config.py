@@ -102,6 +102,15 @@ class KarnConfig:
     world_size: int | None = None
     counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
     dense_trigger: DenseTraceTrigger = field(default_factory=DenseTraceTrigger)
+    # OpenTelemetry export (sinks/otel.py). OTLP is on when an endpoint is given here or in
+    # OTEL_EXPORTER_OTLP_ENDPOINT; the embedded Prometheus endpoint when prometheus_port is set.
+    service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "karn"
+    otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http/protobuf"] | None = None  # None: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc
+    prometheus_port: int | None = None  # base port; each rank listens on base + local_rank
+    prometheus_host: str = "127.0.0.1"
+    otel_export_interval_s: float = 5.0
+    otel_shutdown_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.console not in ("auto", "live", "plain", "off"):
@@ -111,6 +120,12 @@ class KarnConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not self.console_refresh_hz > 0:
             raise ValueError("console_refresh_hz must be > 0")
+        if self.otlp_protocol not in (None, "grpc", "http/protobuf"):
+            raise ValueError(f"otlp_protocol must be grpc or http/protobuf, got {self.otlp_protocol!r}")
+        if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:
+            raise ValueError(f"prometheus_port {self.prometheus_port} is not a TCP port")
+        if not self.otel_export_interval_s > 0 or not self.otel_shutdown_timeout_s > 0:
+            raise ValueError("otel_export_interval_s and otel_shutdown_timeout_s must be > 0")
         if self.rank is not None and self.rank < 0:
             raise ValueError("rank must be >= 0")
         if self.world_size is not None and self.world_size < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from karn_otel.config import KarnConfig
@@ -18,4 +19,8 @@ def default_sinks(config: KarnConfig, collector: Any) -> list[Any]:
 
         live = {"auto": None, "live": True, "plain": False}[config.console]
         sinks.append(ConsoleSink(collector.store, collector.stats, live=live, refresh_hz=config.console_refresh_hz))
+    if config.prometheus_port is not None or config.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from karn_otel.sinks.otel import OTelSink
+
+        sinks.append(OTelSink(config, collector))
     return sinks
