@@ -38,6 +38,8 @@ from karn_otel.reference.controller import ControllerObservation, HeuristicConfi
 from karn_otel.reference.data import DigitsData, load_digits_data
 from karn_otel.reference.host import HostCNN
 from karn_otel.reference.slots import LifecycleConfig
+from karn_otel.config import CounterfactualConfig
+from karn_otel.counterfactual import ConfigEvaluation, attribute
 from karn_otel.torch.ablation import evaluate_configurations
 from karn_otel.torch.accumulate import EpochAccumulator
 
@@ -59,6 +61,8 @@ class RunConfig:
     blend_epochs: int = 3
     probation_epochs: int = 2
     plateau_threshold: float = 0.02  # germinate when val accuracy gained less than this over 2 epochs
+    counterfactual_strategy: str = "auto"  # auto / full_factorial / shapley / ablation_only
+    shapley_samples: int = 20
     checkpoint_retention: str = "keep_last"
 
     def __post_init__(self) -> None:
@@ -146,6 +150,11 @@ class ReferenceTrainer:
                 plateau_threshold=cfg.plateau_threshold,
             )
         )
+        self.cf_config = CounterfactualConfig(
+            strategy=cfg.counterfactual_strategy,  # type: ignore[arg-type]
+            shapley_samples=cfg.shapley_samples,
+            seed=cfg.seed,
+        )
         self.accuracy_history: list[float] = []
         self.fossilized_params = 0
 
@@ -166,37 +175,21 @@ class ReferenceTrainer:
         return float(loss.mean()), float(correct.mean())
 
     def counterfactual(self, epoch: int) -> CounterfactualMatrix:
-        """Removal cost of each active seed, plus the all-off (host-only) configuration."""
-        t0 = time.perf_counter()
+        """Attribution over the active seeds (alpha > 0); with none, the host-only pass."""
         active = [sid for sid in self.slot_ids if self.model.slots[sid].is_active]
-        n = len(active)
-        configs = [tuple([True] * n), tuple([False] * n)] + [
-            tuple(j != i for j in range(n)) for i in range(n)
-        ]
-        configs = list(dict.fromkeys(configs))  # n = 0 or 1 repeat a configuration
-        results = evaluate_configurations(self.model, self.model.slots, active, configs, self.data.x_val, self.data.y_val)
-        acc = {c: float(r[0].mean()) for c, r in zip(configs, results)}
-        rows = tuple(
-            CounterfactualResult(
-                config=c,
-                alpha_settings={sid: (self.model.slots[sid].alpha if on else 0.0) for sid, on in zip(active, c)},
-                val_loss=float(r[1].mean()),
-                val_accuracy=float(r[0].mean()),
-            )
-            for c, r in zip(configs, results)
-        )
-        full = tuple([True] * n)
-        marginal = {sid: acc[full] - acc[tuple(j != i for j in range(n))] for i, sid in enumerate(active)}
+        x, y = self.data.x_val, self.data.y_val
+
+        def evaluate(configs: list[tuple[bool, ...]]) -> list[ConfigEvaluation]:
+            results = evaluate_configurations(self.model, self.model.slots, active, configs, x, y)
+            return [ConfigEvaluation(correct, loss) for correct, loss in results]
+
+        if active:
+            return attribute(evaluate, active, self.cf_config, epoch=epoch)
+        t0 = time.perf_counter()
+        (only,) = evaluate([()])
+        row = CounterfactualResult((), {}, float(only.loss.mean()), float(only.correct.mean()))
         return CounterfactualMatrix(
-            epoch=epoch,
-            slot_ids=tuple(active),
-            configs=rows,
-            marginal_contributions=marginal,
-            interaction_effects={},
-            shapley_values=None,
-            strategy="ablation_only",
-            n_evaluations=len(configs),
-            elapsed_s=time.perf_counter() - t0,
+            epoch, (), (row,), {}, {}, None, strategy="none", n_evaluations=1, elapsed_s=time.perf_counter() - t0
         )
 
     # -- training --------------------------------------------------------------------

@@ -103,10 +103,17 @@ class ConsoleSink:
         total = f"/{ctx.max_epochs}" if ctx else ""
         delta = a.accuracy_delta()
         ratio = a.param_ratio()
-        seeds = " ".join(
-            f"{sid}:{s.stage.value[:5]}" + (f"@{s.alpha:.2f}" if s.stage is SeedStage.BLENDING else "")
-            for sid, s in sorted(self.store.slots().items(), key=lambda kv: _slot_order(self.store, kv[0]))
-        )
+        contributions = a.seed_contributions()
+        parts = []
+        for sid, s in sorted(self.store.slots().items(), key=lambda kv: _slot_order(self.store, kv[0])):
+            part = f"{sid}:{s.stage.value[:5]}" + (f"@{s.alpha:.2f}" if s.stage is SeedStage.BLENDING else "")
+            c = contributions.get(sid)
+            if c is not None and c.contribution is not None:
+                part += _pts(c.contribution)
+                if c.ci_low is not None and c.ci_high is not None:
+                    part += f"[{_pts(c.ci_low)},{_pts(c.ci_high)}]"
+            parts.append(part)
+        seeds = " ".join(parts)
         dec = self.store.recent_decisions(1)
         action = dec[-1][1].action.label() if dec else "-"
         ratio_s = "n/a" if ratio is None else f"{ratio:.3f}x"
