@@ -32,6 +32,11 @@ class HostCNN(nn.Module):
         x = self.slots["late"](self.block3(x))
         return self.head(x.mean(dim=(2, 3)))
 
+    def segments(self) -> list:
+        """The host split at its slots, for shared-prefix counterfactual evaluation:
+        forward(x) == seg[3](late(seg[2](mid(seg[1](early(seg[0](x)))))))."""
+        return [self.block1, self.block2, self.block3, lambda x: self.head(x.mean(dim=(2, 3)))]
+
     def host_parameters(self) -> list[nn.Parameter]:
         """Parameters of the host only (no seed)."""
         return [p for name, p in self.named_parameters() if not name.startswith("slots.")]

@@ -40,7 +40,7 @@ from karn_otel.reference.host import HostCNN
 from karn_otel.reference.slots import LifecycleConfig
 from karn_otel.config import CounterfactualConfig
 from karn_otel.counterfactual import ConfigEvaluation, attribute
-from karn_otel.torch.ablation import evaluate_configurations
+from karn_otel.torch.ablation import evaluate_configurations, evaluate_shared_prefix
 from karn_otel.torch.accumulate import EpochAccumulator
 
 
@@ -179,8 +179,11 @@ class ReferenceTrainer:
         active = [sid for sid in self.slot_ids if self.model.slots[sid].is_active]
         x, y = self.data.x_val, self.data.y_val
 
+        slots = [self.model.slots[sid] for sid in self.slot_ids]
+        branching = [sid in active for sid in self.slot_ids]
+
         def evaluate(configs: list[tuple[bool, ...]]) -> list[ConfigEvaluation]:
-            results = evaluate_configurations(self.model, self.model.slots, active, configs, x, y)
+            results = evaluate_shared_prefix(self.model, self.model.segments(), slots, branching, configs, x, y)
             return [ConfigEvaluation(correct, loss) for correct, loss in results]
 
         if active:

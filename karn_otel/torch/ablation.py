@@ -1,16 +1,23 @@
 """Counterfactual evaluators: run the validation set under on/off seed configurations.
 
-``evaluate_configurations`` is the generic evaluator: one full validation pass per
-configuration, each switched-off slot under ``force_alpha(0.0)``. Every configuration sees
-the same examples in the same order (common random numbers), the model runs in eval mode
-under ``no_grad``, and its training mode is restored afterwards.
+Two evaluators with identical results:
+
+* ``evaluate_configurations`` (generic): one full validation pass per configuration, each
+  switched-off slot under ``force_alpha(0.0)``. Works for any model whose slots have
+  ``force_alpha``.
+* ``evaluate_shared_prefix``: for a model split into segments at its slots, a depth-first
+  walk over the configuration trie that computes each shared prefix once (15 instead of 32
+  segment passes for 3 slots, 31 instead of 80 for 4).
+
+Every configuration sees the same examples in the same order (common random numbers), the
+model runs in eval mode under ``no_grad``, and its training mode is restored afterwards.
+The caller memoises: each configuration is asked for at most once per epoch.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
-
 import contextlib
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -53,3 +60,85 @@ def evaluate_configurations(
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def evaluate_shared_prefix(
+    model: torch.nn.Module,
+    segments: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    slots: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    branching: Sequence[bool],
+    configs: Sequence[tuple[bool, ...]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1024,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Same results as :func:`evaluate_configurations`, computing each shared prefix once.
+
+    The network is ``segments[0]``, ``slots[0]``, ``segments[1]``, ..., ``slots[-1]``,
+    ``segments[-1]``. ``branching[d]`` marks the slots the configurations switch (in order);
+    the others run as they are. A depth-first walk over the configuration trie holds one
+    cached activation per depth: the activation after slot d is computed once for every
+    configuration sharing that prefix. The two leaves under the last branching point are
+    batched into one call of the remaining segments. Only requested configurations are
+    visited. For ``n`` branching slots and equal segments the full factorial costs
+    ``2**(n+1) - 1`` segment passes instead of ``(n + 1) * 2**n``.
+    """
+    if len(segments) != len(slots) + 1:
+        raise ValueError(f"{len(segments)} segments for {len(slots)} slots (need one more segment than slots)")
+    if len(branching) != len(slots):
+        raise ValueError("branching needs one flag per slot")
+    n_branch = sum(bool(b) for b in branching)
+    for c in configs:
+        if len(c) != n_branch:
+            raise ValueError(f"configuration {c} has {len(c)} entries for {n_branch} switched slots")
+    wanted = {tuple(c) for c in configs}
+    prefixes = {c[:k] for c in wanted for k in range(n_branch + 1)}
+    was_training = model.training
+    model.eval()
+    correct: dict[tuple[bool, ...], list[torch.Tensor]] = {c: [] for c in wanted}
+    losses: dict[tuple[bool, ...], list[torch.Tensor]] = {c: [] for c in wanted}
+
+    def run_from(depth: int, act: torch.Tensor) -> torch.Tensor:
+        """Apply slots[depth:] (non-branching only) and the segments after them."""
+        for d in range(depth, len(slots)):
+            act = segments[d + 1](slots[d](act))
+        return act
+
+    def leaf(config: tuple[bool, ...], logits: torch.Tensor, yb: torch.Tensor) -> None:
+        correct[config].append(logits.argmax(dim=1) == yb)
+        losses[config].append(F.cross_entropy(logits, yb, reduction="none"))
+
+    def walk(depth: int, prefix: tuple[bool, ...], act: torch.Tensor, yb: torch.Tensor) -> None:
+        # Run non-branching slots until the next switch point (or the end).
+        while depth < len(slots) and not branching[depth]:
+            act = segments[depth + 1](slots[depth](act))
+            depth += 1
+        if depth == len(slots):
+            leaf(prefix, act, yb)
+            return
+        on_p, off_p = prefix + (True,), prefix + (False,)
+        choices = [(p, on) for p, on in ((on_p, True), (off_p, False)) if p in prefixes]
+        last_branch = not any(branching[depth + 1 :])
+        if last_branch and len(choices) == 2:
+            # Both leaves under the last switch: one batched call of the remaining network.
+            both = torch.cat([slots[depth](act), act])
+            out = run_from(depth + 1, segments[depth + 1](both))
+            n = act.shape[0]
+            leaf(on_p, out[:n], yb)
+            leaf(off_p, out[n:], yb)
+            return
+        for p, on in choices:
+            nxt = segments[depth + 1](slots[depth](act) if on else act)
+            walk(depth + 1, p, nxt, yb)
+
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+            walk(0, (), segments[0](xb), yb)
+    finally:
+        model.train(was_training)
+    return [
+        (torch.cat(correct[c]).cpu().numpy().astype(np.float64), torch.cat(losses[c]).cpu().numpy())
+        for c in map(tuple, configs)
+    ]
