@@ -21,11 +21,25 @@ EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2
 def _run(args: argparse.Namespace) -> int:
     import karn_otel
     from karn_otel.config import KarnConfig
+    from karn_otel.contracts import OperatingMode
     from karn_otel.reference.trainer import RunConfig, run_episode
 
     try:
-        cfg = RunConfig(epochs=args.epochs, seed=args.seed, controller=args.controller, num_threads=args.threads)
-        kcfg = KarnConfig(out_dir=Path(args.out), console="plain" if args.no_live else "auto", strict=args.strict)
+        cfg = RunConfig(
+            epochs=args.epochs,
+            seed=args.seed,
+            controller=args.controller,
+            num_threads=args.threads,
+            research=args.research,
+            inject_loss_spike_epoch=args.inject_loss_spike or 0,
+            device=args.device,
+        )
+        kcfg = KarnConfig(
+            out_dir=Path(args.out),
+            console="plain" if args.no_live else "auto",
+            strict=args.strict,
+            mode=OperatingMode.RESEARCH if args.research else OperatingMode.STANDARD,
+        )
     except ValueError as exc:
         print(f"karn run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -136,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--controller", choices=["heuristic"], default="heuristic", help="seed controller")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded; replay uses the same)")
     r.add_argument("--strict", action="store_true", help="raise on an invalid telemetry event instead of counting it")
+    r.add_argument("--research", action="store_true", help="research mode: dense traces on every batch")
+    r.add_argument(
+        "--inject-loss-spike", type=int, metavar="EPOCH", help="fault injection: shuffle the labels for one epoch"
+    )
+    r.add_argument("--device", default="cpu", help="torch device for the reference system (default cpu)")
     r.set_defaults(func=_run)
 
     i = sub.add_parser("inspect", help="summarise a run directory")

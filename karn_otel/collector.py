@@ -36,6 +36,7 @@ from karn_otel.contracts import (
     EpisodeSummary,
     GateEvaluationTrace,
     HostSnapshot,
+    OperatingMode,
     PolicySnapshot,
     SlotSnapshot,
     StageTransition,
@@ -87,6 +88,8 @@ class KarnCollector:
         self._slot_ids: frozenset[str] = frozenset()
         self._epoch = 0
         self._closed = False
+        self.health: Any = None  # HealthMonitor, attached by configure()
+        self.triggers: Any = None  # DenseTriggerEngine, attached by configure()
 
     # ------------------------------------------------------------------ wiring
 
@@ -439,18 +442,23 @@ _active: KarnCollector | None = None
 _active_lock = threading.Lock()
 
 
-def configure(config: KarnConfig | None = None, *, sinks: Iterable[Any] | None = None) -> KarnCollector:
+def configure(
+    config: KarnConfig | None = None, *, sinks: Iterable[Any] | None = None, processors: bool = True
+) -> KarnCollector:
     """Install the process-wide collector (closing any previous one) and return it.
 
-    ``sinks=None`` builds the sinks the config asks for (run log, console); pass a list to
-    choose them yourself.
+    ``sinks=None`` builds the sinks the config asks for (run log, console, OTel); pass a
+    list to choose them yourself. ``processors`` attaches the health monitor and the
+    dense-trace triggers (adaptive escalation).
     """
     global _active
     config = config or KarnConfig()
     collector = KarnCollector(config)
-    if sinks is None:
-        from karn_otel.sinks.factory import default_sinks
+    from karn_otel.sinks.factory import default_processors, default_sinks
 
+    if processors:
+        default_processors(config, collector)
+    if sinks is None:
         sinks = default_sinks(config, collector)
     for s in sinks:
         collector.add_sink(s)
@@ -473,6 +481,21 @@ def shutdown() -> None:
         previous, _active = _active, None
     if previous is not None:
         previous.close()
+
+
+def dense_requested() -> tuple[bool, str | None]:
+    """Whether instrumentation should collect dense (tier-3) data now, and why.
+
+    True while the active collector is in research mode: configured so, or escalated by
+    the dense-trace triggers after an anomaly. False when Karn is not configured.
+    """
+    c = _active
+    if c is None:
+        return False, None
+    store = c.store
+    if store.mode is OperatingMode.RESEARCH:
+        return True, store.mode_reason
+    return False, None
 
 
 def emit(event: Any, *, epoch: int | None = None, is_reduced: bool = False) -> bool:

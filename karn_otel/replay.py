@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from karn_otel.contracts import TelemetryEvent, TelemetryEventType, to_jsonable
+from karn_otel.contracts import OperatingMode, TelemetryEvent, TelemetryEventType, to_jsonable
 from karn_otel.sinks.runlog import RunRecord
 
 ET = TelemetryEventType
@@ -100,6 +100,7 @@ def replay_run(record: RunRecord) -> ReplayReport:
     from karn_otel.config import KarnConfig
     from karn_otel.reference.trainer import RunConfig, run_episode
     from karn_otel.sinks import MemorySink
+    from karn_otel.sinks.factory import default_processors
 
     notes: list[str] = []
     compared = 0
@@ -107,7 +108,10 @@ def replay_run(record: RunRecord) -> ReplayReport:
         recorded = [e for e in record.events if e.episode_id == episode_id]
         cfg = RunConfig.from_hyperparameters(ctx.hyperparameters)
         sink = MemorySink()
-        collector = kc.KarnCollector(KarnConfig(out_dir=None, console="off"), sinks=[sink])
+        # The same pipeline as `karn run`: health alerts and dense windows are part of the record.
+        kcfg = KarnConfig(out_dir=None, console="off", mode=OperatingMode.RESEARCH if cfg.research else OperatingMode.STANDARD)
+        collector = kc.KarnCollector(kcfg, sinks=[sink])
+        default_processors(kcfg, collector)
         previous = kc._active
         kc._active = collector
         try:

@@ -58,6 +58,7 @@ class TelemetryStore:
         self.baseline: HostBaseline | None = None
         self.summary: EpisodeSummary | None = None
         self.mode = OperatingMode.STANDARD
+        self.mode_reason: str | None = None
         self.epoch = 0
         self._host: deque[HostSnapshot] = deque(maxlen=self._max_epochs)
         self._slots_latest: dict[str, SlotSnapshot] = {}
@@ -107,7 +108,7 @@ class TelemetryStore:
             elif et is ET.DENSE_TRACE:
                 self.dense_traces.append(p)
             elif et is ET.MODE_CHANGE:
-                self.mode = p.mode
+                self.mode, self.mode_reason = p.mode, p.reason
             elif et is ET.EPISODE_ENDED:
                 self.summary = p
 

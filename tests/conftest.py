@@ -55,9 +55,9 @@ def make_context(slots=("early", "mid", "late"), episode_id="ep-1") -> EpisodeCo
 
 @pytest.fixture
 def memory_collector():
-    """A strict collector with an in-memory sink, installed as the process-wide one."""
+    """A strict collector with an in-memory sink and no processors, installed process-wide."""
     sink = MemorySink()
-    c = kc.configure(KarnConfig(out_dir=None, console="off", strict=True), sinks=[sink])
+    c = kc.configure(KarnConfig(out_dir=None, console="off", strict=True), sinks=[sink], processors=False)
     c.memory = sink  # type: ignore[attr-defined]
     yield c
     kc.shutdown()

@@ -15,6 +15,9 @@ class DigitsData:
     x_val: torch.Tensor
     y_val: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "DigitsData":
+        return DigitsData(*(t.to(device) for t in (self.x_train, self.y_train, self.x_val, self.y_val)))
+
 
 def load_digits_data(seed: int, val_fraction: float = 0.2) -> DigitsData:
     """Deterministic train/validation split of the digits set for a given seed."""

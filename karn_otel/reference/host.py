@@ -37,6 +37,10 @@ class HostCNN(nn.Module):
         forward(x) == seg[3](late(seg[2](mid(seg[1](early(seg[0](x)))))))."""
         return [self.block1, self.block2, self.block3, lambda x: self.head(x.mean(dim=(2, 3)))]
 
+    def activation_modules(self) -> dict[str, nn.Module]:
+        """Modules whose outputs dense traces summarise (the blocks' ReLUs)."""
+        return {"block1": self.block1[1], "block2": self.block2[1], "block3": self.block3[1]}
+
     def host_parameters(self) -> list[nn.Parameter]:
         """Parameters of the host only (no seed)."""
         return [p for name, p in self.named_parameters() if not name.startswith("slots.")]

@@ -146,6 +146,7 @@ class SeedSlot(nn.Module):
         self.val_loss_at_blend_start: float | None = None
         self.last_contribution: float | None = None
         self.last_gate: tuple[str, bool, str] | None = None
+        self.last_gate_trace: GateEvaluationTrace | None = None
         self.consecutive_gate_failures = 0
         self._n_germinated = 0
 
@@ -198,19 +199,18 @@ class SeedSlot(nn.Module):
     ) -> bool:
         self.last_gate = (gate, passed, reason)
         self.consecutive_gate_failures = 0 if passed else self.consecutive_gate_failures + 1
-        emit(
-            GateEvaluationTrace(
-                gate=gate,
-                slot_id=self.slot_id,
-                seed_id=self.seed_id,
-                passed=passed,
-                reason=reason,
-                from_stage=self.stage,
-                to_stage=to_stage if passed else None,
-                measurements=measurements or {},
-                thresholds=thresholds or {},
-            )
+        self.last_gate_trace = GateEvaluationTrace(
+            gate=gate,
+            slot_id=self.slot_id,
+            seed_id=self.seed_id,
+            passed=passed,
+            reason=reason,
+            from_stage=self.stage,
+            to_stage=to_stage if passed else None,
+            measurements=measurements or {},
+            thresholds=thresholds or {},
         )
+        emit(self.last_gate_trace)
         return passed
 
     def _transition(self, to: SeedStage, reason: str) -> None:

@@ -9,6 +9,7 @@ Deterministic on CPU for a given RunConfig: `karn replay` depends on it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import subprocess
 import time
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from karn_otel import emit
+from karn_otel.collector import dense_requested
 from karn_otel.contracts import (
     ActionOp,
     ControllerDecision,
@@ -42,6 +44,7 @@ from karn_otel.config import CounterfactualConfig
 from karn_otel.counterfactual import ConfigEvaluation, attribute
 from karn_otel.torch.ablation import evaluate_configurations, evaluate_shared_prefix
 from karn_otel.torch.accumulate import EpochAccumulator
+from karn_otel.torch.diagnostics import DenseCollector
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class RunConfig:
     blend_epochs: int = 3
     probation_epochs: int = 2
     plateau_threshold: float = 0.02  # germinate when val accuracy gained less than this over 2 epochs
+    inject_loss_spike_epoch: int = 0  # fault injection: shuffle labels for this epoch (0 = off)
+    research: bool = False  # research mode: dense traces every batch (recorded for replay)
+    device: str = "cpu"
+    compile: str = ""  # torch.compile backend ("" = eager; e.g. "inductor", "aot_eager")
     counterfactual_strategy: str = "auto"  # auto / full_factorial / shapley / ablation_only
     shapley_samples: int = 20
     checkpoint_retention: str = "keep_last"
@@ -133,12 +140,21 @@ class ReferenceTrainer:
     def __init__(self, cfg: RunConfig, checkpoint_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.checkpoint_dir = checkpoint_dir
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.set_num_threads(cfg.num_threads)
         torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.seed)
         self.rng = torch.Generator().manual_seed(cfg.seed)
-        self.data: DigitsData = load_digits_data(cfg.seed)
-        self.model = HostCNN(cfg.widths, cfg.lifecycle)
+        self.data: DigitsData = load_digits_data(cfg.seed).to(self.device)
+        self.model = HostCNN(cfg.widths, cfg.lifecycle).to(self.device)
+        # torch.compile is optional; telemetry hooks run under torch.compiler.disable.
+        self.forward = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
+        self.dense: DenseCollector | None = None
+        self.dense_reason = ""
+        self.dense_start = 0
+        self._last_acc: tuple[int, EpochAccumulator] | None = None
         self.slot_ids = list(self.model.slots)
         self.host_params = self.model.host_params
         self.host_opt = torch.optim.Adam(self.model.host_parameters(), lr=cfg.lr)
@@ -197,31 +213,90 @@ class ReferenceTrainer:
 
     # -- training --------------------------------------------------------------------
 
-    def train_epoch(self) -> dict:
+    def train_batches(self, epoch: int) -> EpochAccumulator:
+        """The per-batch path: forward, backward, step. No host-device sync in here
+        (tests/reference/test_sync_free.py counts them): metrics stay on the device."""
         model, d = self.model, self.data
         model.train()
         seed_params = {sid: list(s.seed.parameters()) for sid, s in model.slots.items() if s.seed is not None}
         host_params = model.host_parameters()
-        acc = EpochAccumulator(self.slot_ids)
+        isolated = [s for s in model.slots.values() if s.is_isolated]
+        acc = EpochAccumulator(self.slot_ids, self.device)
         for s in model.slots.values():
             s.leak_meter.zero_()
         opts = [self.host_opt, *self.seed_opts.values()]
-        perm = torch.randperm(d.x_train.shape[0], generator=self.rng)
+        perm = torch.randperm(d.x_train.shape[0], generator=self.rng).to(self.device)
+        y_train = d.y_train
+        if epoch == self.cfg.inject_loss_spike_epoch:
+            # Fault injection: one epoch of shuffled labels, a real loss spike that resolves.
+            y_train = y_train[torch.randperm(y_train.shape[0], generator=torch.Generator().manual_seed(epoch)).to(self.device)]
+        dense = self.dense
+        forward = self.forward
         for idx in perm.split(self.cfg.batch_size):
-            xb, yb = d.x_train[idx], d.y_train[idx]
-            logits = model(xb)
+            xb, yb = d.x_train[idx], y_train[idx]
+            logits = forward(xb)
             loss = F.cross_entropy(logits, yb)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
-            acc.update(loss, logits, yb, host_params, seed_params)
+            leak = sum(s.leak_meter for s in isolated) if isolated else None
+            acc.update(loss, logits, yb, host_params, seed_params, leak)
+            if dense is not None:
+                dense.after_backward()
             for opt in opts:
                 opt.step()
-        metrics = acc.materialize()
-        isolated = [s for s in model.slots.values() if s.is_isolated]
-        leak = torch.stack([s.leak_meter for s in isolated]).sum().sqrt().item() if isolated else None
-        metrics["leakage"] = leak
+        return acc
+
+    def train_epoch(self, epoch: int) -> dict:
+        acc = self.train_batches(epoch)
+        metrics = acc.materialize()  # the epoch's one sync
+        if not any(s.is_isolated for s in self.model.slots.values()):
+            metrics["leakage"] = None
+        if self.dense is not None:
+            seeded = {sid for sid, s in self.model.slots.items() if s.seed is not None}
+            self.dense.add_batch_metrics(acc.batch_metrics(epoch, seeded, metrics["leakage"] is not None))
+        self._last_acc = (epoch, acc)
         return metrics
+
+    # -- dense windows (tier 3) ------------------------------------------------------
+
+    def update_dense_window(self, epoch: int) -> None:
+        """Open or close the dense-trace window as Karn's mode says (adaptive escalation).
+
+        An anomaly detected at the end of epoch e switches Karn to research mode; the window
+        then starts with epoch e's batches (still on the device) and records every batch
+        until the mode returns to standard.
+        """
+        want, reason = dense_requested()
+        if want and self.dense is None:
+            self.dense = DenseCollector(self.model, self.param_groups(), self.model.activation_modules())
+            self.dense.attach()
+            self.dense_reason = reason or "research_mode"
+            self.dense_start = epoch
+            if self._last_acc is not None:
+                prev_epoch, prev = self._last_acc
+                seeded = {sid for sid, s in self.model.slots.items() if s.seed is not None}
+                self.dense.add_batch_metrics(prev.batch_metrics(prev_epoch, seeded, False))
+                self.dense_start = prev_epoch
+        elif not want and self.dense is not None:
+            self.close_dense_window(epoch - 1)
+
+    def close_dense_window(self, end_epoch: int) -> None:
+        if self.dense is None:
+            return
+        failed = [s.last_gate_trace for s in self.model.slots.values() if s.last_gate_trace and not s.last_gate_trace.passed]
+        trace = self.dense.finish(self.dense_reason, self.dense_start, end_epoch, failed[-1] if failed else None)
+        self.dense = None
+        emit(trace)
+
+    def param_groups(self) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+        groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {"host": []}
+        for name, p in self.model.named_parameters():
+            if name.startswith("slots."):
+                groups.setdefault(f"seed:{name.split('.')[1]}", []).append((name, p))
+            else:
+                groups["host"].append((name, p))
+        return groups
 
     # -- the episode -----------------------------------------------------------------
 
@@ -257,7 +332,8 @@ class ReferenceTrainer:
 
         val_loss, val_acc = init_loss, init_acc
         for epoch in range(1, cfg.epochs + 1):
-            m = self.train_epoch()
+            self.update_dense_window(epoch)
+            m = self.train_epoch(epoch)
             val_loss, val_acc = self.evaluate()
             self.accuracy_history.append(val_acc)
             cf = self.counterfactual(epoch)
@@ -275,6 +351,7 @@ class ReferenceTrainer:
             emit(ControllerDecision(self.controller.name, action, reason))
             self.emit_snapshots(epoch, m, val_loss, val_acc)
 
+        self.close_dense_window(cfg.epochs)
         host_loss, host_acc = self.host_only()
         emit(dataclasses.replace(baseline, final_host_only_loss=host_loss, final_host_only_accuracy=host_acc))
         total = self.host_params + sum(s.seed_params for s in model.slots.values())

@@ -1,4 +1,7 @@
-"""Builds the sinks a KarnConfig asks for. Kept apart so the collector imports no sink."""
+"""Builds what a KarnConfig asks for: the processors (health, dense triggers) and the sinks.
+
+This is the composition root; kept apart so the collector imports no sink or analytics.
+"""
 
 from __future__ import annotations
 
@@ -24,3 +27,20 @@ def default_sinks(config: KarnConfig, collector: Any) -> list[Any]:
 
         sinks.append(OTelSink(config, collector))
     return sinks
+
+
+def default_processors(config: KarnConfig, collector: Any) -> None:
+    """Attach the health monitor and the dense-trace trigger engine (both processors).
+
+    They observe accepted events and return derived ones (HealthAlert, ModeChange), which
+    the collector emits; the collector keeps a reference for analytics (training_health).
+    """
+    from karn_otel.health import HealthMonitor
+    from karn_otel.triggers import DenseTriggerEngine
+
+    collector.health = HealthMonitor(head_sizes=config.policy_head_sizes, strict=config.strict)
+    collector.triggers = DenseTriggerEngine(
+        config.dense_trigger, mode=config.mode, head_sizes=config.policy_head_sizes, strict=config.strict
+    )
+    collector.add_processor(collector.health)
+    collector.add_processor(collector.triggers)

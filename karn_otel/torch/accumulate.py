@@ -1,23 +1,32 @@
-"""Device-side accumulation of per-batch training metrics: no host-device sync per batch.
+"""Device-side per-batch training metrics: no host-device sync per batch.
 
-Every per-batch quantity is added into a tensor on the model's device; ``materialize()``
-moves them to the host in one ``tolist()`` call at the end of the epoch (the flush).
+Each batch appends one small vector (loss, correct, n, host grad norm, per-slot seed grad
+norms, cumulative isolation leakage) to a list of device tensors. ``materialize()`` stacks
+them and moves the epoch *sums* to the host in one ``tolist()`` — the only sync. The
+stacked per-batch matrix stays on the device, so a dense trace opened by an anomaly in
+this epoch can still include this epoch's batches (``batch_metrics``) without having paid
+for them in advance.
 """
 
 from __future__ import annotations
 
 import torch
 
+from karn_otel.contracts import BatchMetrics
 from karn_otel.torch import grad_norm
+
+# Column layout of the per-batch vector.
+_LOSS, _CORRECT, _N, _HOST, _LEAK, _SEEDS = 0, 1, 2, 3, 4, 5
 
 
 class EpochAccumulator:
-    """Sums of loss, correct predictions and gradient norms over an epoch's batches."""
+    """Per-batch metric vectors of one epoch, kept on the device."""
 
     def __init__(self, slot_ids: list[str], device: torch.device | str = "cpu") -> None:
         self.slot_ids = list(slot_ids)
-        # index: 0 loss*n, 1 correct, 2 n, 3 host grad norm sum, 4 batches, 5.. per-slot grad norm sums
-        self._sums = torch.zeros(5 + len(self.slot_ids), dtype=torch.float64, device=device)
+        self.device = torch.device(device)
+        self._rows: list[torch.Tensor] = []
+        self._matrix: torch.Tensor | None = None
 
     @torch.no_grad()
     def update(
@@ -27,26 +36,65 @@ class EpochAccumulator:
         targets: torch.Tensor,
         host_params: list[torch.nn.Parameter],
         seed_params: dict[str, list[torch.nn.Parameter]],
+        leak_meter: torch.Tensor | None = None,
     ) -> None:
         n = targets.shape[0]
+        dt = torch.float64
         parts = [
-            loss.detach().double() * n,
-            (logits.argmax(dim=1) == targets).sum().double(),
-            torch.full((), float(n), dtype=torch.float64, device=self._sums.device),  # a fill, not a copy
-            grad_norm(host_params).double(),
-            torch.ones((), dtype=torch.float64, device=self._sums.device),
+            loss.detach().to(dt) * n,
+            (logits.argmax(dim=1) == targets).sum().to(dt),
+            torch.full((), float(n), dtype=dt, device=self.device),  # a fill kernel, not a copy
+            grad_norm(host_params).to(dt),
+            leak_meter.to(dt) if leak_meter is not None else torch.zeros((), dtype=dt, device=self.device),
         ]
         for sid in self.slot_ids:
-            parts.append(grad_norm(seed_params.get(sid, [])).double())
-        self._sums += torch.stack(parts)
+            parts.append(grad_norm(seed_params.get(sid, [])).to(dt))
+        self._rows.append(torch.stack(parts))
 
-    def materialize(self) -> dict[str, float | dict[str, float]]:
-        """One sync: epoch means of loss, accuracy, host and per-slot gradient norms."""
-        v = self._sums.tolist()
-        n, batches = max(v[2], 1.0), max(v[4], 1.0)
+    def matrix(self) -> torch.Tensor:
+        """(batches, columns) device tensor of this epoch's per-batch vectors."""
+        if self._matrix is None:
+            width = _SEEDS + len(self.slot_ids)
+            self._matrix = (
+                torch.stack(self._rows) if self._rows else torch.zeros((0, width), dtype=torch.float64, device=self.device)
+            )
+        return self._matrix
+
+    def materialize(self) -> dict:
+        """One sync: epoch means of loss, accuracy, host and per-slot gradient norms, and the
+        total isolation leakage (L2 norm of all gradient that crossed isolation boundaries)."""
+        m = self.matrix()
+        sums = torch.cat([m.sum(dim=0), m[-1:, _LEAK] if m.shape[0] else m.new_zeros(1)]).tolist()
+        batches = max(m.shape[0], 1)
+        n = max(sums[_N], 1.0)
         return {
-            "loss": v[0] / n,
-            "accuracy": v[1] / n,
-            "host_grad_norm": v[3] / batches,
-            "seed_grad_norms": {sid: v[5 + i] / batches for i, sid in enumerate(self.slot_ids)},
+            "loss": sums[_LOSS] / n,
+            "accuracy": sums[_CORRECT] / n,
+            "host_grad_norm": sums[_HOST] / batches,
+            "seed_grad_norms": {sid: sums[_SEEDS + i] / batches for i, sid in enumerate(self.slot_ids)},
+            "leakage": max(sums[-1], 0.0) ** 0.5,
         }
+
+    def batch_metrics(self, epoch: int, seeded: set[str], isolated: bool) -> list[BatchMetrics]:
+        """This epoch's BatchMetrics (one sync). Called only when a dense trace needs them."""
+        m = self.matrix()
+        if m.shape[0] == 0:
+            return []
+        leak_cum = m[:, _LEAK]
+        leak = torch.diff(leak_cum, prepend=leak_cum.new_zeros(1)).clamp_min(0).sqrt()
+        rows = torch.cat([m, leak[:, None]], dim=1).tolist()
+        out = []
+        for b, r in enumerate(rows):
+            n = max(r[_N], 1.0)
+            out.append(
+                BatchMetrics(
+                    epoch=epoch,
+                    batch_idx=b,
+                    loss=r[_LOSS] / n,
+                    accuracy=r[_CORRECT] / n,
+                    host_grad_norm=r[_HOST],
+                    seed_grad_norms={sid: r[_SEEDS + i] for i, sid in enumerate(self.slot_ids) if sid in seeded},
+                    isolation_leakage=r[-1] if isolated else None,
+                )
+            )
+        return out

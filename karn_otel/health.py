@@ -1,0 +1,689 @@
+"""HealthMonitor and HealthReport: Karn's training-health checks (spec "Live Analytics").
+
+A fixed, bounded set of named checks watches the host (``HostSnapshot``, once per epoch) and
+the PPO controller (``PPOUpdateStats``, once per update). Each check has one stable name,
+one severity and one threshold, defined once in :class:`HealthThresholds`; the same numbers
+drive the dense-trace triggers (:mod:`karn_otel.triggers`) and the generated Prometheus
+alert rules (:func:`alert_thresholds`, :data:`CHECKS`).
+
+===========================  ========  ==============================================  =========
+check                        severity  fails when                                      default
+===========================  ========  ==============================================  =========
+non_finite_loss              critical  count of NaN/inf losses (host or PPO) > 0       0
+loss_spike                   warning   train loss / rolling mean of previous epochs >  2.0
+gradient_explosion           critical  host grad norm / rolling median of previous >   100.0
+accuracy_drop                warning   val accuracy drop epoch over epoch (points) >   5.0
+isolation_leakage            critical  grad_isolation_leakage >                        1e-6
+kl_too_high                  warning   abs(approx KL) per update (nats) >              0.1
+kl_too_low                   warning   abs(approx KL) per update (nats) <              1e-4
+explained_variance_negative  warning   explained variance <                            0.0
+value_collapse               warning   Var(V) / Var(returns) <                         0.01
+entropy_collapse             warning   a head's entropy (nats) < its floor             see below
+lstm_saturation              warning   fraction of LSTM units with abs(h) > 0.9 >      0.5
+===========================  ========  ==============================================  =========
+
+``entropy_collapse``'s floor is 10% of log(n_actions) for a head whose size is given
+(``head_sizes``), else an absolute 0.1 nats. ``non_finite_loss`` counts the host's train and
+val loss and the PPO update's policy/value loss, KL, EV and value variance (not per-head
+entropies, which are NaN by contract for a head that had no sample in the update).
+Each default is justified on its :class:`HealthThresholds` field.
+
+Severity: *critical* means the run's numbers are already invalid or about to be (a NaN has
+propagated, the gradients are diverging, seed isolation, which every attribution assumes,
+is broken); *warning* means learning is degraded but can recover.
+
+Alerts are edge-triggered: :class:`HealthMonitor` returns one :class:`HealthAlert` when a
+check goes from passing to failing, none while it keeps failing, and a new one on relapse.
+Its per-check status (:meth:`HealthMonitor.status`, :meth:`HealthMonitor.report`) shows
+resolution. The monitor never raises on odd input: a NaN is a finding (``non_finite_loss``),
+not a crash.
+
+The check logic itself lives in small pure functions (``*_finding``) over plain numbers, so
+the triggers reuse it with their own thresholds. Imports neither torch nor opentelemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from karn_otel.contracts import (
+    HealthAlert,
+    HostSnapshot,
+    PPOUpdateStats,
+    Severity,
+    TelemetryEvent,
+    TelemetryEventType,
+)
+
+__all__ = [
+    "CHECKS",
+    "CHECK_NAMES",
+    "DEFAULT_THRESHOLDS",
+    "CheckSpec",
+    "Finding",
+    "HealthCheckResult",
+    "HealthMonitor",
+    "HealthReport",
+    "HealthThresholds",
+    "HostHistory",
+    "accuracy_drop_finding",
+    "alert_thresholds",
+    "entropy_collapse_finding",
+    "entropy_floors",
+    "gradient_explosion_finding",
+    "host_findings",
+    "loss_spike_finding",
+    "ppo_findings",
+    "value_collapse_finding",
+]
+
+log = logging.getLogger("karn")
+ET = TelemetryEventType
+
+_SEVERITY_RANK = {Severity.OK: 0, Severity.INFO: 1, Severity.WARNING: 2, Severity.CRITICAL: 3}
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """Every default health threshold, in one place.
+
+    The values shared with :class:`karn_otel.config.DenseTraceTrigger` (loss spike 2.0x,
+    gradient explosion 100x, accuracy drop 5 points) are the spec's numbers; a test pins
+    that the two agree.
+    """
+
+    # --- host, per epoch (spec Tier 3 trigger conditions) ---
+    loss_spike_ratio: float = 2.0
+    """train loss / mean train loss of the previous ``rolling_window_epochs`` epochs (ratio)."""
+    gradient_explosion_ratio: float = 100.0
+    """host grad norm / median host grad norm of the previous epochs (ratio). The median,
+    not the mean, is "typical": one earlier explosion must not raise the bar for the next."""
+    accuracy_drop_points: float = 5.0
+    """Drop of validation accuracy from the previous epoch, in percentage points (accuracies
+    are fractions in [0, 1], so 5 points = 0.05)."""
+    isolation_leakage_epsilon: float = 1e-6
+    """Gradient leaking from a seed into the host (the unit of ``grad_isolation_leakage``).
+    Exact isolation (a detached host path) gives exactly 0; 1e-6 only absorbs float32
+    round-off in how the leakage is measured, so anything above is a real leak."""
+    rolling_window_epochs: int = 5
+    """Previous epochs that make the rolling mean (loss) and rolling median (grad norm).
+    Five epochs follow the loss's downward trend closely enough that ordinary progress
+    never looks like a 2x spike, yet one noisy epoch moves the baseline by at most 1/5."""
+
+    # --- PPO, per update (review P1 #6, P2 #9) ---
+    kl_too_high: float = 0.1
+    """abs(approx KL(old || new)) per update, nats. Spec P1 #6: above it the learning rate
+    is too high (common PPO early-stop targets are 0.01-0.02, so 0.1 is ~5-10x over)."""
+    kl_too_low: float = 1e-4
+    """abs(approx KL) per update, nats: "KL ~ 0" (P1 #6). A healthy update moves the policy
+    by roughly the 0.01-0.02 nats target above; 1e-4 is two orders of magnitude below it,
+    i.e. the policy is not moving at all (learning rate too low, or advantages ~0 so the
+    gradient is degenerate), while a merely small step (1e-3) is not flagged."""
+    explained_variance_min: float = 0.0
+    """EV = 1 - Var(returns - values) / Var(returns) (dimensionless). Below 0 the critic is
+    worse than predicting the mean return (P1 #6)."""
+    value_collapse_ratio: float = 0.01
+    """Var(values) / Var(returns), dimensionless. Below 1% the critic's spread is under a
+    tenth of the returns' standard deviation: it predicts nearly the same value everywhere
+    while the returns do vary. See :func:`value_collapse_finding` for how Var(returns) is
+    recovered from the fields of :class:`PPOUpdateStats`."""
+    entropy_collapse_fraction: float = 0.1
+    """Per-head entropy as a fraction of that head's maximum log(n_actions), for heads whose
+    size is known. 10% of log(4) = 0.14 nats is a 4-way head putting ~97% on one action:
+    the policy has become (nearly) deterministic."""
+    entropy_collapse_nats: float = 0.1
+    """Absolute entropy floor in nats for heads of unknown size: 0.1 nats is a binary head
+    at ~98% on one action, and an even more peaked distribution for larger heads, so it
+    never flags a head that still explores."""
+    lstm_saturation_fraction: float = 0.5
+    """Fraction of LSTM hidden units with abs(h) > 0.9 (P2 #9). There tanh' = 1 - h^2 < 0.19,
+    so gradient through those units is cut at least 5x per step; when most units sit
+    there the recurrent state is a near-binary latch and gradients through time vanish."""
+
+    def __post_init__(self) -> None:
+        for name in ("loss_spike_ratio", "gradient_explosion_ratio"):
+            if not getattr(self, name) > 1.0:
+                raise ValueError(f"{name} must be > 1 (a multiple of the typical value), got {getattr(self, name)}")
+        for name in (
+            "accuracy_drop_points",
+            "kl_too_high",
+            "entropy_collapse_nats",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("isolation_leakage_epsilon", "kl_too_low", "value_collapse_ratio"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.kl_too_low < self.kl_too_high:
+            raise ValueError(f"kl_too_low ({self.kl_too_low}) must be below kl_too_high ({self.kl_too_high})")
+        for name in ("entropy_collapse_fraction", "lstm_saturation_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not math.isfinite(self.explained_variance_min) or self.explained_variance_min > 1.0:
+            raise ValueError(f"explained_variance_min must be finite and <= 1, got {self.explained_variance_min}")
+        if isinstance(self.rolling_window_epochs, bool) or not (
+            isinstance(self.rolling_window_epochs, int) and self.rolling_window_epochs >= 1
+        ):
+            raise ValueError(f"rolling_window_epochs must be an int >= 1, got {self.rolling_window_epochs!r}")
+
+    def entropy_floor(self, n_actions: int | None) -> float | None:
+        """Entropy floor in nats for a head with ``n_actions`` choices (None: size unknown).
+
+        Returns None for a head with a single action: its entropy is always 0 and carries
+        no information about collapse.
+        """
+        if n_actions is None:
+            return self.entropy_collapse_nats
+        if n_actions < 2:
+            return None
+        return self.entropy_collapse_fraction * math.log(n_actions)
+
+
+DEFAULT_THRESHOLDS = HealthThresholds()
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """The static description of one check: what a Prometheus rule generator needs.
+
+    ``comparison`` is how the check's value fails against its threshold: ``"gt"`` fails
+    when value > threshold, ``"lt"`` when value < threshold.
+    """
+
+    name: str
+    severity: Severity
+    source: str  # the event type whose payload the check reads
+    threshold_field: str  # attribute of HealthThresholds
+    comparison: str  # "gt" | "lt"
+    unit: str
+    summary: str
+
+
+CHECKS: tuple[CheckSpec, ...] = (
+    CheckSpec("non_finite_loss", Severity.CRITICAL, "host_snapshot,ppo_update", "", "gt", "count",
+              "a loss (train/val, PPO policy/value) or PPO KL/EV/value variance is NaN or infinite"),
+    CheckSpec("loss_spike", Severity.WARNING, "host_snapshot", "loss_spike_ratio", "gt", "ratio",
+              "train loss above a multiple of its rolling mean over previous epochs"),
+    CheckSpec("gradient_explosion", Severity.CRITICAL, "host_snapshot", "gradient_explosion_ratio", "gt", "ratio",
+              "host gradient norm above a multiple of its rolling median (or non-finite)"),
+    CheckSpec("accuracy_drop", Severity.WARNING, "host_snapshot", "accuracy_drop_points", "gt", "percentage points",
+              "validation accuracy fell epoch over epoch"),
+    CheckSpec("isolation_leakage", Severity.CRITICAL, "host_snapshot", "isolation_leakage_epsilon", "gt", "grad norm",
+              "gradient leaks from a seed into the host"),
+    CheckSpec("kl_too_high", Severity.WARNING, "ppo_update", "kl_too_high", "gt", "nats",
+              "approx KL per PPO update too high: learning rate too high"),
+    CheckSpec("kl_too_low", Severity.WARNING, "ppo_update", "kl_too_low", "lt", "nats",
+              "approx KL per PPO update ~0: learning rate too low or degenerate gradients"),
+    CheckSpec("explained_variance_negative", Severity.WARNING, "ppo_update", "explained_variance_min", "lt", "1",
+              "critic worse than predicting the mean return"),
+    CheckSpec("value_collapse", Severity.WARNING, "ppo_update", "value_collapse_ratio", "lt", "ratio",
+              "critic predicts nearly the same value everywhere"),
+    CheckSpec("entropy_collapse", Severity.WARNING, "ppo_update", "entropy_collapse_nats", "lt", "nats",
+              "a policy head has become (nearly) deterministic"),
+    CheckSpec("lstm_saturation", Severity.WARNING, "ppo_update", "lstm_saturation_fraction", "gt", "fraction",
+              "most LSTM hidden units saturated (|h| > 0.9): vanishing gradients"),
+)
+CHECK_NAMES: tuple[str, ...] = tuple(c.name for c in CHECKS)
+_SPEC = {c.name: c for c in CHECKS}
+
+
+def alert_thresholds(thresholds: HealthThresholds = DEFAULT_THRESHOLDS) -> dict[str, float]:
+    """``{check name: threshold}`` for every check, in :data:`CHECK_NAMES` order.
+
+    The value compared is the one a :class:`HealthAlert` of that check carries, in the unit
+    of :data:`CHECKS`. ``non_finite_loss`` counts non-finite values (threshold 0).
+    ``entropy_collapse`` gives the floor for heads of unknown size; use
+    :func:`entropy_floors` for per-head floors when head sizes are known.
+    """
+    return {c.name: float(getattr(thresholds, c.threshold_field)) if c.threshold_field else 0.0 for c in CHECKS}
+
+
+def entropy_floors(
+    head_sizes: Mapping[str, int], thresholds: HealthThresholds = DEFAULT_THRESHOLDS
+) -> dict[str, float]:
+    """Per-head entropy floor in nats (heads with a single action are omitted)."""
+    out = {}
+    for head, n in head_sizes.items():
+        floor = thresholds.entropy_floor(n)
+        if floor is not None:
+            out[head] = floor
+    return out
+
+
+# --------------------------------------------------------------------------- pure checks
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The outcome of evaluating one check on one observation."""
+
+    check: str
+    failing: bool
+    value: float
+    threshold: float
+    message: str
+
+
+def _num(x: Any) -> float:
+    """A float, or NaN for anything that is not a real number (never raises)."""
+    if isinstance(x, bool):
+        return math.nan
+    try:
+        return float(x)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def loss_spike_finding(loss: float, previous: Iterable[float], ratio: float) -> Finding | None:
+    """train loss vs ``ratio`` x the mean of ``previous`` epochs' losses.
+
+    None when it cannot be evaluated: no finite history, a non-positive baseline (a ratio
+    to 0 means nothing), or a non-finite loss (that is ``non_finite_loss``'s finding).
+    """
+    loss = _num(loss)
+    prev = [p for p in previous if _finite(p)]
+    if not prev or not _finite(loss):
+        return None
+    avg = sum(prev) / len(prev)
+    if avg <= 0:
+        return None
+    value = loss / avg
+    return Finding(
+        "loss_spike", value > ratio, value, ratio,
+        f"train loss {loss:.4g} is {value:.3g}x its rolling mean {avg:.4g} over {len(prev)} epoch(s)",
+    )
+
+
+def gradient_explosion_finding(norm: float, previous: Iterable[float], ratio: float) -> Finding | None:
+    """host grad norm vs ``ratio`` x the median of ``previous`` epochs' norms.
+
+    A non-finite norm is the limit of an explosion and fails outright (value inf), provided
+    there is a history; None when the typical norm is unknown or not positive.
+    """
+    norm = _num(norm)
+    prev = [p for p in previous if _finite(p)]
+    if not prev:
+        return None
+    typical = statistics.median(prev)
+    if typical <= 0:
+        return None
+    if not _finite(norm):
+        return Finding("gradient_explosion", True, math.inf, ratio,
+                       f"host grad norm is {norm} (typical {typical:.4g})")
+    value = norm / typical
+    return Finding(
+        "gradient_explosion", value > ratio, value, ratio,
+        f"host grad norm {norm:.4g} is {value:.3g}x its rolling median {typical:.4g}",
+    )
+
+
+def accuracy_drop_finding(previous: float | None, current: float, points: float) -> Finding | None:
+    """Validation accuracy drop from ``previous`` to ``current`` (fractions), in points."""
+    cur, prev = _num(current), _num(previous) if previous is not None else math.nan
+    if not (_finite(cur) and _finite(prev)):
+        return None
+    drop = 100.0 * (prev - cur)
+    return Finding(
+        "accuracy_drop", drop > points, drop, points,
+        f"val accuracy {100 * cur:.2f}% is {drop:+.2f} points below the previous epoch's {100 * prev:.2f}%",
+    )
+
+
+def value_collapse_finding(
+    value_variance: float, advantage_std: float, explained_variance: float, ratio: float
+) -> Finding | None:
+    """Var(values) relative to Var(returns), from what :class:`PPOUpdateStats` carries.
+
+    With GAE, returns = advantages + values, so the advantages are the critic's residuals
+    and EV = 1 - Var(A) / Var(R), hence Var(R) = Var(A) / (1 - EV) exactly. When EV is not
+    usable (non-finite or >= 1) the fallback Var(R) ~ Var(V) + Var(A) assumes residuals
+    uncorrelated with predictions (true at a least-squares fit). Both assume
+    ``advantage_stats`` describe the raw advantages, before per-minibatch normalisation.
+    None when Var(R) is not positive and finite: with no variance in the returns a constant
+    critic is correct, not collapsed.
+    """
+    vv, std, ev = _num(value_variance), _num(advantage_std), _num(explained_variance)
+    if not (_finite(vv) and _finite(std)) or vv < 0:
+        return None
+    var_a = std * std
+    var_r = var_a / (1.0 - ev) if _finite(ev) and ev < 1.0 else vv + var_a
+    if not (_finite(var_r) and var_r > 0):
+        return None
+    value = vv / var_r
+    return Finding(
+        "value_collapse", value < ratio, value, ratio,
+        f"value variance {vv:.4g} is {100 * value:.3g}% of the return variance {var_r:.4g}",
+    )
+
+
+def entropy_collapse_finding(
+    entropy: Mapping[str, float],
+    thresholds: HealthThresholds,
+    head_sizes: Mapping[str, int] | None = None,
+) -> Finding | None:
+    """The head closest to (or furthest below) its entropy floor, in nats.
+
+    Floors: ``entropy_collapse_fraction`` x log(n) for heads in ``head_sizes``, else the
+    absolute ``entropy_collapse_nats``. Non-finite entropies are skipped (NaN means the head
+    had no sample in the update); None when no head can be evaluated.
+    """
+    sizes = head_sizes or {}
+    worst: tuple[float, str, float, float] | None = None  # (entropy / floor, head, entropy, floor)
+    try:
+        items = list(entropy.items())
+    except AttributeError:
+        return None
+    for head, h in items:
+        h = _num(h)
+        n = sizes.get(head)
+        floor = thresholds.entropy_floor(n if isinstance(n, int) else None)
+        if floor is None or not _finite(h):
+            continue
+        score = h / floor if floor > 0 else math.inf
+        if worst is None or score < worst[0]:
+            worst = (score, str(head), h, floor)
+    if worst is None:
+        return None
+    _, head, h, floor = worst
+    return Finding(
+        "entropy_collapse", h < floor, h, floor,
+        f"entropy of head {head!r} is {h:.4g} nats (floor {floor:.4g} nats)",
+    )
+
+
+class HostHistory:
+    """Rolling per-epoch baselines shared by the health checks and the dense triggers.
+
+    Keeps the previous ``window`` epochs' finite train losses and host grad norms and the
+    previous epoch's validation accuracy. Call :meth:`update` *after* evaluating an epoch,
+    so each epoch is compared against the epochs before it.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.losses: deque[float] = deque(maxlen=window)
+        self.grad_norms: deque[float] = deque(maxlen=window)
+        self.last_val_accuracy: float | None = None
+
+    def update(self, h: HostSnapshot) -> None:
+        loss, norm, acc = _num(getattr(h, "train_loss", None)), _num(getattr(h, "host_grad_norm", None)), _num(
+            getattr(h, "val_accuracy", None)
+        )
+        # Only finite values enter the baselines: one NaN epoch must not poison the next five.
+        if _finite(loss):
+            self.losses.append(loss)
+        if _finite(norm):
+            self.grad_norms.append(norm)
+        if _finite(acc):
+            self.last_val_accuracy = acc
+
+    def reset(self) -> None:
+        self.losses.clear()
+        self.grad_norms.clear()
+        self.last_val_accuracy = None
+
+
+def host_findings(h: HostSnapshot, history: HostHistory, thresholds: HealthThresholds) -> list[Finding]:
+    """Evaluate the per-epoch host checks on ``h`` against ``history`` (not modified)."""
+    out: list[Finding] = []
+    losses = {"train_loss": _num(getattr(h, "train_loss", None)), "val_loss": _num(getattr(h, "val_loss", None))}
+    bad = {k: v for k, v in losses.items() if not _finite(v)}
+    out.append(Finding(
+        "non_finite_loss", bool(bad), float(len(bad)), 0.0,
+        ("non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "losses finite",
+    ))
+    for f in (
+        loss_spike_finding(losses["train_loss"], history.losses, thresholds.loss_spike_ratio),
+        gradient_explosion_finding(getattr(h, "host_grad_norm", None), history.grad_norms,
+                                   thresholds.gradient_explosion_ratio),
+        accuracy_drop_finding(history.last_val_accuracy, getattr(h, "val_accuracy", None),
+                              thresholds.accuracy_drop_points),
+    ):
+        if f is not None:
+            out.append(f)
+    leak_raw = getattr(h, "grad_isolation_leakage", None)
+    if leak_raw is not None:  # None: isolation is not being monitored this run
+        leak, eps = _num(leak_raw), thresholds.isolation_leakage_epsilon
+        # A NaN leakage measurement cannot vouch for isolation: count it as a leak.
+        failing = not _finite(leak) or abs(leak) > eps
+        out.append(Finding("isolation_leakage", failing, leak, eps,
+                           f"gradient isolation leakage {leak:.4g} (epsilon {eps:.2g})"))
+    return out
+
+
+def ppo_findings(
+    s: PPOUpdateStats, thresholds: HealthThresholds, head_sizes: Mapping[str, int] | None = None
+) -> list[Finding]:
+    """Evaluate the per-update PPO checks on ``s``."""
+    out: list[Finding] = []
+    scalars = {
+        "policy_loss": _num(getattr(s, "policy_loss", None)),
+        "value_loss": _num(getattr(s, "value_loss", None)),
+        "kl_divergence": _num(getattr(s, "kl_divergence", None)),
+        "explained_variance": _num(getattr(s, "explained_variance", None)),
+        "value_variance": _num(getattr(s, "value_variance", None)),
+    }
+    # Per-head entropies are not counted: a head with no relevant sample in the update
+    # reports NaN by contract (karn_otel/torch/ppo.py: "undefined, not zero"). A genuinely
+    # diverged policy shows up in policy_loss and the KL anyway.
+    bad = {k: v for k, v in scalars.items() if not _finite(v)}
+    out.append(Finding(
+        "non_finite_loss", bool(bad), float(len(bad)), 0.0,
+        ("non-finite PPO " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "PPO statistics finite",
+    ))
+    kl = scalars["kl_divergence"]
+    if _finite(kl):
+        # Estimators such as mean(-log ratio) can go slightly negative; the magnitude is what
+        # says how far the policy moved.
+        out.append(Finding("kl_too_high", abs(kl) > thresholds.kl_too_high, abs(kl), thresholds.kl_too_high,
+                           f"approx KL {kl:.4g} nats per update (limit {thresholds.kl_too_high:.3g})"))
+        out.append(Finding("kl_too_low", abs(kl) < thresholds.kl_too_low, abs(kl), thresholds.kl_too_low,
+                           f"approx KL {kl:.4g} nats per update (floor {thresholds.kl_too_low:.3g})"))
+    ev = scalars["explained_variance"]
+    if _finite(ev):
+        out.append(Finding("explained_variance_negative", ev < thresholds.explained_variance_min, ev,
+                           thresholds.explained_variance_min, f"explained variance {ev:.4g}"))
+    adv = getattr(s, "advantage_stats", None)
+    vc = value_collapse_finding(scalars["value_variance"], getattr(adv, "std", None), ev,
+                                thresholds.value_collapse_ratio)
+    if vc is not None:
+        out.append(vc)
+    entropy = getattr(s, "entropy", None)
+    if isinstance(entropy, Mapping):
+        ec = entropy_collapse_finding(entropy, thresholds, head_sizes)
+        if ec is not None:
+            out.append(ec)
+    lstm = getattr(s, "lstm_health", None)
+    if lstm is not None:
+        sat = _num(getattr(lstm, "saturation_fraction", None))
+        if _finite(sat):
+            out.append(Finding("lstm_saturation", sat > thresholds.lstm_saturation_fraction, sat,
+                               thresholds.lstm_saturation_fraction,
+                               f"{100 * sat:.1f}% of LSTM hidden units saturated (|h| > 0.9)"))
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class HealthCheckResult:
+    """Current state of one check. ``severity`` is OK while passing, else the check's own.
+
+    ``value``/``threshold`` are in the check's unit (see :data:`CHECKS`); ``value`` is NaN
+    while the check has not been evaluated yet.
+    """
+
+    name: str
+    severity: Severity
+    ok: bool
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Every check's current state, in :data:`CHECK_NAMES` order, and the worst severity."""
+
+    checks: tuple[HealthCheckResult, ...]
+    overall: Severity
+    epoch: int | None = None  # the epoch of the last event the monitor evaluated
+
+    @property
+    def ok(self) -> bool:
+        return self.overall is Severity.OK
+
+    @property
+    def failing(self) -> tuple[HealthCheckResult, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    def check(self, name: str) -> HealthCheckResult:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- monitor
+
+
+class HealthMonitor:
+    """Stateful health checks; a collector processor (``collector.add_processor(monitor)``).
+
+    Observes ``HOST_SNAPSHOT`` and ``PPO_UPDATE`` events, resets on ``EPISODE_STARTED`` and
+    returns a :class:`HealthAlert` for each check that has just started failing.
+
+    ``head_sizes`` (head name -> number of actions) lets ``entropy_collapse`` use a floor
+    relative to each head's maximum entropy log(n); heads not listed use the absolute nats
+    floor. ``emit_resolutions=True`` also returns a ``Severity.OK`` alert when a failing
+    check recovers (off by default: the console counts alerts, and resolution is visible in
+    :meth:`status`). ``strict=True`` re-raises internal errors (for tests); otherwise an
+    unexpected error is logged once and the event is skipped, because a processor runs on
+    the training thread and must never stop training.
+    """
+
+    def __init__(
+        self,
+        thresholds: HealthThresholds = DEFAULT_THRESHOLDS,
+        *,
+        head_sizes: Mapping[str, int] | None = None,
+        emit_resolutions: bool = False,
+        strict: bool = False,
+    ) -> None:
+        if not isinstance(thresholds, HealthThresholds):
+            raise TypeError(f"thresholds must be a HealthThresholds, got {type(thresholds).__name__}")
+        self.thresholds = thresholds
+        self.head_sizes: dict[str, int] = dict(head_sizes or {})
+        for head, n in self.head_sizes.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"head_sizes[{head!r}] must be an int >= 1, got {n!r}")
+        self.emit_resolutions = emit_resolutions
+        self.strict = strict
+        self._lock = threading.Lock()
+        self._error_logged = False
+        self._history = HostHistory(thresholds.rolling_window_epochs)
+        # Latest finding per (check, source): non_finite_loss is fed by both the host and
+        # the PPO update, and one source passing must not hide the other failing.
+        self._findings: dict[tuple[str, str], Finding] = {}
+        self._epoch: int | None = None
+
+    def __call__(self, event: TelemetryEvent) -> list[HealthAlert]:
+        et = getattr(event, "event_type", None)
+        if et not in (ET.HOST_SNAPSHOT, ET.PPO_UPDATE, ET.EPISODE_STARTED):
+            return []  # the hot path: every batch metric passes through here
+        try:
+            with self._lock:
+                return self._observe(event)
+        except Exception as exc:
+            if self.strict:
+                raise
+            if not self._error_logged:
+                self._error_logged = True
+                log.warning("Karn HealthMonitor skipped an event after an internal error: %r", exc)
+            return []
+
+    def _observe(self, event: TelemetryEvent) -> list[HealthAlert]:
+        et, p = event.event_type, event.payload
+        if et is ET.EPISODE_STARTED:
+            self.reset()
+            return []
+        before = self._failing()
+        if et is ET.HOST_SNAPSHOT:
+            source, findings = et.value, host_findings(p, self._history, self.thresholds)
+            self._history.update(p)
+        else:
+            source, findings = et.value, ppo_findings(p, self.thresholds, self.head_sizes)
+        for f in findings:
+            self._findings[(f.check, source)] = f
+        self._epoch = event.epoch
+        after = self._failing()
+        alerts = []
+        for name in CHECK_NAMES:
+            if name in after and name not in before:
+                f = after[name]
+                alerts.append(HealthAlert(name, _SPEC[name].severity, f.message, f.value, f.threshold))
+            elif self.emit_resolutions and name in before and name not in after:
+                f = self._current(name)
+                value, threshold = (f.value, f.threshold) if f is not None else (math.nan, math.nan)
+                alerts.append(HealthAlert(name, Severity.OK, f"resolved: {f.message if f else name}", value, threshold))
+        return alerts
+
+    def _failing(self) -> dict[str, Finding]:
+        out: dict[str, Finding] = {}
+        for (name, _), f in self._findings.items():
+            if f.failing and name not in out:
+                out[name] = f
+        return out
+
+    def _current(self, name: str) -> Finding | None:
+        """The finding that describes a check now: a failing source first, else the latest."""
+        latest = None
+        for (n, _), f in self._findings.items():
+            if n == name:
+                if f.failing:
+                    return f
+                latest = f
+        return latest
+
+    def reset(self) -> None:
+        """Forget all history and status (a new episode)."""
+        self._history = HostHistory(self.thresholds.rolling_window_epochs)
+        self._findings.clear()
+        self._epoch = None
+
+    def status(self) -> dict[str, Severity]:
+        """Per check: ``Severity.OK`` while passing (or not yet evaluated), else its severity."""
+        with self._lock:
+            failing = self._failing()
+        return {n: (_SPEC[n].severity if n in failing else Severity.OK) for n in CHECK_NAMES}
+
+    def report(self) -> HealthReport:
+        """Every check's current state; ``overall`` is the worst failing severity, else OK."""
+        defaults = alert_thresholds(self.thresholds)
+        with self._lock:
+            results = []
+            for name in CHECK_NAMES:
+                f = self._current(name)
+                spec = _SPEC[name]
+                if f is None:
+                    results.append(HealthCheckResult(name, Severity.OK, True, math.nan, defaults[name], "no data yet"))
+                else:
+                    sev = spec.severity if f.failing else Severity.OK
+                    results.append(HealthCheckResult(name, sev, not f.failing, f.value, f.threshold, f.message))
+            epoch = self._epoch
+        overall = max((r.severity for r in results), key=_SEVERITY_RANK.__getitem__, default=Severity.OK)
+        return HealthReport(tuple(results), overall, epoch)
+

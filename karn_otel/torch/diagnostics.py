@@ -1,0 +1,190 @@
+"""Tier-3 (dense trace) collection: gradient histograms, gradient flow, activation statistics.
+
+Everything is accumulated on the device and materialised once, when the window closes
+(review P1 #8: histograms are ``torch.histc`` tensors, never ``.item()``). Forward hooks
+exist only while a window is open, and every hook and per-batch collector runs under
+``torch.compiler.disable`` (review P1 #7) so a compiled model takes a graph break at the
+hook instead of recompiling the training step around telemetry.
+
+Histograms are of log10|g| (gradient *magnitude*, default 48 bins over [-10, 2]): gradient
+scales vary over many orders of magnitude between layers and during training, so a fixed
+linear range such as [-1, 1] puts almost everything in one or two bins. For large models a
+fixed random sample of at most ``max_hist_elements`` gradient entries per parameter is
+histogrammed (the sample indices are drawn once, with their own generator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from karn_otel.contracts import BatchMetrics, DenseTrace, GateEvaluationTrace
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    hist_bins: int = 48
+    hist_min_log10: float = -10.0
+    hist_max_log10: float = 2.0
+    max_hist_elements: int = 100_000  # per parameter tensor; larger tensors are sampled
+    max_batch_metrics: int = 512  # per dense trace; further batches are counted, not kept
+    dead_threshold: float = 0.0  # a unit is dead in a batch if its activation never exceeds this
+
+
+class _ActivationStats:
+    """Running sums for one hooked module: mean, std and dead units of its output."""
+
+    def __init__(self, device: torch.device) -> None:
+        z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        self.sum, self.sumsq, self.count, self.dead, self.batches = z(), z(), z(), z(), z()
+
+
+class DenseCollector:
+    """Collects one dense window's gradient and activation details on the device.
+
+    ``groups`` maps a bounded group name ("host", "seed:mid", ...) to its parameters; the
+    histograms and gradient flow are reported per group and per layer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: dict[str, list[tuple[str, nn.Parameter]]],
+        activation_modules: dict[str, nn.Module],
+        config: DenseConfig | None = None,
+    ) -> None:
+        self.cfg = config or DenseConfig()
+        self.model = model
+        self.groups = groups
+        self.activation_modules = activation_modules
+        self.device = next(model.parameters()).device
+        self._hist = {g: torch.zeros(self.cfg.hist_bins, device=self.device) for g in groups}
+        self._flow_sum = {
+            name: torch.zeros((), dtype=torch.float64, device=self.device) for ps in groups.values() for name, _ in ps
+        }
+        self._flow_batches = 0
+        self._acts = {name: _ActivationStats(self.device) for name in activation_modules}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._sample_idx: dict[int, torch.Tensor] = {}
+        self._gen = torch.Generator(device="cpu").manual_seed(0)
+        self.batch_metrics: list[BatchMetrics] = []
+        self.batches_dropped = 0
+
+    # -- window lifecycle ------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Attach the forward hooks (only while a window is open)."""
+        for name, module in self.activation_modules.items():
+            self._hooks.append(module.register_forward_hook(self._make_hook(name)))
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _make_hook(self, name: str):
+        stats = self._acts[name]
+        thr = self.cfg.dead_threshold
+
+        @torch.compiler.disable
+        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            if not module.training:
+                return  # validation passes are not part of the training trace
+            with torch.no_grad():
+                out = output.detach().to(torch.float64)
+                stats.sum += out.sum()
+                stats.sumsq += (out * out).sum()
+                stats.count += out.numel()
+                # Units = channels (dim 1): dead if never above threshold anywhere in the batch.
+                per_unit = out.transpose(0, 1).reshape(out.shape[1], -1).amax(dim=1)
+                stats.dead += (per_unit <= thr).sum()
+                stats.batches += 1
+
+        return hook
+
+    # -- per batch -------------------------------------------------------------------------
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Accumulate gradient histograms and per-layer gradient norms (device only)."""
+        c = self.cfg
+        for group, params in self.groups.items():
+            mags = [self._sample(p.grad).abs().flatten() for _, p in params if p.grad is not None]
+            if mags:
+                logmag = torch.log10(torch.cat(mags).float().clamp_min(1e-30))
+                self._hist[group] += torch.histc(logmag, bins=c.hist_bins, min=c.hist_min_log10, max=c.hist_max_log10)
+            grads = [p.grad for _, p in params if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                names = [n for n, p in params if p.grad is not None]
+                for n, v in zip(names, norms):
+                    self._flow_sum[n] += v.to(torch.float64)
+        self._flow_batches += 1
+
+    def _sample(self, g: torch.Tensor) -> torch.Tensor:
+        if g.numel() <= self.cfg.max_hist_elements:
+            return g
+        key = id(g.shape), g.numel()
+        idx = self._sample_idx.get(hash(key))
+        if idx is None:
+            idx = torch.randperm(g.numel(), generator=self._gen)[: self.cfg.max_hist_elements].to(g.device)
+            self._sample_idx[hash(key)] = idx
+        return g.flatten()[idx]
+
+    def add_batch_metrics(self, metrics: list[BatchMetrics]) -> None:
+        room = self.cfg.max_batch_metrics - len(self.batch_metrics)
+        self.batch_metrics.extend(metrics[: max(room, 0)])
+        self.batches_dropped += max(len(metrics) - max(room, 0), 0)
+
+    # -- close -----------------------------------------------------------------------------
+
+    def finish(
+        self,
+        trigger_reason: str,
+        window_start_epoch: int,
+        window_end_epoch: int,
+        gate: GateEvaluationTrace | None = None,
+    ) -> DenseTrace:
+        """Detach hooks and materialise everything with one host transfer."""
+        self.detach()
+        groups = list(self._hist)
+        flow_names = list(self._flow_sum)
+        act_names = list(self._acts)
+        parts = [self._hist[g].to(torch.float64) for g in groups]
+        parts.append(torch.stack([self._flow_sum[n] for n in flow_names]) if flow_names else torch.zeros(0, dtype=torch.float64))
+        for n in act_names:
+            a = self._acts[n]
+            parts.append(torch.stack([a.sum, a.sumsq, a.count, a.dead, a.batches]))
+        flat = torch.cat([p.flatten().to(self.device) for p in parts]).tolist()  # the one sync
+        pos = 0
+        hist = {}
+        for g in groups:
+            hist[g] = tuple(flat[pos : pos + self.cfg.hist_bins])
+            pos += self.cfg.hist_bins
+        batches = max(self._flow_batches, 1)
+        flow = {n: flat[pos + i] / batches for i, n in enumerate(flow_names)}
+        pos += len(flow_names)
+        means, stds, dead = {}, {}, {}
+        for n in act_names:
+            s, sq, cnt, d, b = flat[pos : pos + 5]
+            pos += 5
+            if cnt > 0:
+                mean = s / cnt
+                means[n] = mean
+                stds[n] = max(sq / cnt - mean * mean, 0.0) ** 0.5
+                dead[n] = int(round(d / max(b, 1.0)))  # dead units per batch, averaged
+        return DenseTrace(
+            trigger_reason=trigger_reason,
+            window_start_epoch=window_start_epoch,
+            window_end_epoch=window_end_epoch,
+            batch_metrics=tuple(self.batch_metrics),
+            gradient_histograms=hist,
+            gradient_flow=flow,
+            activation_means=means,
+            activation_stds=stds,
+            dead_neuron_counts=dead,
+            gate_evaluation_details=gate,
+        )
