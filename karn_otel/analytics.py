@@ -8,9 +8,15 @@ deltas are fractions too (0.049 = +4.9 points). Pure Python: no torch, no OTel.
 
 from __future__ import annotations
 
+import bisect
+import json
+import math
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from karn_otel.contracts import CounterfactualMatrix, ShapleyEstimate
+from karn_otel.contracts import ActionOp, CounterfactualMatrix, ShapleyEstimate
 from karn_otel.store import TelemetryStore
 
 
@@ -37,9 +43,71 @@ class SeedContributionSummary:
         return self.ci_low is not None and self.ci_low > 0
 
 
+@dataclass(frozen=True)
+class PolicyComparisonSummary:
+    """How the controller's decisions compare with the shadow heuristic's."""
+
+    n_decisions: int  # decisions that have a shadow decision recorded
+    agreement: float | None  # fraction where both chose the same FactoredAction
+    op_agreement: float | None  # fraction where both chose the same op
+    policy_ops: dict[str, float]  # op -> fraction of the controller's decisions
+    heuristic_ops: dict[str, float]  # op -> fraction of the shadow heuristic's decisions
+
+
+@dataclass(frozen=True)
+class ReferenceCurve:
+    """Host-only accuracy of traditional (seedless) models of several sizes.
+
+    Produced by `karn calibrate`; ``points`` are (parameters, validation accuracy) sorted
+    by parameters. Used to answer "how big would a traditional model have to be?".
+    """
+
+    points: tuple[tuple[int, float], ...]
+    epochs: int
+    seed: int
+
+    @classmethod
+    def load(cls, path: Path | str) -> "ReferenceCurve":
+        data = json.loads(Path(path).read_text())
+        pts = tuple(sorted((int(p), float(a)) for p, a in data["points"]))
+        if len(pts) < 2:
+            raise ValueError(f"{path}: a reference curve needs at least 2 points")
+        return cls(pts, int(data["epochs"]), int(data["seed"]))
+
+    def save(self, path: Path | str) -> None:
+        Path(path).write_text(json.dumps({"points": self.points, "epochs": self.epochs, "seed": self.seed}, indent=2) + "\n")
+
+    def params_for_accuracy(self, accuracy: float) -> int | None:
+        """Interpolated parameter count (log-linear in params) reaching ``accuracy``.
+
+        The curve is made monotone (running maximum of accuracy) first. None when the
+        accuracy lies outside the measured range: extrapolating would be a guess.
+        """
+        params = [p for p, _ in self.points]
+        accs: list[float] = []
+        for _, a in self.points:
+            accs.append(max(a, accs[-1]) if accs else a)
+        if accuracy < accs[0] or accuracy > accs[-1]:
+            return None
+        i = bisect.bisect_left(accs, accuracy)
+        if accs[i] == accuracy or i == 0:
+            return params[i]
+        a0, a1 = accs[i - 1], accs[i]
+        t = (accuracy - a0) / (a1 - a0)
+        return int(round(math.exp(math.log(params[i - 1]) + t * (math.log(params[i]) - math.log(params[i - 1])))))
+
+
 class MorphogeneticAnalytics:
-    def __init__(self, store: TelemetryStore) -> None:
+    """The spec's analytics API over a TelemetryStore.
+
+    ``health`` is the collector's HealthMonitor (for training_health); ``reference_curve``
+    the `karn calibrate` output (for equivalent_traditional_params).
+    """
+
+    def __init__(self, store: TelemetryStore, health: Any = None, reference_curve: ReferenceCurve | None = None) -> None:
         self.store = store
+        self.health = health
+        self.reference_curve = reference_curve
 
     # === Claim 1: accuracy ===
 
@@ -69,6 +137,18 @@ class MorphogeneticAnalytics:
         cur, base = self.current_accuracy, self.host_only_accuracy()
         return None if cur is None or base is None else cur - base
 
+    def accuracy_trajectory(self) -> list[tuple[int, float, float]]:
+        """(epoch, morphogenetic accuracy, host-only accuracy) for every epoch in memory.
+
+        Host-only accuracy is that epoch's all-off counterfactual configuration.
+        """
+        host_only = {}
+        for cf in self.store.counterfactual_history():
+            acc = all_off_accuracy(cf)
+            if acc is not None:
+                host_only[cf.epoch] = acc
+        return [(h.epoch, h.val_accuracy, host_only[h.epoch]) for h in self.store.host_history() if h.epoch in host_only]
+
     # === Claim 2: parameter efficiency ===
 
     def param_ratio(self) -> float | None:
@@ -83,6 +163,17 @@ class MorphogeneticAnalytics:
         if h is None or base is None or base <= 0 or h.total_params <= 0 or h.host_params <= 0:
             return None
         return (h.val_accuracy / (h.total_params / 1e6)) / (base / (h.host_params / 1e6))
+
+    def equivalent_traditional_params(self) -> int | None:
+        """Estimated size of a traditional (seedless) model matching the current accuracy.
+
+        None ("unknown") when no reference curve was calibrated, or the accuracy is outside
+        the curve's measured range.
+        """
+        cur = self.current_accuracy
+        if self.reference_curve is None or cur is None:
+            return None
+        return self.reference_curve.params_for_accuracy(cur)
 
     # === Causal attribution ===
 
@@ -106,6 +197,48 @@ class MorphogeneticAnalytics:
                     slot_id, s.blueprint_id, s.seed_params, c, None, None, "removal_cost" if c is not None else "none"
                 )
         return out
+
+
+    def contribution_onset_epoch(self, slot_id: str, threshold: float = 0.5) -> int | None:
+        """First epoch where the slot's Shapley value exceeded ``threshold`` percentage points
+        (the spec's 0.5 = half a point of accuracy); removal cost when no Shapley value."""
+        for cf in self.store.counterfactual_history():
+            est = (cf.shapley_values or {}).get(slot_id)
+            value = est.mean if est is not None else cf.marginal_contributions.get(slot_id)
+            if value is not None and 100.0 * value > threshold:
+                return cf.epoch
+        return None
+
+    # === Policy quality ===
+
+    def action_distribution(self) -> dict[str, float]:
+        """Fraction of this episode's decisions per op (WAIT, GERMINATE, FOSSILIZE, CULL)."""
+        counts = self.store.action_counts()
+        total = sum(counts.values())
+        return {op.value: counts.get(op.value, 0) / total for op in ActionOp} if total else {}
+
+    def policy_vs_heuristic(self) -> PolicyComparisonSummary:
+        """Agreement between the controller and the shadow heuristic, over recent decisions."""
+        pairs = [(d.action, d.shadow_action) for _, d in self.store.recent_decisions() if d.shadow_action is not None]
+        if not pairs:
+            return PolicyComparisonSummary(0, None, None, {}, {})
+        n = len(pairs)
+        pol = Counter(a.op.value for a, _ in pairs)
+        heu = Counter(b.op.value for _, b in pairs)
+        return PolicyComparisonSummary(
+            n_decisions=n,
+            agreement=sum(a == b for a, b in pairs) / n,
+            op_agreement=sum(a.op is b.op for a, b in pairs) / n,
+            policy_ops={k: v / n for k, v in pol.items()},
+            heuristic_ops={k: v / n for k, v in heu.items()},
+        )
+
+    # === Health ===
+
+    def training_health(self) -> Any:
+        """The HealthMonitor's HealthReport (named checks with severities), or None if no
+        monitor is attached (Karn configured with processors=False)."""
+        return None if self.health is None else self.health.report()
 
 
 def all_off_accuracy(cf: CounterfactualMatrix) -> float | None:

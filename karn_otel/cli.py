@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE = 0, 1, 2
+CURVE_FILE = "reference_curve.json"  # written by `karn calibrate` into --out, read by `karn run`
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -34,7 +35,9 @@ def _run(args: argparse.Namespace) -> int:
             inject_loss_spike_epoch=args.inject_loss_spike or 0,
             device=args.device,
         )
+        curve = Path(args.out) / CURVE_FILE
         kcfg = KarnConfig(
+            reference_curve=curve if curve.is_file() else None,
             out_dir=Path(args.out),
             console="plain" if args.no_live else "auto",
             strict=args.strict,
@@ -56,6 +59,25 @@ def _run(args: argparse.Namespace) -> int:
     print(f"run dir: {run_dir}")
     print(f"events: {stats.accepted} accepted, {sum(stats.rejected.values())} rejected, {sum(stats.dropped.values())} dropped")
     print(f"next:    karn inspect {run_dir}    karn replay {run_dir}")
+    return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from karn_otel.reference.trainer import calibrate
+
+    try:
+        multipliers = tuple(float(m) for m in args.multipliers.split(","))
+        if len(multipliers) < 2 or min(multipliers) <= 0:
+            raise ValueError("need at least two positive width multipliers")
+    except ValueError as exc:
+        print(f"karn calibrate: error: --multipliers: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"training {len(multipliers)} seedless reference hosts for {args.epochs} epochs each ...", flush=True)
+    curve = calibrate(args.epochs, args.seed, multipliers, progress=lambda m: print(m, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curve.save(out / CURVE_FILE)
+    print(f"reference curve: {out / CURVE_FILE} (karn run --out {out} uses it for equivalent traditional params)")
     return EXIT_OK
 
 
@@ -147,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="master random seed (default 0)")
     r.add_argument("--out", default="runs", help="parent directory of the run directory (default ./runs)")
     r.add_argument("--no-live", action="store_true", help="one plain line per epoch instead of the live dashboard")
-    r.add_argument("--controller", choices=["heuristic"], default="heuristic", help="seed controller")
+    r.add_argument("--controller", choices=["heuristic", "none"], default="heuristic", help="seed controller")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded; replay uses the same)")
     r.add_argument("--strict", action="store_true", help="raise on an invalid telemetry event instead of counting it")
     r.add_argument("--research", action="store_true", help="research mode: dense traces on every batch")
@@ -156,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--device", default="cpu", help="torch device for the reference system (default cpu)")
     r.set_defaults(func=_run)
+
+    c = sub.add_parser("calibrate", help="train seedless hosts of several widths: accuracy vs parameter curve")
+    c.add_argument("--epochs", type=int, default=20)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default="runs", help=f"directory for {CURVE_FILE} (default ./runs)")
+    c.add_argument("--multipliers", default="0.5,1,1.5,2,3", help="host width multipliers (default 0.5,1,1.5,2,3)")
+    c.set_defaults(func=_calibrate)
 
     i = sub.add_parser("inspect", help="summarise a run directory")
     i.add_argument("run_dir", type=Path)

@@ -108,6 +108,8 @@ class KarnConfig:
     # Sizes of the policy's action heads (e.g. {"op": 4, "slot": 3}); lets entropy-collapse
     # checks use a fraction of each head's maximum entropy log(n) instead of a fixed floor.
     policy_head_sizes: dict[str, int] | None = None
+    # `karn calibrate` output: host-only accuracy vs parameters, for equivalent_traditional_params.
+    reference_curve: Path | None = None
     # OpenTelemetry export (sinks/otel.py). OTLP is on when an endpoint is given here or in
     # OTEL_EXPORTER_OTLP_ENDPOINT; the embedded Prometheus endpoint when prometheus_port is set.
     service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "karn"

@@ -66,6 +66,7 @@ class TelemetryStore:
         self._policy: deque[PolicySnapshot] = deque(maxlen=self._max_recent)
         self._ppo_updates: deque[PPOUpdateStats] = deque(maxlen=self._max_recent)
         self._decisions: deque[tuple[int, ControllerDecision]] = deque(maxlen=self._max_recent)
+        self._action_counts: Counter[str] = Counter()  # per op, whole episode
         self._transitions: deque[tuple[int, StageTransition]] = deque(maxlen=self._max_recent)
         self._alerts: deque[tuple[int, HealthAlert]] = deque(maxlen=self._max_recent)
         self._counterfactuals: deque[CounterfactualMatrix] = deque(maxlen=self._max_epochs)
@@ -99,6 +100,7 @@ class TelemetryStore:
                 self._ppo_updates.append(p)
             elif et is ET.CONTROLLER_DECISION:
                 self._decisions.append((event.epoch, p))
+                self._action_counts[p.action.op.value] += 1
             elif et is ET.STAGE_TRANSITION:
                 self._transitions.append((event.epoch, p))
             elif et is ET.HEALTH_ALERT:
@@ -142,6 +144,10 @@ class TelemetryStore:
     def recent_decisions(self, n: int | None = None) -> list[tuple[int, ControllerDecision]]:
         with self._lock:
             return _tail(self._decisions, n)
+
+    def action_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._action_counts)
 
     def recent_transitions(self, n: int | None = None) -> list[tuple[int, StageTransition]]:
         with self._lock:

@@ -99,3 +99,26 @@ def test_torn_run_dir_still_inspects(run_dir, tmp_path):
 def test_bad_arguments_fail_cleanly(tmp_path):
     r = karn("run", "--epochs", "0", "--out", str(tmp_path))
     assert r.returncode == 2 and "epochs must be >= 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_calibrate_writes_a_curve_that_run_uses(tmp_path):
+    r = karn("calibrate", "--epochs", "2", "--multipliers", "0.5,1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "reference_curve.json").read_text())
+    assert len(data["points"]) == 2 and data["points"][0][0] < data["points"][1][0]
+    bad = karn("calibrate", "--multipliers", "x", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_injected_loss_spike_raises_an_alert_and_a_dense_window(tmp_path):
+    r = karn("run", "--epochs", "12", "--no-live", "--inject-loss-spike", "9", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "[karn] ALERT warning loss_spike" in r.stdout
+    (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    events = [json.loads(l) for l in (d / "events.jsonl").read_text().splitlines()]
+    modes = [(e["epoch"], e["payload"]["mode"]) for e in events if e["event_type"] == "mode_change"]
+    assert (9, "research") in modes and any(m == "standard" and ep > 9 for ep, m in modes), modes
+    traces = [e["payload"] for e in events if e["event_type"] == "dense_trace"]
+    assert any(t["window_start_epoch"] <= 9 <= t["window_end_epoch"] for t in traces)
+    alerts = [e["payload"]["check"] for e in events if e["event_type"] == "health_alert"]
+    assert "loss_spike" in alerts

@@ -88,3 +88,12 @@ class HeuristicController:
                             f"plateau: {100 * gain:+.2f} pts over {cfg.plateau_window} epochs"
                         )
         return FactoredAction(ActionOp.WAIT), "still improving"
+
+
+class NoGrowthController:
+    """Never grows a seed: trains the host alone (reference curves, host-only controls)."""
+
+    name = "none"
+
+    def decide(self, obs: ControllerObservation) -> tuple[FactoredAction, str]:
+        return FactoredAction(ActionOp.WAIT), "host-only run"

@@ -36,7 +36,13 @@ from karn_otel.contracts import (
     SeedStage,
     SlotSnapshot,
 )
-from karn_otel.reference.controller import ControllerObservation, HeuristicConfig, HeuristicController, SlotView
+from karn_otel.reference.controller import (
+    ControllerObservation,
+    HeuristicConfig,
+    HeuristicController,
+    NoGrowthController,
+    SlotView,
+)
 from karn_otel.reference.data import DigitsData, load_digits_data
 from karn_otel.reference.host import HostCNN
 from karn_otel.reference.slots import LifecycleConfig
@@ -45,6 +51,9 @@ from karn_otel.counterfactual import ConfigEvaluation, attribute
 from karn_otel.torch.ablation import evaluate_configurations, evaluate_shared_prefix
 from karn_otel.torch.accumulate import EpochAccumulator
 from karn_otel.torch.diagnostics import DenseCollector
+
+
+CONTROLLERS = ("heuristic", "none", "ppo")  # "none": never grows a seed (host-only reference)
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ class RunConfig:
             raise ValueError("epochs must be >= 1")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if self.controller not in ("heuristic",):
+        if self.controller not in CONTROLLERS:
             raise ValueError(f"unknown controller {self.controller!r}")
         if self.checkpoint_retention not in ("keep_all", "keep_last", "delete_after_run"):
             raise ValueError(f"unknown checkpoint_retention {self.checkpoint_retention!r}")
@@ -159,7 +168,7 @@ class ReferenceTrainer:
         self.host_params = self.model.host_params
         self.host_opt = torch.optim.Adam(self.model.host_parameters(), lr=cfg.lr)
         self.seed_opts: dict[str, torch.optim.Optimizer] = {}
-        self.controller = HeuristicController(
+        self.controller = NoGrowthController() if cfg.controller == "none" else HeuristicController(
             HeuristicConfig(
                 warmup_epochs=cfg.warmup_epochs,
                 probation_epochs=cfg.probation_epochs,
@@ -457,3 +466,23 @@ class ReferenceTrainer:
 
 def run_episode(cfg: RunConfig, checkpoint_dir: Path | None = None) -> EpisodeResult:
     return ReferenceTrainer(cfg, checkpoint_dir).run()
+
+
+def calibrate(
+    epochs: int = 20,
+    seed: int = 0,
+    multipliers: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0),
+    base_widths: tuple[int, int, int] = (4, 8, 16),
+    progress=print,
+):
+    """Train seedless reference hosts of several widths; return their accuracy-vs-params curve."""
+    from karn_otel.analytics import ReferenceCurve
+
+    points = []
+    for m in multipliers:
+        widths = tuple(max(1, int(round(w * m))) for w in base_widths)
+        cfg = RunConfig(epochs=epochs, seed=seed, widths=widths, controller="none")  # type: ignore[arg-type]
+        r = run_episode(cfg)
+        points.append((r.host_params, r.final_val_accuracy))
+        progress(f"  widths {widths}: {r.host_params:,} params, val acc {100 * r.final_val_accuracy:.2f}%")
+    return ReferenceCurve(tuple(sorted(points)), epochs, seed)

@@ -27,9 +27,10 @@ class ConsoleSink:
         live: bool | None = None,
         stream: TextIO | None = None,
         refresh_hz: float = 4.0,
+        analytics: MorphogeneticAnalytics | None = None,
     ) -> None:
         self.store = store
-        self.analytics = MorphogeneticAnalytics(store)
+        self.analytics = analytics or MorphogeneticAnalytics(store)
         self._stats = stats
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
@@ -146,6 +147,13 @@ class ConsoleSink:
             )
             ratio = a.param_ratio()
             rows.append(f"PARAM RATIO     {ratio:.2f}x host params" if ratio else "PARAM RATIO     n/a")
+            equiv = a.equivalent_traditional_params()
+            if a.reference_curve is not None:
+                rows.append(
+                    f"EQUIV. TRADITIONAL {equiv:,} params ({equiv / h.total_params:.2f}x ours)"
+                    if equiv
+                    else "EQUIV. TRADITIONAL unknown (accuracy outside the calibrated curve)"
+                )
             eff = a.params_efficiency_ratio()
             rows.append(
                 _lr(
@@ -168,17 +176,16 @@ class ConsoleSink:
                 rows.append(head + "-")
                 continue
             c = contributions.get(sid)
-            contrib = "   n/a"
-            star = ""
+            contrib, star = "n/a", ""
             if c is not None and c.contribution is not None:
                 contrib = _pts(c.contribution)
                 if c.ci_low is not None and c.ci_high is not None:
                     contrib += f" [{_pts(c.ci_low)},{_pts(c.ci_high)}]"
                 eff = c.efficiency
                 if eff is not None:
-                    contrib += f" eff {eff:.2f}"
+                    contrib += f" eff {eff:.3g}"
                     star = " ★" if c.helps and eff >= 1.0 else ""
-            rows.append(f"{head}α={s.alpha:.2f} {contrib} ({s.blueprint_id}, {_k(s.seed_params)}){star}")
+            rows.append(f"{head}α={s.alpha:.2f} {contrib} {s.blueprint_id} {_k(s.seed_params)}{star}")
         rows.append(None)
         rows.append("POLICY HEALTH")
         upd = st.ppo_updates()
@@ -221,7 +228,7 @@ def _pts(x: float | None) -> str:
 
 
 def _k(n: int) -> str:
-    return f"{n / 1000:.1f}K params" if n >= 1000 else f"{n} params"
+    return f"{n / 1000:.1f}K p" if n >= 1000 else f"{n} p"
 
 
 def _verdict(win: bool, unknown: bool) -> str:

@@ -20,8 +20,16 @@ def default_sinks(config: KarnConfig, collector: Any) -> list[Any]:
     if config.console != "off":
         from karn_otel.sinks.console import ConsoleSink
 
+        from karn_otel.analytics import MorphogeneticAnalytics, ReferenceCurve
+
+        curve = ReferenceCurve.load(config.reference_curve) if config.reference_curve else None
+        analytics = MorphogeneticAnalytics(collector.store, health=collector.health, reference_curve=curve)
         live = {"auto": None, "live": True, "plain": False}[config.console]
-        sinks.append(ConsoleSink(collector.store, collector.stats, live=live, refresh_hz=config.console_refresh_hz))
+        sinks.append(
+            ConsoleSink(
+                collector.store, collector.stats, live=live, refresh_hz=config.console_refresh_hz, analytics=analytics
+            )
+        )
     if config.prometheus_port is not None or config.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from karn_otel.sinks.otel import OTelSink
 

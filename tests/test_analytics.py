@@ -1,0 +1,120 @@
+"""MorphogeneticAnalytics against hand-computed examples."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from karn_otel import collector as kc
+from karn_otel.analytics import MorphogeneticAnalytics, ReferenceCurve
+from karn_otel.config import KarnConfig
+from karn_otel.contracts import (
+    ActionOp,
+    ControllerDecision,
+    CounterfactualMatrix,
+    CounterfactualResult,
+    FactoredAction,
+    ShapleyEstimate,
+)
+from karn_otel.health import HealthMonitor
+from tests.conftest import make_context
+from tests.test_collector import host, slot
+
+
+def cf(epoch, on_acc, off_acc, shapley=None, marginal=None):
+    return CounterfactualMatrix(
+        epoch=epoch,
+        slot_ids=("mid",),
+        configs=(CounterfactualResult((True,), {"mid": 1.0}, 0.3, on_acc), CounterfactualResult((False,), {"mid": 0.0}, 0.4, off_acc)),
+        marginal_contributions=marginal or {"mid": on_acc - off_acc},
+        interaction_effects={},
+        shapley_values=shapley,
+    )
+
+
+@pytest.fixture
+def setup():
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True))
+    c.emit(make_context())
+    return c, MorphogeneticAnalytics(c.store)
+
+
+def test_accuracy_delta_and_efficiency(setup):
+    c, a = setup
+    c.emit(cf(1, 0.80, 0.75))
+    c.emit(slot("mid", seed_params=250))
+    c.emit(host(epoch=1, val_accuracy=0.80, host_params=1000, total_seed_params=250, total_params=1250, seed_grad_norms={}))
+    assert a.accuracy_delta() == pytest.approx(0.05)
+    assert a.param_ratio() == pytest.approx(1.25)
+    # (0.80 / 1250e-6) / (0.75 / 1000e-6) = 640 / 750
+    assert a.params_efficiency_ratio() == pytest.approx(640 / 750)
+
+
+def test_stale_counterfactual_is_not_used(setup):
+    c, a = setup
+    c.emit(cf(1, 0.80, 0.70))
+    c.emit(host(epoch=1, val_accuracy=0.80, total_seed_params=0, seed_grad_norms={}))
+    c.emit(host(epoch=2, val_accuracy=0.85, total_seed_params=10, seed_grad_norms={}))
+    assert a.host_only_accuracy() is None, "epoch 1's host-only number must not be shown for epoch 2"
+
+
+def test_trajectory_and_onset(setup):
+    c, a = setup
+    for e, (on, off) in enumerate([(0.70, 0.70), (0.74, 0.738), (0.78, 0.77), (0.80, 0.78)], start=1):
+        c.emit(cf(e, on, off))
+        c.emit(host(epoch=e, val_accuracy=on, seed_grad_norms={}))
+    assert a.accuracy_trajectory() == [(1, 0.70, 0.70), (2, 0.74, 0.738), (3, 0.78, 0.77), (4, 0.80, 0.78)]
+    # removal costs 0, 0.2, 1.0, 2.0 points: the first above 0.5 points is epoch 3
+    assert a.contribution_onset_epoch("mid") == 3
+    assert a.contribution_onset_epoch("mid", threshold=1.5) == 4
+    assert a.contribution_onset_epoch("late") is None
+
+
+def test_shapley_preferred_over_removal_cost(setup):
+    c, a = setup
+    est = ShapleyEstimate(0.03, 0.005, 200, "exact_enumeration", 0.02, 0.04)
+    c.emit(cf(1, 0.8, 0.75, shapley={"mid": est}))
+    c.emit(slot("mid", seed_params=500))
+    s = a.seed_contributions()["mid"]
+    assert (s.contribution, s.ci_low, s.source) == (0.03, 0.02, "shapley")
+    assert s.helps and s.efficiency == pytest.approx(100 * 0.03 / (500 / 1e4))
+
+
+def test_action_distribution_and_policy_vs_heuristic(setup):
+    c, a = setup
+    wait, germ = FactoredAction(ActionOp.WAIT), FactoredAction(ActionOp.GERMINATE, "mid", "norm")
+    for action, shadow in [(wait, wait), (germ, wait), (wait, wait), (germ, germ)]:
+        c.emit(ControllerDecision("ppo", action, "r", shadow_action=shadow))
+    assert a.action_distribution() == {"WAIT": 0.5, "GERMINATE": 0.5, "FOSSILIZE": 0.0, "CULL": 0.0}
+    cmp = a.policy_vs_heuristic()
+    assert cmp.n_decisions == 4 and cmp.agreement == 0.75 and cmp.op_agreement == 0.75
+    assert cmp.policy_ops == {"WAIT": 0.5, "GERMINATE": 0.5} and cmp.heuristic_ops == {"WAIT": 0.75, "GERMINATE": 0.25}
+
+
+def test_training_health_reports_the_monitor():
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True))
+    mon = HealthMonitor()
+    c.add_processor(mon)
+    a = MorphogeneticAnalytics(c.store, health=mon)
+    c.emit(make_context())
+    c.emit(host(epoch=1, train_loss=float("nan"), seed_grad_norms={}))
+    report = a.training_health()
+    assert not report.ok and report.check("non_finite_loss").ok is False
+    assert MorphogeneticAnalytics(c.store).training_health() is None
+
+
+def test_equivalent_traditional_params(tmp_path, setup):
+    c, a = setup
+    assert a.equivalent_traditional_params() is None, "unknown without a curve"
+    curve = ReferenceCurve(((1000, 0.80), (4000, 0.90), (2000, 0.85), (8000, 0.88)), epochs=20, seed=0)
+    path = tmp_path / "curve.json"
+    curve.save(path)
+    loaded = ReferenceCurve.load(path)
+    a.reference_curve = loaded
+    c.emit(host(epoch=1, val_accuracy=0.875, seed_grad_norms={}))
+    # sorted, monotone: (1000,.80) (2000,.85) (4000,.90) (8000,.90); 0.875 is halfway 2000..4000 in log space
+    assert a.equivalent_traditional_params() == round(math.sqrt(2000 * 4000))
+    assert loaded.params_for_accuracy(0.80) == 1000
+    assert loaded.params_for_accuracy(0.95) is None, "no extrapolation beyond the curve"
+    assert loaded.params_for_accuracy(0.5) is None
