@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace) -> int:
     import karn_otel
     from karn_otel.config import KarnConfig
     from karn_otel.contracts import OperatingMode
-    from karn_otel.reference.trainer import RunConfig, run_episode
+    from karn_otel.reference.trainer import RunConfig, policy_head_sizes, run_reference
 
     try:
         cfg = RunConfig(
@@ -32,7 +32,9 @@ def _run(args: argparse.Namespace) -> int:
             controller=args.controller,
             num_threads=args.threads,
             research=args.research,
+            episodes=args.episodes,
             inject_loss_spike_epoch=args.inject_loss_spike or 0,
+            inject_entropy_collapse=args.inject_entropy_collapse,
             device=args.device,
         )
         curve = Path(args.out) / CURVE_FILE
@@ -42,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
             console="plain" if args.no_live else "auto",
             strict=args.strict,
             mode=OperatingMode.RESEARCH if args.research else OperatingMode.STANDARD,
+            policy_head_sizes=policy_head_sizes(cfg),
         )
     except ValueError as exc:
         print(f"karn run: error: {exc}", file=sys.stderr)
@@ -49,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     collector = karn_otel.configure(kcfg)
     run_dir = Path(args.out) / collector.run_id
     try:
-        run_episode(cfg, checkpoint_dir=run_dir / "checkpoints")
+        run_reference(cfg, checkpoint_dir=run_dir / "checkpoints")
     except KeyboardInterrupt:
         print("\nkarn run: interrupted; the run log holds everything up to now", file=sys.stderr)
         return 130
@@ -169,7 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="master random seed (default 0)")
     r.add_argument("--out", default="runs", help="parent directory of the run directory (default ./runs)")
     r.add_argument("--no-live", action="store_true", help="one plain line per epoch instead of the live dashboard")
-    r.add_argument("--controller", choices=["heuristic", "none"], default="heuristic", help="seed controller")
+    r.add_argument(
+        "--controller",
+        choices=["heuristic", "ppo", "none"],
+        default="heuristic",
+        help="seed controller: the heuristic (default), a PPO policy learning across episodes, or none (host only)",
+    )
+    r.add_argument("--episodes", type=int, default=1, help="episodes in the run (PPO learns across them)")
+    r.add_argument(
+        "--inject-entropy-collapse", action="store_true", help="fault injection: a (near-)deterministic PPO policy"
+    )
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded; replay uses the same)")
     r.add_argument("--strict", action="store_true", help="raise on an invalid telemetry event instead of counting it")
     r.add_argument("--research", action="store_true", help="research mode: dense traces on every batch")

@@ -346,12 +346,30 @@ def _describe(v: Any) -> str:
     return type(v).__name__
 
 
+def _check_float(v: Any) -> str | None:
+    t = type(v)
+    if t is float or t is int or (isinstance(v, (float, int)) and not isinstance(v, bool)):
+        return None
+    return f": expected float, got {_describe(v)}"
+
+
+def _check_str_float_dict(v: Any) -> str | None:
+    if type(v) is not dict:
+        return f": expected dict, got {_describe(v)}"
+    for k, x in v.items():
+        if type(k) is not str or (type(x) is not float and _check_float(x) is not None):
+            if type(k) is not str:
+                return f"[{k!r}]: expected str, got {_describe(k)}"
+            return f"[{k!r}]: expected float, got {_describe(x)}"
+    return None
+
+
 def _checker_for(tp: Any) -> _Checker:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return lambda v: None
     if tp is float:
-        return lambda v: None if isinstance(v, (float, int)) and not isinstance(v, bool) else f": expected float, got {_describe(v)}"
+        return _check_float
     if tp is int:
         return lambda v: None if isinstance(v, int) and not isinstance(v, bool) else f": expected int, got {_describe(v)}"
     if tp is bool:
@@ -403,6 +421,8 @@ def _checker_for(tp: Any) -> _Checker:
             return None
 
         return check_seq
+    if origin is dict and args == (str, float):
+        return _check_str_float_dict  # the common case (per-slot and per-head values), kept fast
     if origin is dict:
         kc, vc = (_checker_for(args[0]), _checker_for(args[1])) if args else (lambda v: None, lambda v: None)
 

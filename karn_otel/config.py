@@ -121,6 +121,10 @@ class KarnConfig:
     otel_shutdown_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
+        try:  # accept "research" as well as OperatingMode.RESEARCH
+            object.__setattr__(self, "mode", OperatingMode(self.mode))
+        except ValueError:
+            raise ValueError(f"mode must be 'standard' or 'research', got {self.mode!r}") from None
         if self.console not in ("auto", "live", "plain", "off"):
             raise ValueError(f"console must be auto/live/plain/off, got {self.console!r}")
         for name in ("max_dense_traces", "max_epoch_snapshots", "max_recent_events", "runlog_queue_size"):

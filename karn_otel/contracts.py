@@ -88,6 +88,7 @@ class TelemetryEventType(str, enum.Enum):
     HEALTH_ALERT = "health_alert"  # HealthAlert
     MODE_CHANGE = "mode_change"  # ModeChange
     TELEMETRY_STATS = "telemetry_stats"  # TelemetryStats (Karn's own accounting)
+    SCALARS = "scalars"  # Scalars: free-form named values of a user's loop (run log only)
     EPISODE_ENDED = "episode_ended"  # EpisodeSummary
 
 
@@ -387,6 +388,18 @@ class ModeChange:
 
 
 @dataclass(frozen=True)
+class Scalars:
+    """Named scalars of one training step, for values outside the spec's snapshots.
+
+    Recorded in the run log and the store (latest value per name). Names are free-form,
+    so they are never exported as metric labels.
+    """
+
+    step: int
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
 class TelemetryStats:
     """Karn's own accounting, written at episode end so `karn inspect` can show it."""
 
@@ -423,6 +436,7 @@ Payload = Union[
     HealthAlert,
     ModeChange,
     TelemetryStats,
+    Scalars,
     EpisodeSummary,
 ]
 
@@ -442,6 +456,7 @@ PAYLOAD_TYPES: dict[TelemetryEventType, type] = {
     TelemetryEventType.HEALTH_ALERT: HealthAlert,
     TelemetryEventType.MODE_CHANGE: ModeChange,
     TelemetryEventType.TELEMETRY_STATS: TelemetryStats,
+    TelemetryEventType.SCALARS: Scalars,
     TelemetryEventType.EPISODE_ENDED: EpisodeSummary,
 }
 EVENT_TYPE_OF: dict[type, TelemetryEventType] = {cls: et for et, cls in PAYLOAD_TYPES.items()}
@@ -480,7 +495,47 @@ def _encode_float(x: float) -> Any:
     return {_FLOAT_TAG: "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_ENCODERS: dict[type, Any] = {}
+
+
+def _finite_or_tagged(x: Any) -> Any:
+    return x if x - x == 0 else _encode_float(x)  # x - x is NaN exactly when x is NaN or inf
+
+
+def _str_float_dict(d: Any) -> Any:
+    if type(d) is not dict:
+        return to_jsonable(d)
+    return {k: (v if v - v == 0 else _encode_float(v)) for k, v in d.items()}
+
+
+def _dataclass_encoder(cls: type) -> Any:
+    """A per-class encoder: plain fields are copied, floats checked inline, the rest recursed.
+
+    Built once per contract class from its type hints; it keeps the writer thread's cost per
+    event low (the training thread only enqueues, but the two share the GIL).
+    """
+    hints = type_hints(cls)
+    plan = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if tp in (int, str, bool):
+            plan.append((f.name, None))
+        elif tp is float:
+            plan.append((f.name, _finite_or_tagged))
+        elif typing.get_origin(tp) is dict and typing.get_args(tp) == (str, float):
+            plan.append((f.name, _str_float_dict))
+        else:
+            plan.append((f.name, to_jsonable))
+    plan_t = tuple(plan)
+
+    def encode(obj: Any) -> dict[str, Any]:
+        out = {}
+        for name, conv in plan_t:
+            v = getattr(obj, name)
+            out[name] = v if conv is None else conv(v)
+        return out
+
+    return encode
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -494,11 +549,11 @@ def to_jsonable(obj: Any) -> Any:
         return obj if math.isfinite(obj) else _encode_float(obj)
     if obj is None or tp is str or tp is bool or tp is int:
         return obj
-    names = _FIELD_NAMES.get(tp)
-    if names is None and dataclasses.is_dataclass(obj):
-        names = _FIELD_NAMES[tp] = tuple(f.name for f in dataclasses.fields(obj))
-    if names is not None:
-        return {n: to_jsonable(getattr(obj, n)) for n in names}
+    encoder = _ENCODERS.get(tp)
+    if encoder is None and dataclasses.is_dataclass(obj):
+        encoder = _ENCODERS[tp] = _dataclass_encoder(tp)
+    if encoder is not None:
+        return encoder(obj)
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, (bool, str)):

@@ -93,58 +93,64 @@ def compare_events(recorded: list[TelemetryEvent], replayed: list[TelemetryEvent
 
 
 def replay_run(record: RunRecord) -> ReplayReport:
-    """Re-run every episode of a reference-system run and compare it with the record."""
+    """Re-run a reference-system run (every episode, in order: a PPO controller carries
+    state from one to the next) and compare it with the record."""
     import torch
 
     from karn_otel import collector as kc
     from karn_otel.config import KarnConfig
-    from karn_otel.reference.trainer import RunConfig, run_episode
+    from karn_otel.reference.trainer import RunConfig, policy_head_sizes, run_reference, software_versions
     from karn_otel.sinks import MemorySink
     from karn_otel.sinks.factory import default_processors
 
     notes: list[str] = []
-    compared = 0
-    for episode_id, ctx in record.episodes.items():
-        recorded = [e for e in record.events if e.episode_id == episode_id]
-        cfg = RunConfig.from_hyperparameters(ctx.hyperparameters)
-        sink = MemorySink()
-        # The same pipeline as `karn run`: health alerts and dense windows are part of the record.
-        kcfg = KarnConfig(out_dir=None, console="off", mode=OperatingMode.RESEARCH if cfg.research else OperatingMode.STANDARD)
-        collector = kc.KarnCollector(kcfg, sinks=[sink])
-        default_processors(kcfg, collector)
-        previous = kc._active
-        kc._active = collector
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                run_episode(cfg, checkpoint_dir=Path(tmp))
-                ckpt_note = _compare_checkpoints(recorded, Path(tmp), torch)
-        finally:
-            kc._active = previous
-        from karn_otel.reference.trainer import software_versions
-
-        if ctx.software and ctx.software != software_versions():
-            notes.append(f"software differs: recorded {ctx.software}, now {software_versions()}")
-        if ckpt_note is not None and ckpt_note.endswith("DIFFERS"):
-            return ReplayReport(compared, f"episode {episode_id[:8]}: {ckpt_note}", notes)
-        if ckpt_note:
-            notes.append(ckpt_note)
-        report = compare_events(recorded, sink.events)
-        compared += report.compared
-        if not report.identical:
-            return ReplayReport(compared, f"episode {episode_id[:8]}: {report.first_difference}", notes)
-    return ReplayReport(compared, None, notes)
+    first = next(iter(record.episodes.values()))
+    cfg = RunConfig.from_hyperparameters(first.hyperparameters)
+    sink = MemorySink()
+    # The same pipeline as `karn run`: health alerts and dense windows are part of the record.
+    kcfg = KarnConfig(
+        out_dir=None,
+        console="off",
+        mode=OperatingMode.RESEARCH if cfg.research else OperatingMode.STANDARD,
+        policy_head_sizes=policy_head_sizes(cfg),
+    )
+    collector = kc.KarnCollector(kcfg, sinks=[sink])
+    default_processors(kcfg, collector)
+    previous = kc._active
+    kc._active = collector
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_reference(cfg, checkpoint_dir=Path(tmp))
+            ckpt_note = _compare_checkpoints(record.events, Path(tmp), torch)
+    finally:
+        kc._active = previous
+    if first.software and first.software != software_versions():
+        notes.append(f"software differs: recorded {first.software}, now {software_versions()}")
+    if ckpt_note.endswith("DIFFERS"):
+        return ReplayReport(0, ckpt_note, notes)
+    if ckpt_note:
+        notes.append(ckpt_note)
+    report = compare_events(record.events, sink.events)
+    return ReplayReport(report.compared, report.first_difference, notes)
 
 
 def _compare_checkpoints(recorded: list[TelemetryEvent], tmp: Path, torch: Any) -> str | None:
-    """Compare the recorded initial checkpoint (if retained) with the replay's."""
-    for e in recorded:
-        if e.event_type is ET.HOST_BASELINE:
-            path = Path(e.payload.initial_checkpoint)
-            replayed = sorted(tmp.glob("*-initial.pt"))
-            if not path.is_file() or not replayed:
-                return "initial checkpoint not retained; weights compared through the recorded values only"
-            a = torch.load(path, weights_only=True)
-            b = torch.load(replayed[0], weights_only=True)
-            same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-            return "initial checkpoint identical" if same else "initial checkpoint DIFFERS"
-    return None
+    """Compare every retained initial checkpoint with the replay's, episode by episode."""
+    paths = [
+        Path(e.payload.initial_checkpoint)
+        for e in recorded
+        if e.event_type is ET.HOST_BASELINE and e.payload.final_host_only_accuracy is None
+    ]
+    replayed = sorted(tmp.glob("ep*-initial.pt"))  # named ep<index>-<episode id>-initial.pt
+    compared = 0
+    for path, other in zip(paths, replayed):
+        if not path.is_file():
+            continue
+        a = torch.load(path, weights_only=True)
+        b = torch.load(other, weights_only=True)
+        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+            return f"initial checkpoint of {path.name} DIFFERS"
+        compared += 1
+    if compared == 0:
+        return "initial checkpoint not retained; weights compared through the recorded values only"
+    return f"initial checkpoint{'s' if compared > 1 else ''} identical ({compared} retained)"

@@ -47,7 +47,7 @@ class TelemetryStore:
         self.max_dense_traces = max_dense_traces
         self._max_epochs = max_epoch_snapshots
         self._max_recent = max_recent_events
-        self.event_counts: Counter[str] = Counter()
+        self.event_counts: Counter[TelemetryEventType] = Counter()
         self.run_id: str | None = None
         self.rank = 0
         self.world_size = 1
@@ -71,48 +71,58 @@ class TelemetryStore:
         self._alerts: deque[tuple[int, HealthAlert]] = deque(maxlen=self._max_recent)
         self._counterfactuals: deque[CounterfactualMatrix] = deque(maxlen=self._max_epochs)
         self.dense_traces: deque[DenseTrace] = deque(maxlen=self.max_dense_traces)
+        self.scalars: dict[str, float] = {}  # latest value per name (bounded by the user's names)
 
     # ------------------------------------------------------------------ writing
 
     def add(self, event: TelemetryEvent) -> None:
         """Record a validated event. Called by the collector only."""
-        p = event.payload
         et = event.event_type
         with self._lock:
-            self.event_counts[et.value] += 1
+            self.event_counts[et] += 1
             self.run_id = event.run_id
             self.rank, self.world_size = event.rank, event.world_size
-            if et is ET.EPISODE_STARTED:
-                self._reset_episode()
-                self.context = p
-            self.epoch = max(self.epoch, event.epoch)
-            if et is ET.HOST_BASELINE:
-                self.baseline = p
-            elif et is ET.HOST_SNAPSHOT:
-                self._host.append(p)
-            elif et is ET.SLOT_SNAPSHOT:
-                self._slots_latest[p.slot_id] = p
-                hist = self._slot_history.setdefault(p.slot_id, deque(maxlen=self._max_epochs))
-                hist.append((event.epoch, p))
-            elif et is ET.POLICY_SNAPSHOT:
-                self._policy.append(p)
-            elif et is ET.PPO_UPDATE:
-                self._ppo_updates.append(p)
-            elif et is ET.CONTROLLER_DECISION:
-                self._decisions.append((event.epoch, p))
-                self._action_counts[p.action.op.value] += 1
-            elif et is ET.STAGE_TRANSITION:
-                self._transitions.append((event.epoch, p))
-            elif et is ET.HEALTH_ALERT:
-                self._alerts.append((event.epoch, p))
-            elif et is ET.COUNTERFACTUAL:
-                self._counterfactuals.append(p)
-            elif et is ET.DENSE_TRACE:
-                self.dense_traces.append(p)
-            elif et is ET.MODE_CHANGE:
-                self.mode, self.mode_reason = p.mode, p.reason
-            elif et is ET.EPISODE_ENDED:
-                self.summary = p
+            if event.epoch > self.epoch:
+                self.epoch = event.epoch
+            handler = self._handlers.get(et)
+            if handler is not None:
+                handler(self, event)
+
+    def _on_episode(self, e: TelemetryEvent) -> None:
+        self._reset_episode()
+        self.context = e.payload
+
+    def _on_slot(self, e: TelemetryEvent) -> None:
+        p = e.payload
+        self._slots_latest[p.slot_id] = p
+        hist = self._slot_history.get(p.slot_id)
+        if hist is None:
+            hist = self._slot_history[p.slot_id] = deque(maxlen=self._max_epochs)
+        hist.append((e.epoch, p))
+
+    def _on_decision(self, e: TelemetryEvent) -> None:
+        self._decisions.append((e.epoch, e.payload))
+        self._action_counts[e.payload.action.op.value] += 1
+
+    def _on_mode(self, e: TelemetryEvent) -> None:
+        self.mode, self.mode_reason = e.payload.mode, e.payload.reason
+
+    _handlers = {
+        ET.EPISODE_STARTED: _on_episode,
+        ET.HOST_BASELINE: lambda self, e: setattr(self, "baseline", e.payload),
+        ET.HOST_SNAPSHOT: lambda self, e: self._host.append(e.payload),
+        ET.SLOT_SNAPSHOT: _on_slot,
+        ET.POLICY_SNAPSHOT: lambda self, e: self._policy.append(e.payload),
+        ET.PPO_UPDATE: lambda self, e: self._ppo_updates.append(e.payload),
+        ET.CONTROLLER_DECISION: _on_decision,
+        ET.STAGE_TRANSITION: lambda self, e: self._transitions.append((e.epoch, e.payload)),
+        ET.HEALTH_ALERT: lambda self, e: self._alerts.append((e.epoch, e.payload)),
+        ET.COUNTERFACTUAL: lambda self, e: self._counterfactuals.append(e.payload),
+        ET.DENSE_TRACE: lambda self, e: self.dense_traces.append(e.payload),
+        ET.MODE_CHANGE: _on_mode,
+        ET.SCALARS: lambda self, e: self.scalars.update(e.payload.values),
+        ET.EPISODE_ENDED: lambda self, e: setattr(self, "summary", e.payload),
+    }
 
     # ------------------------------------------------------------------ queries
 
@@ -170,8 +180,9 @@ class TelemetryStore:
             return list(self.dense_traces)
 
     def counts(self) -> dict[str, int]:
+        """Accepted events per event type (its string value)."""
         with self._lock:
-            return dict(self.event_counts)
+            return {et.value: n for et, n in self.event_counts.items()}
 
 
 def _tail(items: Iterable, n: int | None) -> list:

@@ -312,7 +312,9 @@ def compute_reward(
 # ---------------------------------------------------------------------- GAE
 
 
-def gae(rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(
+    rewards: Tensor, values: Tensor, next_values: Tensor, dones: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over one rollout; returns (advantages, returns).
 
     ``next_values[t]`` is the value of the state after decision ``t`` (ignored where done).
@@ -366,6 +368,16 @@ class _Transition:
     done: bool = False
 
 
+def _adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, fused where this torch supports it: the fused step keeps its step count on the
+    device, while the foreach path calls ``.item()`` on it for every parameter every step."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, eps=1e-5, fused=True)
+    except (RuntimeError, ValueError):  # torch < 2.4 has no fused CPU Adam
+        return torch.optim.Adam(params, lr=lr, eps=1e-5)
+
+
 class PPOController:
     """A learned Tamiyo: samples factored actions under masks and trains itself with PPO."""
 
@@ -378,12 +390,18 @@ class PPOController:
         self.slot_ids = tuple(slot_ids)
         self.blueprints = tuple(blueprints)
         self.device = torch.device(cfg.device)
-        self.head_sizes = {"op": len(OPS), "slot": len(self.slot_ids), "blueprint": len(self.blueprints), "blend": len(cfg.blend_schedules)}
+        self.head_sizes = {
+            "op": len(OPS),
+            "slot": len(self.slot_ids),
+            "blueprint": len(self.blueprints),
+            "blend": len(cfg.blend_schedules),
+        }
         # Initialise from cfg.seed without touching (or depending on) the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.net = RecurrentActorCritic(observation_size(len(self.slot_ids)), cfg.hidden_size, self.head_sizes).to(self.device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr, eps=1e-5)
+            net = RecurrentActorCritic(observation_size(len(self.slot_ids)), cfg.hidden_size, self.head_sizes)
+        self.net = net.to(self.device)
+        self.optimizer = _adam(self.net.parameters(), cfg.lr)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.last_decision: DecisionInfo | None = None
         self.updates = 0
@@ -424,7 +442,8 @@ class PPOController:
     def _masks(self, obs: ControllerObservation) -> tuple[list[bool], list[list[bool]]]:
         """Legal ops, and per op the legal slots (WAIT: every slot, as a placeholder)."""
         ops = legal_ops(obs, self.slot_ids)
-        slots = [legal_slots(obs, op, self.slot_ids) if op is not ActionOp.WAIT else [True] * len(self.slot_ids) for op in OPS]
+        placeholder = [True] * len(self.slot_ids)
+        slots = [placeholder if op is ActionOp.WAIT else legal_slots(obs, op, self.slot_ids) for op in OPS]
         return ops, slots
 
     @torch.no_grad()
@@ -477,7 +496,7 @@ class PPOController:
             blueprint=self.blueprints[idx[2]] if relevant[2] else None,
             blend=self.cfg.blend_schedules[idx[3]] if relevant[3] else None,
         )
-        n_legal = {"op": sum(op_legal), "slot": sum(slot_legal[idx[0]]), "blueprint": self.head_sizes["blueprint"], "blend": self.head_sizes["blend"]}
+        n_legal = dict(self.head_sizes, op=sum(op_legal), slot=sum(slot_legal[idx[0]]))
         forced = tuple(hd for hd, rel in zip(HEADS, relevant) if rel and n_legal[hd] == 1)
         was_masked = all(n_legal[hd] == 1 for hd, rel in zip(HEADS, relevant) if rel)
         log_probs = {hd: host[n + k] for k, hd in enumerate(HEADS) if relevant[k]}
@@ -538,7 +557,13 @@ class PPOController:
         return len(self._buffer) if (last.reward is not None and last.done) else len(self._buffer) - 1
 
     def maybe_update(self, force: bool = False) -> PPOUpdateStats | None:
-        """Run a PPO update if enough decisions are ready (or ``force`` and any are)."""
+        """Run a PPO update if ``rollout_length`` decisions are ready, an episode just ended and
+        ``update_at_episode_end`` is set, or ``force`` and any decision is ready.
+
+        Returns the update's :class:`PPOUpdateStats` (one host transfer) or None. Even with
+        ``force``, a decision whose episode goes on stays for the next rollout: its successor's
+        value is not known yet.
+        """
         n = self._ready()
         episode_end = n > 0 and self._buffer[n - 1].done and self.cfg.update_at_episode_end
         if n == 0 or not (n >= self.cfg.rollout_length or force or episode_end):

@@ -33,6 +33,7 @@ from karn_otel.contracts import (
     EpisodeSummary,
     HostBaseline,
     HostSnapshot,
+    PolicySnapshot,
     SeedStage,
     SlotSnapshot,
 )
@@ -44,6 +45,7 @@ from karn_otel.reference.controller import (
     SlotView,
 )
 from karn_otel.reference.data import DigitsData, load_digits_data
+from karn_otel.reference.ppo import compute_reward
 from karn_otel.reference.host import HostCNN
 from karn_otel.reference.slots import LifecycleConfig
 from karn_otel.config import CounterfactualConfig
@@ -73,7 +75,9 @@ class RunConfig:
     blend_epochs: int = 3
     probation_epochs: int = 2
     plateau_threshold: float = 0.02  # germinate when val accuracy gained less than this over 2 epochs
+    episodes: int = 1  # episodes in the run; a PPO controller learns across them
     inject_loss_spike_epoch: int = 0  # fault injection: shuffle labels for this epoch (0 = off)
+    inject_entropy_collapse: bool = False  # fault injection: a (near-)deterministic PPO policy
     research: bool = False  # research mode: dense traces every batch (recorded for replay)
     device: str = "cpu"
     compile: str = ""  # torch.compile backend ("" = eager; e.g. "inductor", "aot_eager")
@@ -84,6 +88,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+        if self.episodes < 1:
+            raise ValueError("episodes must be >= 1")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.controller not in CONTROLLERS:
@@ -146,17 +152,24 @@ def software_versions() -> dict[str, str]:
 
 
 class ReferenceTrainer:
-    def __init__(self, cfg: RunConfig, checkpoint_dir: Path | None = None) -> None:
+    """One episode. ``controller`` may be passed in to persist across episodes (PPO);
+    ``episode_index`` offsets the seed so each episode trains a fresh host on new shuffles."""
+
+    def __init__(
+        self, cfg: RunConfig, checkpoint_dir: Path | None = None, controller=None, episode_index: int = 0
+    ) -> None:
         self.cfg = cfg
+        self.episode_index = episode_index
+        self.seed = cfg.seed + episode_index
         self.checkpoint_dir = checkpoint_dir
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.set_num_threads(cfg.num_threads)
         torch.use_deterministic_algorithms(True)
-        torch.manual_seed(cfg.seed)
-        self.rng = torch.Generator().manual_seed(cfg.seed)
-        self.data: DigitsData = load_digits_data(cfg.seed).to(self.device)
+        torch.manual_seed(self.seed)
+        self.rng = torch.Generator().manual_seed(self.seed)
+        self.data: DigitsData = load_digits_data(self.seed).to(self.device)
         self.model = HostCNN(cfg.widths, cfg.lifecycle).to(self.device)
         # torch.compile is optional; telemetry hooks run under torch.compiler.disable.
         self.forward = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
@@ -168,13 +181,22 @@ class ReferenceTrainer:
         self.host_params = self.model.host_params
         self.host_opt = torch.optim.Adam(self.model.host_parameters(), lr=cfg.lr)
         self.seed_opts: dict[str, torch.optim.Optimizer] = {}
-        self.controller = NoGrowthController() if cfg.controller == "none" else HeuristicController(
+        heuristic = HeuristicController(
             HeuristicConfig(
                 warmup_epochs=cfg.warmup_epochs,
                 probation_epochs=cfg.probation_epochs,
                 plateau_threshold=cfg.plateau_threshold,
             )
         )
+        if controller is not None:
+            self.controller = controller
+        elif cfg.controller == "ppo":
+            self.controller = make_ppo_controller(cfg, self.slot_ids)
+        else:
+            self.controller = NoGrowthController() if cfg.controller == "none" else heuristic
+        # The heuristic decides beside a learned policy (its shadow) for policy_vs_heuristic.
+        self.shadow = heuristic if self.controller is not heuristic and cfg.controller == "ppo" else None
+        self._pending: dict[int, tuple] = {}  # PPO decision index -> (info, components, reward, shadow)
         self.cf_config = CounterfactualConfig(
             strategy=cfg.counterfactual_strategy,  # type: ignore[arg-type]
             shapley_samples=cfg.shapley_samples,
@@ -267,6 +289,58 @@ class ReferenceTrainer:
         self._last_acc = (epoch, acc)
         return metrics
 
+    # -- PPO (Simic) ------------------------------------------------------------------
+
+    @property
+    def is_ppo(self) -> bool:
+        return getattr(self.controller, "name", "") == "ppo"
+
+    def after_decision(self, obs: ControllerObservation, action, shadow) -> None:
+        if self.is_ppo:
+            self._prev = (obs, action, self.controller.last_decision, shadow)
+            self.ppo_update(force=False)
+
+    def reward_previous_decision(self, obs: ControllerObservation, done: bool) -> None:
+        """Judge the previous decision on the observation that followed it (PPO only)."""
+        prev = getattr(self, "_prev", None)
+        if not self.is_ppo or prev is None:
+            return
+        prev_obs, prev_action, info, shadow = prev
+        components = compute_reward(prev_obs, obs, prev_action, self.controller.cfg)
+        total = self.controller.record_reward(components, done=done)
+        self._pending[info.decision_index] = (info, components, total, shadow)
+        self._prev = None
+
+    def ppo_update(self, force: bool) -> None:
+        """Run a PPO update when due; emit its stats and the PolicySnapshots of its decisions."""
+        stats = self.controller.maybe_update(force=force)
+        if stats is None:
+            return
+        emit(stats)
+        advantages = self.controller.last_advantages() or []
+        for idx, adv in zip(self.controller.last_update_decisions, advantages):
+            info, components, total, shadow = self._pending.pop(idx)
+            emit(
+                PolicySnapshot(
+                    observation_vector=tuple(info.observation_vector),
+                    action=info.action,
+                    action_log_probs=dict(info.action_log_probs),
+                    action_was_masked=info.action_was_masked,
+                    value_estimate=info.value_estimate,
+                    advantage=adv,
+                    reward_total=total,
+                    reward_components=components,
+                    kl_divergence=stats.kl_divergence,
+                    explained_variance=stats.explained_variance,
+                    per_head_kl=dict(stats.per_head_kl),
+                    advantage_stats=stats.advantage_stats,
+                    ratio_stats=stats.ratio_stats,
+                    lstm_health=stats.lstm_health,
+                    entropy=dict(info.entropy),
+                    shadow_action=shadow,
+                )
+            )
+
     # -- dense windows (tier 3) ------------------------------------------------------
 
     def update_dense_window(self, epoch: int) -> None:
@@ -318,9 +392,9 @@ class ReferenceTrainer:
                 episode_id=episode_id,
                 timestamp=datetime.now(timezone.utc),
                 git_commit=git_commit(),
-                base_seed=cfg.seed,
-                torch_seed=cfg.seed,
-                numpy_seed=cfg.seed,
+                base_seed=self.seed,
+                torch_seed=self.seed,
+                numpy_seed=self.seed,
                 host_architecture="cnn_3block",
                 host_params=self.host_params,
                 slot_config=model.slot_config,
@@ -331,7 +405,7 @@ class ReferenceTrainer:
             )
         )
         init_loss, init_acc = self.evaluate()
-        ckpt = Path(self.checkpoint_dir or ".") / f"{episode_id}-initial.pt"
+        ckpt = Path(self.checkpoint_dir or ".") / f"ep{self.episode_index:03d}-{episode_id}-initial.pt"
         if self.checkpoint_dir is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), ckpt)
@@ -355,12 +429,20 @@ class ReferenceTrainer:
             for sid, slot in model.slots.items():
                 slot.step_epoch(val_loss, m["seed_grad_norms"][sid])
             obs = self.observation(epoch, val_acc, val_loss)
+            self.reward_previous_decision(obs, done=False)
             action, reason = self.controller.decide(obs)
+            shadow = self.shadow.decide(obs)[0] if self.shadow is not None else None
             self.apply(action, val_acc)
-            emit(ControllerDecision(self.controller.name, action, reason))
+            emit(ControllerDecision(self.controller.name, action, reason, shadow_action=shadow))
+            self.after_decision(obs, action, shadow)
             self.emit_snapshots(epoch, m, val_loss, val_acc)
 
         self.close_dense_window(cfg.epochs)
+        if self.is_ppo:
+            # The last decision is judged on the state it produced; then learn from the episode.
+            self.reward_previous_decision(self.observation(cfg.epochs, val_acc, val_loss), done=True)
+            self.ppo_update(force=True)
+            self.controller.reset_episode()
         host_loss, host_acc = self.host_only()
         emit(dataclasses.replace(baseline, final_host_only_loss=host_loss, final_host_only_accuracy=host_acc))
         total = self.host_params + sum(s.seed_params for s in model.slots.values())
@@ -465,7 +547,40 @@ class ReferenceTrainer:
 
 
 def run_episode(cfg: RunConfig, checkpoint_dir: Path | None = None) -> EpisodeResult:
+    """One episode of the reference system (the first of ``run_reference``)."""
     return ReferenceTrainer(cfg, checkpoint_dir).run()
+
+
+def run_reference(cfg: RunConfig, checkpoint_dir: Path | None = None) -> list[EpisodeResult]:
+    """``cfg.episodes`` episodes; one controller instance learns across all of them."""
+    results: list[EpisodeResult] = []
+    controller = None
+    for k in range(cfg.episodes):
+        trainer = ReferenceTrainer(cfg, checkpoint_dir, controller=controller, episode_index=k)
+        controller = trainer.controller
+        results.append(trainer.run())
+    return results
+
+
+def policy_head_sizes(cfg: RunConfig) -> dict[str, int] | None:
+    """Action-head sizes of the run's learned controller (for entropy-collapse floors)."""
+    if cfg.controller != "ppo":
+        return None
+    from karn_otel.reference.ppo import PPOConfig
+    from karn_otel.reference.slots import BLUEPRINTS
+
+    return {"op": 4, "slot": len(cfg.widths), "blueprint": len(BLUEPRINTS), "blend": len(PPOConfig().blend_schedules)}
+
+
+def make_ppo_controller(cfg: RunConfig, slot_ids: list[str]):
+    from karn_otel.reference.ppo import PPOConfig, PPOController
+    from karn_otel.reference.slots import BLUEPRINTS
+
+    return PPOController(
+        PPOConfig(seed=cfg.seed, force_entropy_collapse=cfg.inject_entropy_collapse, device=cfg.device),
+        slot_ids,
+        BLUEPRINTS,
+    )
 
 
 def calibrate(
