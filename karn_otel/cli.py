@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
             num_threads=args.threads,
             research=args.research,
             episodes=args.episodes,
+            nproc=args.nproc,
             inject_loss_spike_epoch=args.inject_loss_spike or 0,
             inject_entropy_collapse=args.inject_entropy_collapse,
             device=args.device,
@@ -45,22 +47,58 @@ def _run(args: argparse.Namespace) -> int:
             strict=args.strict,
             mode=OperatingMode.RESEARCH if args.research else OperatingMode.STANDARD,
             policy_head_sizes=policy_head_sizes(cfg),
+            otlp_endpoint=args.otlp_endpoint,
+            otlp_protocol=args.otlp_protocol,
+            prometheus_port=args.prometheus_port,
+            service_name=args.service_name,
         )
     except ValueError as exc:
         print(f"karn run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if cfg.nproc > 1:
+        return _run_ranks(cfg, kcfg, args)
     collector = karn_otel.configure(kcfg)
     run_dir = Path(args.out) / collector.run_id
+    for sink in collector.sinks:
+        port = getattr(sink, "prometheus_port", None)
+        if port is not None:
+            print(f"metrics: http://{kcfg.prometheus_host}:{port}/metrics", flush=True)
     try:
-        run_reference(cfg, checkpoint_dir=run_dir / "checkpoints")
+        try:
+            run_reference(cfg, checkpoint_dir=run_dir / "checkpoints")
+        except KeyboardInterrupt:
+            print("\nkarn run: interrupted; the run log holds everything up to now", file=sys.stderr)
+            return 130
+        if args.serve_after > 0 and args.prometheus_port is not None:
+            print(f"training done; serving metrics for {args.serve_after:g} s more (Ctrl-C to stop)", flush=True)
+            time.sleep(args.serve_after)
     except KeyboardInterrupt:
-        print("\nkarn run: interrupted; the run log holds everything up to now", file=sys.stderr)
-        return 130
+        pass
     finally:
         karn_otel.shutdown()
     stats = collector.stats()
     print(f"run dir: {run_dir}")
     print(f"events: {stats.accepted} accepted, {sum(stats.rejected.values())} rejected, {sum(stats.dropped.values())} dropped")
+    print(f"next:    karn inspect {run_dir}    karn replay {run_dir}")
+    return EXIT_OK
+
+
+def _run_ranks(cfg, kcfg, args: argparse.Namespace) -> int:
+    """`karn run --nproc N`: N DDP ranks on this machine, each reporting through Karn."""
+    import dataclasses
+
+    from karn_otel.collector import new_run_id
+    from karn_otel.reference.launch import run_ranks
+
+    kcfg = dataclasses.replace(kcfg, run_id=new_run_id())
+    run_dir = Path(args.out) / kcfg.run_id
+    print(f"starting {cfg.nproc} ranks (DDP, gloo) for run {kcfg.run_id} ...", flush=True)
+    result = run_ranks(cfg, kcfg)
+    if not result.ok:
+        print(f"karn run: {result.describe()}", file=sys.stderr)
+        print(f"run dir (incomplete): {run_dir}", file=sys.stderr)
+        return 1
+    print(f"run dir: {run_dir}  (rank 0 here; ranks 1..{cfg.nproc - 1} under {run_dir / 'ranks'})")
     print(f"next:    karn inspect {run_dir}    karn replay {run_dir}")
     return EXIT_OK
 
@@ -179,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed controller: the heuristic (default), a PPO policy learning across episodes, or none (host only)",
     )
     r.add_argument("--episodes", type=int, default=1, help="episodes in the run (PPO learns across them)")
+    r.add_argument("--nproc", type=int, default=1, help="data-parallel ranks on this machine (DDP; gloo on CPU)")
     r.add_argument(
         "--inject-entropy-collapse", action="store_true", help="fault injection: a (near-)deterministic PPO policy"
     )
@@ -189,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--inject-loss-spike", type=int, metavar="EPOCH", help="fault injection: shuffle the labels for one epoch"
     )
     r.add_argument("--device", default="cpu", help="torch device for the reference system (default cpu)")
+    o = r.add_argument_group("OpenTelemetry export (also configurable with the standard OTEL_* variables)")
+    o.add_argument("--otlp-endpoint", metavar="URL", help="send traces and metrics over OTLP, e.g. http://127.0.0.1:4317")
+    o.add_argument("--otlp-protocol", choices=["grpc", "http/protobuf"], help="OTLP protocol (default grpc)")
+    o.add_argument(
+        "--prometheus-port", type=int, metavar="PORT", help="serve /metrics on 127.0.0.1:PORT+local_rank (0 = any free port)"
+    )
+    o.add_argument("--service-name", help="OTel service.name (default karn)")
+    o.add_argument(
+        "--serve-after", type=float, default=0.0, metavar="SECONDS", help="keep /metrics up this long after training"
+    )
     r.set_defaults(func=_run)
 
     c = sub.add_parser("calibrate", help="train seedless hosts of several widths: accuracy vs parameter curve")

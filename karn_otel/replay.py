@@ -114,24 +114,45 @@ def replay_run(record: RunRecord) -> ReplayReport:
         mode=OperatingMode.RESEARCH if cfg.research else OperatingMode.STANDARD,
         policy_head_sizes=policy_head_sizes(cfg),
     )
-    collector = kc.KarnCollector(kcfg, sinks=[sink])
-    default_processors(kcfg, collector)
-    previous = kc._active
-    kc._active = collector
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            run_reference(cfg, checkpoint_dir=Path(tmp))
-            ckpt_note = _compare_checkpoints(record.events, Path(tmp), torch)
-    finally:
-        kc._active = previous
+    if cfg.nproc > 1:
+        replayed, ckpt_note = _replay_ranks(cfg, kcfg, record, torch)
+    else:
+        collector = kc.KarnCollector(kcfg, sinks=[sink])
+        default_processors(kcfg, collector)
+        previous = kc._active
+        kc._active = collector
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                run_reference(cfg, checkpoint_dir=Path(tmp))
+                ckpt_note = _compare_checkpoints(record.events, Path(tmp), torch)
+        finally:
+            kc._active = previous
+        replayed = sink.events
     if first.software and first.software != software_versions():
         notes.append(f"software differs: recorded {first.software}, now {software_versions()}")
     if ckpt_note.endswith("DIFFERS"):
         return ReplayReport(0, ckpt_note, notes)
     if ckpt_note:
         notes.append(ckpt_note)
-    report = compare_events(record.events, sink.events)
+    report = compare_events(record.events, replayed)
     return ReplayReport(report.compared, report.first_difference, notes)
+
+
+def _replay_ranks(cfg: Any, kcfg: Any, record: RunRecord, torch: Any) -> tuple[list[TelemetryEvent], str]:
+    """Re-run a multi-rank run on as many ranks; returns rank 0's events and the checkpoint note."""
+    import dataclasses
+
+    from karn_otel.reference.launch import run_ranks
+    from karn_otel.sinks.runlog import read_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_id = record.run_id
+        result = run_ranks(cfg, dataclasses.replace(kcfg, out_dir=Path(tmp), run_id=run_id))
+        if not result.ok:
+            raise ValueError(f"the replayed ranks failed: {result.describe()}")
+        rec = read_run(Path(tmp) / run_id)
+        note = _compare_checkpoints(record.events, Path(tmp) / run_id / "checkpoints", torch)
+    return rec.events, note
 
 
 def _compare_checkpoints(recorded: list[TelemetryEvent], tmp: Path, torch: Any) -> str | None:

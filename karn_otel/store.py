@@ -61,6 +61,7 @@ class TelemetryStore:
         self.mode_reason: str | None = None
         self.epoch = 0
         self._host: deque[HostSnapshot] = deque(maxlen=self._max_epochs)
+        self._host_per_rank: dict[int, HostSnapshot] = {}
         self._slots_latest: dict[str, SlotSnapshot] = {}
         self._slot_history: dict[str, deque[tuple[int, SlotSnapshot]]] = {}
         self._policy: deque[PolicySnapshot] = deque(maxlen=self._max_recent)
@@ -100,6 +101,14 @@ class TelemetryStore:
             hist = self._slot_history[p.slot_id] = deque(maxlen=self._max_epochs)
         hist.append((e.epoch, p))
 
+    def _on_host(self, e: TelemetryEvent) -> None:
+        # With several ranks the history holds the reduced (global) snapshots; each rank's
+        # own is kept as its latest, for per-rank views.
+        if e.world_size > 1 and not e.is_reduced:
+            self._host_per_rank[e.rank] = e.payload
+        else:
+            self._host.append(e.payload)
+
     def _on_decision(self, e: TelemetryEvent) -> None:
         self._decisions.append((e.epoch, e.payload))
         self._action_counts[e.payload.action.op.value] += 1
@@ -110,7 +119,7 @@ class TelemetryStore:
     _handlers = {
         ET.EPISODE_STARTED: _on_episode,
         ET.HOST_BASELINE: lambda self, e: setattr(self, "baseline", e.payload),
-        ET.HOST_SNAPSHOT: lambda self, e: self._host.append(e.payload),
+        ET.HOST_SNAPSHOT: _on_host,
         ET.SLOT_SNAPSHOT: _on_slot,
         ET.POLICY_SNAPSHOT: lambda self, e: self._policy.append(e.payload),
         ET.PPO_UPDATE: lambda self, e: self._ppo_updates.append(e.payload),
@@ -129,6 +138,11 @@ class TelemetryStore:
     def latest_host(self) -> HostSnapshot | None:
         with self._lock:
             return self._host[-1] if self._host else None
+
+    def host_per_rank(self) -> dict[int, HostSnapshot]:
+        """Latest per-rank (not reduced) snapshot of each rank seen, in a multi-rank run."""
+        with self._lock:
+            return dict(self._host_per_rank)
 
     def host_history(self) -> list[HostSnapshot]:
         with self._lock:

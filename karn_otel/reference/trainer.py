@@ -50,7 +50,15 @@ from karn_otel.reference.host import HostCNN
 from karn_otel.reference.slots import LifecycleConfig
 from karn_otel.config import CounterfactualConfig
 from karn_otel.counterfactual import ConfigEvaluation, attribute
-from karn_otel.torch.ablation import evaluate_configurations, evaluate_shared_prefix
+from karn_otel.distributed import (
+    RankHeartbeat,
+    discover,
+    distributed_attribute,
+    make_distributed_evaluate,
+    reduce_host_snapshot,
+    shard_indices,
+)
+from karn_otel.torch.ablation import evaluate_shared_prefix
 from karn_otel.torch.accumulate import EpochAccumulator
 from karn_otel.torch.diagnostics import DenseCollector
 
@@ -76,6 +84,8 @@ class RunConfig:
     probation_epochs: int = 2
     plateau_threshold: float = 0.02  # germinate when val accuracy gained less than this over 2 epochs
     episodes: int = 1  # episodes in the run; a PPO controller learns across them
+    nproc: int = 1  # data-parallel ranks (DDP, gloo on CPU); batch_size is the global batch
+    heartbeat_timeout_s: float = 60.0  # a rank silent this long is reported missing (nproc > 1)
     inject_loss_spike_epoch: int = 0  # fault injection: shuffle labels for this epoch (0 = off)
     inject_entropy_collapse: bool = False  # fault injection: a (near-)deterministic PPO policy
     research: bool = False  # research mode: dense traces every batch (recorded for replay)
@@ -90,6 +100,8 @@ class RunConfig:
             raise ValueError("epochs must be >= 1")
         if self.episodes < 1:
             raise ValueError("episodes must be >= 1")
+        if self.nproc < 1 or self.batch_size < self.nproc:
+            raise ValueError("nproc must be >= 1 and <= batch_size")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.controller not in CONTROLLERS:
@@ -156,9 +168,20 @@ class ReferenceTrainer:
     ``episode_index`` offsets the seed so each episode trains a fresh host on new shuffles."""
 
     def __init__(
-        self, cfg: RunConfig, checkpoint_dir: Path | None = None, controller=None, episode_index: int = 0
+        self,
+        cfg: RunConfig,
+        checkpoint_dir: Path | None = None,
+        controller=None,
+        episode_index: int = 0,
+        heartbeat_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.dist = discover()
+        if self.dist.world_size != cfg.nproc:
+            raise ValueError(f"RunConfig.nproc={cfg.nproc} but this process is one of {self.dist.world_size} ranks")
+        self.heartbeat = RankHeartbeat(heartbeat_dir, self.dist.rank) if (heartbeat_dir and cfg.nproc > 1) else None
+        if self.heartbeat is not None:
+            self.heartbeat.beat(0)  # alive from the start: no file reads as "missing"
         self.episode_index = episode_index
         self.seed = cfg.seed + episode_index
         self.checkpoint_dir = checkpoint_dir
@@ -171,8 +194,9 @@ class ReferenceTrainer:
         self.rng = torch.Generator().manual_seed(self.seed)
         self.data: DigitsData = load_digits_data(self.seed).to(self.device)
         self.model = HostCNN(cfg.widths, cfg.lifecycle).to(self.device)
-        # torch.compile is optional; telemetry hooks run under torch.compiler.disable.
-        self.forward = torch.compile(self.model, backend=cfg.compile) if cfg.compile else self.model
+        # This rank's validation shard (contiguous, so gathering in rank order restores the set).
+        self.val_shard = shard_indices(self.data.x_val.shape[0], self.dist.rank, self.dist.world_size)
+        self.forward = self._wrap_model()
         self.dense: DenseCollector | None = None
         self.dense_reason = ""
         self.dense_start = 0
@@ -207,37 +231,64 @@ class ReferenceTrainer:
 
     # -- evaluation ------------------------------------------------------------------
 
-    @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        (correct, loss), = evaluate_configurations(
-            self.model, self.model.slots, [], [()], self.data.x_val, self.data.y_val
-        )
-        return float(loss.mean()), float(correct.mean())
+    def _wrap_model(self):
+        """The module the batch loop calls: DDP across ranks, optionally torch.compile'd."""
+        if self.cfg.nproc > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-    def host_only(self) -> tuple[float, float]:
-        """Validation loss/accuracy with every seed's alpha forced to 0."""
-        (correct, loss), = evaluate_configurations(
-            self.model, self.model.slots, self.slot_ids, [(False,) * len(self.slot_ids)], self.data.x_val, self.data.y_val
-        )
-        return float(loss.mean()), float(correct.mean())
+            # Rebuilt at every epoch start (DDP registers parameters when built, and seeds come
+            # and go). A germinated or culled seed has parameters the forward pass skips.
+            unused = any(
+                s.seed is not None and s.stage in (SeedStage.GERMINATED, SeedStage.CULLED) for s in self.model.slots.values()
+            )
+            return DistributedDataParallel(self.model, find_unused_parameters=unused, gradient_as_bucket_view=True)
+        # torch.compile is optional; telemetry hooks run under torch.compiler.disable.
+        return torch.compile(self.model, backend=self.cfg.compile) if self.cfg.compile else self.model
 
-    def counterfactual(self, epoch: int) -> CounterfactualMatrix:
-        """Attribution over the active seeds (alpha > 0); with none, the host-only pass."""
-        active = [sid for sid in self.slot_ids if self.model.slots[sid].is_active]
-        x, y = self.data.x_val, self.data.y_val
-
+    def _local_evaluate(self, switched: list[str]):
+        """Evaluate configurations of the ``switched`` slots on this rank's validation shard."""
         slots = [self.model.slots[sid] for sid in self.slot_ids]
-        branching = [sid in active for sid in self.slot_ids]
+        branching = [sid in switched for sid in self.slot_ids]
+        x, y = self.data.x_val[self.val_shard], self.data.y_val[self.val_shard]
 
         def evaluate(configs: list[tuple[bool, ...]]) -> list[ConfigEvaluation]:
             results = evaluate_shared_prefix(self.model, self.model.segments(), slots, branching, configs, x, y)
             return [ConfigEvaluation(correct, loss) for correct, loss in results]
 
+        return evaluate
+
+    def _evaluate_one(self, switched: list[str], config: tuple[bool, ...]) -> tuple[float, float]:
+        """Global validation (loss, accuracy) of one configuration, gathered across ranks."""
+        evaluate = self._local_evaluate(switched)
+        if self.cfg.nproc > 1:
+            evaluate = make_distributed_evaluate(evaluate)
+        (r,) = evaluate([config])
+        return float(r.loss.mean()), float(r.correct.mean())
+
+    def evaluate(self) -> tuple[float, float]:
+        """Validation loss/accuracy of the model as it is."""
+        return self._evaluate_one([], ())
+
+    def host_only(self) -> tuple[float, float]:
+        """Validation loss/accuracy with every seed's alpha forced to 0."""
+        return self._evaluate_one(self.slot_ids, (False,) * len(self.slot_ids))
+
+    def counterfactual(self, epoch: int) -> CounterfactualMatrix:
+        """Attribution over the active seeds (alpha > 0); with none, the host-only pass.
+
+        Its all-on configuration is also the epoch's validation result (each configuration
+        is evaluated once per epoch). Across ranks each evaluates its shard and the
+        per-example results are gathered: every rank gets the single-process matrix.
+        """
+        active = [sid for sid in self.slot_ids if self.model.slots[sid].is_active]
+        evaluate = self._local_evaluate(active)
         if active:
+            if self.cfg.nproc > 1:
+                return distributed_attribute(evaluate, active, self.cf_config, epoch=epoch)
             return attribute(evaluate, active, self.cf_config, epoch=epoch)
         t0 = time.perf_counter()
-        (only,) = evaluate([()])
-        row = CounterfactualResult((), {}, float(only.loss.mean()), float(only.correct.mean()))
+        loss, acc = self._evaluate_one([], ())
+        row = CounterfactualResult((), {}, loss, acc)
         return CounterfactualMatrix(
             epoch, (), (row,), {}, {}, None, strategy="none", n_evaluations=1, elapsed_s=time.perf_counter() - t0
         )
@@ -256,14 +307,20 @@ class ReferenceTrainer:
         for s in model.slots.values():
             s.leak_meter.zero_()
         opts = [self.host_opt, *self.seed_opts.values()]
-        perm = torch.randperm(d.x_train.shape[0], generator=self.rng).to(self.device)
+        perm = torch.randperm(d.x_train.shape[0], generator=self.rng)
+        # Every rank draws the same permutation and takes its stride: one global batch of
+        # batch_size is split over the ranks, as a single process would see it.
+        perm = perm[self.dist.rank :: self.dist.world_size].to(self.device)
+        batch = self.cfg.batch_size // self.dist.world_size
         y_train = d.y_train
         if epoch == self.cfg.inject_loss_spike_epoch:
             # Fault injection: one epoch of shuffled labels, a real loss spike that resolves.
             y_train = y_train[torch.randperm(y_train.shape[0], generator=torch.Generator().manual_seed(epoch)).to(self.device)]
+        if self.cfg.nproc > 1:
+            self.forward = self._wrap_model()
         dense = self.dense
         forward = self.forward
-        for idx in perm.split(self.cfg.batch_size):
+        for idx in perm.split(batch):
             xb, yb = d.x_train[idx], y_train[idx]
             logits = forward(xb)
             loss = F.cross_entropy(logits, yb)
@@ -417,10 +474,10 @@ class ReferenceTrainer:
         for epoch in range(1, cfg.epochs + 1):
             self.update_dense_window(epoch)
             m = self.train_epoch(epoch)
-            val_loss, val_acc = self.evaluate()
-            self.accuracy_history.append(val_acc)
             cf = self.counterfactual(epoch)
-            emit(cf)  # opens the epoch for the events below
+            val_loss, val_acc = all_on_result(cf)
+            self.accuracy_history.append(val_acc)
+            emit(cf, is_reduced=self.cfg.nproc > 1)  # opens the epoch for the events below
             for sid, slot in model.slots.items():
                 slot.counterfactual_contribution = cf.marginal_contributions.get(sid)
 
@@ -435,6 +492,8 @@ class ReferenceTrainer:
             self.apply(action, val_acc)
             emit(ControllerDecision(self.controller.name, action, reason, shadow_action=shadow))
             self.after_decision(obs, action, shadow)
+            if self.heartbeat is not None:
+                self.heartbeat.beat(epoch)
             self.emit_snapshots(epoch, m, val_loss, val_acc)
 
         self.close_dense_window(cfg.epochs)
@@ -528,8 +587,7 @@ class ReferenceTrainer:
             if s.seed is not None and s.stage is not SeedStage.CULLED:
                 seed_norms[sid] = m["seed_grad_norms"][sid]
                 total_seed += s.seed_params
-        emit(
-            HostSnapshot(
+        local = HostSnapshot(
                 epoch=epoch,
                 train_loss=m["loss"],
                 train_accuracy=m["accuracy"],
@@ -543,7 +601,13 @@ class ReferenceTrainer:
                 seed_grad_norms=seed_norms,
                 grad_isolation_leakage=m["leakage"],
             )
-        )
+        emit(local)
+        if self.cfg.nproc > 1:
+            # One fixed-schema collective: every rank's numbers, reduced honestly (sample-
+            # weighted means, max of gradient norms); rank 0 reports the global snapshot.
+            reduced = reduce_host_snapshot(local, n_examples=m["examples"])
+            if self.dist.rank == 0:
+                emit(reduced, is_reduced=True)
 
 
 def run_episode(cfg: RunConfig, checkpoint_dir: Path | None = None) -> EpisodeResult:
@@ -551,15 +615,25 @@ def run_episode(cfg: RunConfig, checkpoint_dir: Path | None = None) -> EpisodeRe
     return ReferenceTrainer(cfg, checkpoint_dir).run()
 
 
-def run_reference(cfg: RunConfig, checkpoint_dir: Path | None = None) -> list[EpisodeResult]:
+def run_reference(
+    cfg: RunConfig, checkpoint_dir: Path | None = None, heartbeat_dir: Path | None = None
+) -> list[EpisodeResult]:
     """``cfg.episodes`` episodes; one controller instance learns across all of them."""
     results: list[EpisodeResult] = []
     controller = None
     for k in range(cfg.episodes):
-        trainer = ReferenceTrainer(cfg, checkpoint_dir, controller=controller, episode_index=k)
+        trainer = ReferenceTrainer(cfg, checkpoint_dir, controller=controller, episode_index=k, heartbeat_dir=heartbeat_dir)
         controller = trainer.controller
         results.append(trainer.run())
+        if trainer.heartbeat is not None and k == cfg.episodes - 1:
+            trainer.heartbeat.finish(cfg.epochs)
     return results
+
+
+def all_on_result(cf: CounterfactualMatrix) -> tuple[float, float]:
+    """(val loss, val accuracy) of the model as it is: the matrix's all-on configuration."""
+    row = next(r for r in cf.configs if all(r.config))
+    return row.val_loss, row.val_accuracy
 
 
 def policy_head_sizes(cfg: RunConfig) -> dict[str, int] | None:

@@ -50,6 +50,8 @@ class ConsoleSink:
             self._dirty.set()
             return
         if event.event_type is ET.HOST_SNAPSHOT:
+            if event.world_size > 1 and not event.is_reduced:
+                return  # several ranks: one line per epoch, for the reduced (global) snapshot
             self._write(self.plain_line() + "\n")
         elif event.event_type is ET.HEALTH_ALERT:
             a = event.payload

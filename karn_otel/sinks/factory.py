@@ -6,6 +6,7 @@ This is the composition root; kept apart so the collector imports no sink or ana
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from karn_otel.config import KarnConfig
@@ -16,7 +17,11 @@ def default_sinks(config: KarnConfig, collector: Any) -> list[Any]:
     if config.out_dir is not None:
         from karn_otel.sinks.runlog import RunLogSink
 
-        sinks.append(RunLogSink(config.out_dir, collector.run_id, max_queue=config.runlog_queue_size))
+        # Rank 0 owns the run directory; rank k > 0 logs under <run dir>/ranks/rank<k>/.
+        run_dir = Path(config.out_dir) / collector.run_id
+        if collector.rank > 0:
+            run_dir = run_dir / "ranks" / f"rank{collector.rank}"
+        sinks.append(RunLogSink(config.out_dir, collector.run_id, max_queue=config.runlog_queue_size, run_dir=run_dir))
     if config.console != "off":
         from karn_otel.sinks.console import ConsoleSink
 

@@ -47,8 +47,10 @@ RUN_FILE = "run.json"
 class RunLogSink:
     """Writes events to ``<out_dir>/<run_id>/events.jsonl`` from a background thread."""
 
-    def __init__(self, out_dir: Path, run_id: str, max_queue: int = 100_000, wake_batch: int = 512) -> None:
-        self.run_dir = Path(out_dir) / run_id
+    def __init__(
+        self, out_dir: Path, run_id: str, max_queue: int = 100_000, wake_batch: int = 512, run_dir: Path | None = None
+    ) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(out_dir) / run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
         meta = {
             "run_id": run_id,
@@ -83,6 +85,10 @@ class RunLogSink:
 
     def dropped(self) -> dict[str, int]:
         return dict(self._dropped)
+
+    def queue_depth(self) -> int:
+        """Events waiting for the writer thread."""
+        return len(self._q)
 
     def flush(self, timeout: float | None = 10.0) -> None:
         """Block until everything handled so far is written and fsynced (or timeout)."""

@@ -73,6 +73,7 @@ class EpochAccumulator:
             "host_grad_norm": sums[_HOST] / batches,
             "seed_grad_norms": {sid: sums[_SEEDS + i] / batches for i, sid in enumerate(self.slot_ids)},
             "leakage": max(sums[-1], 0.0) ** 0.5,
+            "examples": int(sums[_N]),
         }
 
     def batch_metrics(self, epoch: int, seeded: set[str], isolated: bool) -> list[BatchMetrics]:

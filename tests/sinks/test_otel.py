@@ -1,0 +1,553 @@
+"""OTel sink: what the exporters really send (decoded by a loopback receiver), what Prometheus
+really scrapes, and that an unreachable collector costs neither training time nor a hung exit."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from opentelemetry import trace
+from prometheus_client.parser import text_string_to_metric_families
+
+import karn_otel
+from karn_otel import collector as kc
+from karn_otel import metrics_registry as reg
+from karn_otel.config import KarnConfig
+from karn_otel.health import CHECK_NAMES
+from karn_otel.contracts import (
+    ActionOp,
+    AdvantageStats,
+    BatchMetrics,
+    ControllerDecision,
+    CounterfactualMatrix,
+    CounterfactualResult,
+    DenseTrace,
+    EpisodeSummary,
+    FactoredAction,
+    GateEvaluationTrace,
+    HealthAlert,
+    HostBaseline,
+    HostSnapshot,
+    LSTMHealth,
+    PolicySnapshot,
+    PPOUpdateStats,
+    RatioStats,
+    RewardComponentsTelemetry,
+    SeedStage,
+    Severity,
+    ShapleyEstimate,
+    SlotSnapshot,
+    StageTransition,
+    TelemetryEventType,
+)
+from karn_otel.reference.trainer import RunConfig, run_episode
+from karn_otel.sinks import otel
+from karn_otel.sinks.otel import OTelSink, build_resource, trace_id_for_episode
+from karn_otel.sinks.runlog import read_run
+from tests.conftest import make_context
+from tests.otlp_receiver import OTLPReceiver
+
+PROTOCOLS = ["grpc", "http/protobuf"]
+COMMON = set(reg.COMMON_LABELS)
+
+# What a 3-epoch reference episode (heuristic controller) cannot produce, and why. Every one
+# of them is produced, and scraped, by hand-made events in
+# test_every_registry_metric_is_scraped_under_its_prometheus_name.
+NOT_IN_SHORT_REFERENCE_RUN = {
+    # No seed germinates in 3 epochs (warm-up), so nothing per-seed is measured, and with
+    # fewer than two active seeds there is no Shapley estimate.
+    "karn.host.seed_grad_norm",
+    "karn.host.grad_isolation_leakage",
+    "karn.slot.counterfactual_contribution",
+    "karn.slot.total_improvement",
+    "karn.slot.last_gate_passed",
+    "karn.counterfactual.removal_cost",
+    *(m.name for m in reg.METRICS if m.source == "shapley"),
+    # The heuristic controller is no PPO policy and has no shadow to agree with.
+    *(m.name for m in reg.METRICS if m.source in ("policy", "ppo")),
+    "karn.analytics.policy_agreement",
+    # A healthy run raises no alert, rejects nothing and drops nothing.
+    "karn.health.alerts",
+    "karn.telemetry.events.rejected",
+    "karn.telemetry.events.dropped",
+}
+INJECTED_REASON = "test_injected_window"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def otel_sink(collector: kc.KarnCollector) -> OTelSink:
+    return next(s for s in collector.sinks if isinstance(s, OTelSink))
+
+
+def scrape(port: int) -> dict[str, list]:
+    """Prometheus text exposition -> {sample name: [(labels, value), ...]}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def batches(epoch: int, n: int) -> tuple[BatchMetrics, ...]:
+    return tuple(BatchMetrics(epoch, i, 2.0 - i / n, i / n, 0.5, {}, None) for i in range(n))
+
+
+def dense_trace(epoch: int) -> DenseTrace:
+    return DenseTrace(
+        trigger_reason=INJECTED_REASON,
+        window_start_epoch=epoch,
+        window_end_epoch=epoch,
+        batch_metrics=batches(epoch, 40),
+        gradient_histograms={},
+        gradient_flow={"conv1": 0.3},
+        activation_means={"conv1": 0.1},
+        activation_stds={"conv1": 1.0},
+        dead_neuron_counts={"conv1": 2},
+    )
+
+
+def run_reference(tmp_path: Path, **otel_config) -> tuple[kc.KarnCollector, str]:
+    """The reference episode (3 epochs) with a DenseTrace emitted after epoch 2, as a trigger would."""
+    c = karn_otel.configure(KarnConfig(out_dir=tmp_path, console="off", otel_export_interval_s=0.2, **otel_config))
+
+    def dense_after_epoch_2(env):
+        if env.event_type is TelemetryEventType.HOST_SNAPSHOT and env.payload.epoch == 2:
+            return [dense_trace(2)]
+        return ()
+
+    c.add_processor(dense_after_epoch_2)
+    result = run_episode(RunConfig(epochs=3))
+    return c, result.episode_id
+
+
+# ---------------------------------------------------------------------- the registry and its docs
+
+
+def test_docs_are_generated_from_the_registry():
+    path = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
+    assert path.read_text(encoding="utf-8") == reg.render_markdown(), (
+        "docs/metrics.md is stale: run python -m karn_otel.metrics_registry --write-docs"
+    )
+    assert reg.main(["--check"]) == 0
+
+
+def test_registry_rules():
+    reg.validate()
+    for m in reg.METRICS:
+        assert set(m.labels) <= set(reg.LABEL_VALUES), m.name
+        assert not COMMON & set(m.labels), m.name
+        assert "_" + m.unit not in m.name, f"{m.name}: no unit in the name"
+    assert reg.prometheus_name("karn.host.val_loss", "1", "gauge") == "karn_host_val_loss"
+    assert reg.prometheus_name("karn.episode.duration", "s", "gauge") == "karn_episode_duration_seconds"
+    assert reg.prometheus_name("karn.health.alerts", "{alert}", "counter") == "karn_health_alerts_total"
+    with pytest.raises(ValueError):
+        reg.prometheus_name("karn.x", "furlong", "gauge")
+    with pytest.raises(ValueError, match="bounded label"):
+        reg.validate((reg.MetricDef("karn.bad.seed", "gauge", "1", "d", "slot", "alpha", "seed_id"),))
+
+
+def test_trace_id_is_the_episode_id():
+    eid = uuid.uuid4().hex
+    assert f"{trace_id_for_episode(eid):032x}" == eid
+    other = trace_id_for_episode("ep-1")
+    assert 0 < other < 2**128 and other == trace_id_for_episode("ep-1") != trace_id_for_episode("ep-2")
+
+
+def test_resource_merges_standard_env(monkeypatch):
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=lab,karn.rank=99")
+    r = build_resource(KarnConfig(out_dir=None), "run-1", 2, 4).attributes
+    assert r["service.name"] == "karn"
+    assert r["service.instance.id"] == "run-1-rank2"
+    assert (r["karn.run_id"], r["karn.rank"], r["karn.world_size"]) == ("run-1", 2, 4), "Karn's facts win over the env"
+    assert r["deployment.environment"] == "lab" and r["host.name"]
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    assert build_resource(KarnConfig(out_dir=None), "r", 0, 1).attributes["service.name"] == "from-env"
+    cfg = KarnConfig(out_dir=None, service_name="from-config")
+    assert build_resource(cfg, "r", 0, 1).attributes["service.name"] == "from-config"
+
+
+# ---------------------------------------------------------------------- the reference episode over OTLP
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_reference_episode_over_otlp(tmp_path, protocol):
+    with OTLPReceiver(protocol) as rx:
+        try:
+            c, episode_id = run_reference(tmp_path, otlp_endpoint=rx.endpoint, otlp_protocol=protocol, prometheus_port=0)
+            sink = otel_sink(c)
+            assert sink.otlp_protocol == protocol
+            assert trace.get_tracer_provider() is not sink._tracer_provider, "Karn never sets the global provider"
+            scraped = scrape(sink.prometheus_port)
+        finally:
+            karn_otel.shutdown()
+
+        check_resource(rx, c)
+        check_trace(rx.spans(), episode_id)
+        check_otlp_metrics(rx)
+    check_prometheus(scraped, c, expect=[m for m in reg.METRICS if m.name not in NOT_IN_SHORT_REFERENCE_RUN])
+    # With the HealthMonitor attached (configure() does), every check has a status, passing or not.
+    assert {lb["check"] for lb, _ in scraped["karn_health_status"]} == set(CHECK_NAMES)
+
+
+def check_resource(rx: OTLPReceiver, c: kc.KarnCollector) -> None:
+    resources = rx.resources()
+    assert resources, "nothing arrived"
+    for r in resources:
+        assert r["service.name"] == "karn"
+        assert r["service.instance.id"] == f"{c.run_id}-rank0"
+        assert (r["karn.run_id"], r["karn.rank"], r["karn.world_size"]) == (c.run_id, 0, 1)
+
+
+def check_trace(spans: list, episode_id: str) -> None:
+    assert {s.trace_id for s in spans} == {episode_id}, "one trace per episode, its id the episode id"
+    roots = [s for s in spans if s.name == "karn.episode"]
+    assert len(roots) == 1 and roots[0].parent_span_id == ""
+    root = roots[0]
+    assert root.attributes["karn.episode_id"] == episode_id
+    assert root.attributes["karn.episode.complete"] is True
+    epochs = sorted((s for s in spans if s.name == "karn.epoch"), key=lambda s: s.start_ns)
+    assert [s.attributes["karn.epoch"] for s in epochs] == [1, 2, 3]
+    for prev, span in zip([root] + epochs, epochs):
+        assert span.parent_span_id == root.span_id
+        assert span.attributes["karn.episode_id"] == episode_id
+        assert {"karn.val_loss", "karn.val_accuracy", "karn.train_loss", "karn.total_params"} <= set(span.attributes)
+        assert span.attributes["karn.slot.early.stage"] == "DORMANT"
+        # Epochs tile the episode: each starts where the previous one ended.
+        assert span.start_ns == (prev.start_ns if prev is root else prev.end_ns) and span.end_ns >= span.start_ns
+        names = [e[0] for e in span.events]
+        assert "karn.controller_decision" in names and "karn.counterfactual" in names
+    assert root.end_ns >= epochs[-1].end_ns
+    windows = [s for s in spans if s.name == "karn.dense_window"]
+    dense = [s for s in windows if s.attributes["karn.dense.trigger_reason"] == INJECTED_REASON]
+    assert len(dense) == 1
+    d = dense[0]
+    assert d.parent_span_id == root.span_id
+    assert (d.attributes["karn.dense.window_start_epoch"], d.attributes["karn.dense.window_end_epoch"]) == (2, 2)
+    assert d.attributes["karn.dense.batches"] == 40
+    batch_events = [e for e in d.events if e[0] == "karn.batch"]
+    assert len(batch_events) == otel.MAX_BATCH_EVENTS, "batches are bounded span events"
+    assert batch_events[0][2]["karn.batch_idx"] == 0 and batch_events[-1][2]["karn.batch_idx"] == 39
+    assert d.start_ns == epochs[1].start_ns, "the window starts with its first epoch"
+    assert len({s.name for s in spans}) == 3, "span names are a bounded set"
+
+
+def check_otlp_metrics(rx: OTLPReceiver) -> None:
+    points = rx.metric_points()
+    assert points
+    kinds = {"gauge": "gauge", "counter": "sum"}
+    names = set()
+    for p in points:
+        m = reg.by_name(p.name)  # KeyError: a metric the registry does not know
+        names.add(p.name)
+        assert (p.unit, p.description, p.kind) == (m.unit, m.description, kinds[m.kind]), p.name
+        assert set(p.attributes) == COMMON | set(m.labels), p.name
+        assert p.attributes["rank"] == 0 and p.attributes["world_size"] == 1
+    assert {"karn.host.val_loss", "karn.slot.alpha", "karn.telemetry.events.accepted"} <= names
+
+
+def check_prometheus(scraped: dict, c: kc.KarnCollector, expect: list) -> None:
+    # Every series carries the run, the rank and the world size.
+    for name, series in scraped.items():
+        if name == "target_info":
+            continue
+        for labels, _ in series:
+            assert labels["run_id"] == c.run_id and labels["rank"] == str(c.rank), name
+            assert labels["world_size"] == str(c.world_size), name
+    assert scraped["target_info"][0][0]["service_instance_id"] == f"{c.run_id}-rank{c.rank}"
+    known = {m.prometheus_name: m for m in reg.METRICS}
+    for name, series in scraped.items():
+        if name == "target_info":
+            continue
+        m = known.get(name)
+        assert m is not None, f"{name} is exposed but is no registry prometheus_name"
+        for labels, _ in series:
+            assert set(labels) == COMMON | set(m.labels), name
+    missing = [m.name for m in expect if m.prometheus_name not in scraped]
+    assert not missing, f"registry metrics not exposed under their prometheus_name: {missing}"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_standard_otel_env_configures_the_export(monkeypatch, protocol):
+    with OTLPReceiver(protocol) as rx:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-karn-tenant=lab")
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "karn-env")
+        c = karn_otel.configure(KarnConfig(out_dir=None, console="off", otel_shutdown_timeout_s=2.0))
+        try:
+            assert otel_sink(c).otlp_protocol == protocol, "the factory adds the sink for the env endpoint alone"
+            c.emit(make_context(episode_id="ep-env"))
+            c.emit(HostSnapshot(1, 1.9, 0.4, 1.8, 0.82, 1674, 0, 1674, 0, 0.5, {}, None))
+            c.emit(EpisodeSummary(1, 1.8, 0.82, 0.80, 1674, 1674, 0, 0.1))
+        finally:
+            karn_otel.shutdown()
+        spans = rx.spans()
+        assert {s.name for s in spans} == {"karn.episode", "karn.epoch"}
+        assert {s.trace_id for s in spans} == {f"{trace_id_for_episode('ep-env'):032x}"}, "other ids are hashed"
+        assert all(r["service.name"] == "karn-env" for r in rx.resources())
+        assert rx.headers and all(h.get("x-karn-tenant") == "lab" for h in rx.headers)
+        assert rx.metric_points()
+
+
+# ---------------------------------------------------------------------- every metric, hand-driven
+
+
+def full_episode(c: kc.KarnCollector) -> None:
+    """One epoch with every event type Karn knows, so every registry metric has a value."""
+    c.emit(make_context(episode_id=uuid.uuid4().hex))
+    c.emit(HostBaseline(2.3, 0.1, Path("ckpt.pt")), epoch=0)
+    dormant, germinated = SeedStage.DORMANT, SeedStage.GERMINATED
+    c.emit(GateEvaluationTrace("G0", "mid", None, True, "ok", dormant, germinated, {"p": 76.0}, {"max": 1e3}), epoch=1)
+    c.emit(StageTransition("mid", "mid-attention-1", "attention", dormant, germinated, "G0 passed"), epoch=1)
+    c.emit(
+        CounterfactualMatrix(
+            epoch=1,
+            slot_ids=("mid",),
+            configs=(
+                CounterfactualResult((True,), {"mid": 1.0}, 0.5, 0.82),
+                CounterfactualResult((False,), {"mid": 0.0}, 0.6, 0.80),
+            ),
+            marginal_contributions={"mid": 0.02},
+            interaction_effects={},
+            shapley_values={"mid": ShapleyEstimate(0.02, 0.005, 20, ci_low=0.01, ci_high=0.03)},
+            n_evaluations=2,
+            elapsed_s=0.25,
+        )
+    )
+    op = FactoredAction(ActionOp.GERMINATE, "mid", "attention")
+    c.emit(ControllerDecision("ppo", op, "plateau", shadow_action=FactoredAction(ActionOp.WAIT)), epoch=1)
+    adv = AdvantageStats(0.0, 1.0, -2.0, 2.5, 0.1)
+    ratio = RatioStats(1.01, 0.05, 0.04, {"op": 0.02, "slot": 0.03})
+    lstm = LSTMHealth(0.01, 0.3, -0.02, 0.5, 0.07)
+    c.emit(
+        PPOUpdateStats(
+            3, -0.02, 0.4, 0.011, {"op": 0.006, "slot": 0.005}, 0.6, {"op": 1.2, "slot": 0.9}, 0.42, adv, ratio, lstm
+        ),
+        epoch=1,
+    )
+    c.emit(
+        PolicySnapshot(
+            observation_vector=(0.1, 0.2),
+            action=op,
+            action_log_probs={"op": -0.5, "slot": -1.1},
+            action_was_masked=False,
+            value_estimate=0.3,
+            advantage=0.05,
+            reward_total=0.04,
+            reward_components=RewardComponentsTelemetry(0.05, -0.01, 0.0, 0.0),
+        ),
+        epoch=1,
+    )
+    c.emit(HealthAlert("entropy_collapse", Severity.WARNING, "entropy 0.05 < 0.1", 0.05, 0.1), epoch=1)
+    for sid, stage in (("early", SeedStage.DORMANT), ("mid", SeedStage.GERMINATED), ("late", SeedStage.DORMANT)):
+        seeded = sid == "mid"
+        c.emit(
+            SlotSnapshot(
+                sid, stage, 1, "mid-attention-1" if seeded else None, "attention" if seeded else None,
+                76 if seeded else 0, 0.3 if seeded else 0.0, 0.02 if seeded else None, 0.01 if seeded else None, 0.0,
+                "G0" if seeded else None, True if seeded else None, "ok" if seeded else None,
+            ),
+            epoch=1,
+        )
+    c.emit(HostSnapshot(1, 1.9, 0.4, 1.8, 0.82, 1674, 76, 1750, 0, 0.5, {"mid": 0.2}, 0.001))
+    c.emit(dense_trace(1), epoch=1)
+    c.emit(SlotSnapshot("nowhere", SeedStage.DORMANT, 0, None, None, 0, 0.0, None, None, 0.0, None, None, None), epoch=1)
+    c.emit(HostBaseline(2.3, 0.1, Path("ckpt.pt"), final_host_only_loss=1.9, final_host_only_accuracy=0.8))
+    c.emit(EpisodeSummary(1, 1.8, 0.82, 0.80, 1674, 1750, 0, 3.5))
+
+
+class LossySink:
+    """Stands in for a sink that lost events and has a queue (the run log, say)."""
+
+    def handle(self, event):
+        pass
+
+    def flush(self, timeout=None):
+        pass
+
+    def close(self):
+        pass
+
+    def dropped(self):
+        return {"queue_full": 2}
+
+    def queue_depth(self):
+        return 5
+
+
+def test_every_registry_metric_is_scraped_under_its_prometheus_name():
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
+    sink = OTelSink(c.config, c)
+    c.add_sink(sink)
+    c.add_sink(LossySink())
+    try:
+        assert sink.otlp_protocol is None and sink._traces is None, "no endpoint: metrics only, no span bookkeeping"
+        full_episode(c)
+        assert c.rejected == {"unknown_slot": 1} and not c.sink_errors
+        scraped = scrape(sink.prometheus_port)
+    finally:
+        c.close()
+    check_prometheus(scraped, c, expect=list(reg.METRICS))
+
+    def value(name, **labels):
+        [v] = [v for lb, v in scraped[name] if all(lb[k] == x for k, x in labels.items())]
+        return v
+
+    assert value("karn_ppo_entropy", head="op") == 1.2
+    assert value("karn_ppo_ratio_head_clip_rate", head="slot") == 0.03
+    assert value("karn_policy_reward_component", component="parameter_cost") == -0.01
+    assert value("karn_counterfactual_shapley_ci_high", slot="mid") == 0.03
+    assert value("karn_counterfactual_duration_seconds") == 0.25
+    assert value("karn_slot_stage", slot="mid", stage="GERMINATED") == 1
+    assert value("karn_slot_stage", slot="mid", stage="DORMANT") == 0
+    assert value("karn_slot_alpha", slot="mid", blueprint="attention") == 0.3
+    assert value("karn_health_status", check="entropy_collapse") == 2, "no monitor: the latest alert's severity"
+    assert value("karn_analytics_policy_agreement") == 0, "GERMINATE vs the shadow's WAIT"
+    assert value("karn_health_alerts_total", check="entropy_collapse", severity="warning") == 1
+    assert value("karn_controller_decisions_total", op="GERMINATE") == 1
+    assert value("karn_telemetry_events_rejected_total", reason="unknown_slot") == 1
+    assert value("karn_telemetry_events_dropped_total", component="LossySink", reason="queue_full") == 2
+    assert value("karn_telemetry_queue_depth", component="LossySink") == 5
+    assert value("karn_telemetry_dense_windows_total") == 1
+    assert value("karn_analytics_accuracy_delta") == pytest.approx(0.02)
+    assert value("karn_episode_duration_seconds") == 3.5
+
+
+def test_non_finite_values_make_no_point(caplog):
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
+    sink = OTelSink(c.config, c)
+    c.add_sink(sink)
+    try:
+        c.emit(make_context())
+        c.emit(HostSnapshot(1, float("inf"), 0.4, float("nan"), 0.82, 1674, 0, 1674, 0, 0.5, {}, None))
+        scraped = scrape(sink.prometheus_port)
+    finally:
+        c.close()
+    assert "karn_host_val_loss" not in scraped and "karn_host_train_loss" not in scraped
+    assert scraped["karn_host_val_accuracy"][0][1] == 0.82
+    assert "non-finite" not in caplog.text, "Karn filters them before the SDK complains on every collection"
+
+
+def test_prometheus_port_is_base_plus_local_rank(monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=port - 1))
+    sink = OTelSink(c.config, c)
+    try:
+        assert sink.prometheus_port == port
+        assert "karn_telemetry_events_accepted_total" in scrape(port)
+    finally:
+        sink.close()
+
+
+# ---------------------------------------------------------------------- outage
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_unreachable_endpoint_loses_counted_data_and_nothing_else(tmp_path, protocol):
+    bound = 1.5
+    c, episode_id = run_reference(
+        tmp_path,
+        otlp_endpoint=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        otlp_protocol=protocol,
+        prometheus_port=0,
+        otel_shutdown_timeout_s=bound,
+    )
+    sink = otel_sink(c)
+    try:
+        # The epochs were exported (and failed) while the episode ran; the failures are counted...
+        deadline = time.monotonic() + 10
+        while sink.dropped().get("spans_export_failed", 0) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        scraped = scrape(sink.prometheus_port)
+        t0 = time.monotonic()
+    finally:
+        karn_otel.shutdown()
+    elapsed = time.monotonic() - t0
+    assert elapsed <= bound + 0.25, f"shutdown took {elapsed:.2f} s with a {bound} s bound"
+
+    lost = sink.dropped()
+    # 1 episode + 3 epochs + 1 dense window: every span is accounted for, sent or lost.
+    assert lost.get("spans_export_failed", 0) + lost.get("spans_unsent_at_shutdown", 0) == 5, lost
+    assert sink._ledger.export_failures["traces"] >= 1
+    assert sink.queue_depth() == 0
+    # ... and visible as metrics.
+    failed = {lb["signal"]: v for lb, v in scraped["karn_telemetry_export_failures_total"]}
+    assert failed["traces"] >= 1
+    dropped = {lb["reason"]: v for lb, v in scraped["karn_telemetry_events_dropped_total"] if lb["component"] == "OTelSink"}
+    assert dropped["spans_export_failed"] >= 4
+
+    # The run log, the source of truth, is complete.
+    rec = read_run(tmp_path / c.run_id)
+    types = [e.event_type for e in rec.events]
+    assert types[0] is TelemetryEventType.EPISODE_STARTED and types[-1] is TelemetryEventType.EPISODE_ENDED
+    assert types.count(TelemetryEventType.HOST_SNAPSHOT) == 3 and TelemetryEventType.DENSE_TRACE in types
+    assert rec.events[-1].episode_id == episode_id and not rec.skipped
+
+
+def test_flush_never_waits_for_an_endpoint_that_has_not_answered():
+    cfg = KarnConfig(out_dir=None, console="off", otlp_endpoint=f"127.0.0.1:{free_port()}", otel_shutdown_timeout_s=1.0)
+    c = kc.KarnCollector(cfg)
+    sink = OTelSink(cfg, c)
+    c.add_sink(sink)
+    try:
+        c.emit(make_context())
+        t0 = time.monotonic()
+        sink.flush(timeout=10.0)
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        c.close()
+
+
+class HangingSpanExporter(otel.SpanExporter):
+    def export(self, spans):
+        time.sleep(30)
+
+    def shutdown(self):
+        time.sleep(30)
+
+
+class HangingMetricExporter(otel.MetricExporter):
+    def export(self, metrics_data, timeout_millis=10_000, **kwargs):
+        time.sleep(30)
+
+    def force_flush(self, timeout_millis=10_000):
+        return True
+
+    def shutdown(self, timeout_millis=30_000, **kwargs):
+        time.sleep(30)
+
+
+def test_close_is_bounded_even_when_exporters_hang(monkeypatch):
+    monkeypatch.setattr(otel, "_otlp_span_exporter", lambda *a: HangingSpanExporter())
+    monkeypatch.setattr(otel, "_otlp_metric_exporter", lambda *a: HangingMetricExporter())
+    cfg = KarnConfig(
+        out_dir=None, console="off", otlp_endpoint="127.0.0.1:1", otel_export_interval_s=0.05, otel_shutdown_timeout_s=0.5
+    )
+    c = kc.KarnCollector(cfg)
+    sink = OTelSink(cfg, c)
+    c.add_sink(sink)
+    c.emit(make_context())
+    c.emit(HostSnapshot(1, 1.9, 0.4, 1.8, 0.82, 1674, 0, 1674, 0, 0.5, {}, None))
+    time.sleep(0.2)  # let both exporters get stuck
+    t0 = time.monotonic()
+    sink.close()
+    elapsed = time.monotonic() - t0
+    assert elapsed <= 0.5 + 0.25, f"close took {elapsed:.2f} s with a 0.5 s bound"
+    assert sink.dropped().get("spans_unsent_at_shutdown", 0) >= 1, "the open episode span was never sent"
