@@ -16,7 +16,7 @@ from karn_otel.contracts import SeedStage, TelemetryEvent, TelemetryEventType, T
 from karn_otel.store import TelemetryStore
 
 ET = TelemetryEventType
-WIDTH = 67  # inner width of the box, as in the spec
+WIDTH = 72  # inner width of the box (the spec draws 67; seed rows need a little more)
 
 
 class ConsoleSink:
@@ -182,7 +182,7 @@ class ConsoleSink:
             if c is not None and c.contribution is not None:
                 contrib = _pts(c.contribution)
                 if c.ci_low is not None and c.ci_high is not None:
-                    contrib += f" [{_pts(c.ci_low)},{_pts(c.ci_high)}]"
+                    contrib += f" [{100 * c.ci_low:+.1f},{100 * c.ci_high:+.1f}]"
                 eff = c.efficiency
                 if eff is not None:
                     contrib += f" eff {eff:.3g}"
@@ -200,7 +200,7 @@ class ConsoleSink:
             dec = st.recent_decisions(1)
             who = dec[-1][1].controller if dec else "-"
             rows.append(f"  controller: {who} (no PPO updates)")
-        recent = " ".join(d.action.label() for _, d in st.recent_decisions(5))
+        recent = " ".join(d.action.label() for _, d in st.recent_decisions(4))
         rows.append(f"  Recent actions: {recent or '-'}")
         rows.append(None)
         alerts = st.recent_alerts(3)
@@ -230,7 +230,7 @@ def _pts(x: float | None) -> str:
 
 
 def _k(n: int) -> str:
-    return f"{n / 1000:.1f}K p" if n >= 1000 else f"{n} p"
+    return f"{n / 1000:.1f}Kp" if n >= 1000 else f"{n}p"
 
 
 def _verdict(win: bool, unknown: bool) -> str:

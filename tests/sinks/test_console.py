@@ -56,7 +56,7 @@ def test_live_dashboard_renders_every_block(memory_collector):
     assert "Epoch 4/10" in text
     assert "67.2% (+4.9% vs host-only)" in text and "✓ WIN" in text
     assert "PARAM RATIO     1.20x" in text
-    assert "mid:" in text and "+4.9% [+2.9%,+6.9%]" in text and "attention" in text
+    assert "mid:" in text and "+4.9% [+2.9,+6.9]" in text and "attention" in text
     assert "GERMINATE(mid,attention)" in text
     assert "loss_spike" in text
     sink.close()
