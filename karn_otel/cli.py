@@ -50,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
             otlp_endpoint=args.otlp_endpoint,
             otlp_protocol=args.otlp_protocol,
             prometheus_port=args.prometheus_port,
+            prometheus_host=args.prometheus_host,
             service_name=args.service_name,
         )
     except ValueError as exc:
@@ -233,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--otlp-protocol", choices=["grpc", "http/protobuf"], help="OTLP protocol (default grpc)")
     o.add_argument(
         "--prometheus-port", type=int, metavar="PORT", help="serve /metrics on 127.0.0.1:PORT+local_rank (0 = any free port)"
+    )
+    o.add_argument(
+        "--prometheus-host",
+        default="127.0.0.1",
+        help="address /metrics binds (default 127.0.0.1; e.g. the docker bridge 172.17.0.1 for the compose stack)",
     )
     o.add_argument("--service-name", help="OTel service.name (default karn)")
     o.add_argument(
