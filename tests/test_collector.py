@@ -242,3 +242,13 @@ def test_dataclass_payload_must_be_exact_type():
 
     with pytest.raises(kc.TelemetryValidationError, match="unknown_event_type"):
         c.emit(Sneaky(**dataclasses.asdict(host())))
+
+
+def test_fast_envelope_equals_the_dataclass_constructor():
+    c, sink = make(strict=True)
+    c.emit(make_context())
+    ev = sink.events[0]
+    rebuilt = kc.TelemetryEvent(**{f: getattr(ev, f) for f in kc._EVENT_FIELDS})
+    assert ev == rebuilt and hash(repr(ev)) == hash(repr(rebuilt))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.epoch = 3  # type: ignore[misc]

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from karn_otel.contracts import BatchMetrics
-from karn_otel.torch import grad_norm
 
-# Column layout of the per-batch vector.
-_LOSS, _CORRECT, _N, _HOST, _LEAK, _SEEDS = 0, 1, 2, 3, 4, 5
+# Column layout of the per-batch vector: [loss*n, correct, n, leakage (cumulative), host grad
+# norm, one grad norm per slot].
+_LOSS, _CORRECT, _N, _LEAK, _HOST, _SEEDS = 0, 1, 2, 3, 4, 5
 
 
 class EpochAccumulator:
@@ -27,6 +27,8 @@ class EpochAccumulator:
         self.device = torch.device(device)
         self._rows: list[torch.Tensor] = []
         self._matrix: torch.Tensor | None = None
+        self._group_key: tuple[int, ...] | None = None
+        self._group_index = torch.zeros(0, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def update(
@@ -38,18 +40,39 @@ class EpochAccumulator:
         seed_params: dict[str, list[torch.nn.Parameter]],
         leak_meter: torch.Tensor | None = None,
     ) -> None:
+        """Append this batch's vector. A fixed, small number of device ops (one fused norm
+        over every gradient, grouped by index_add), whatever the number of parameters."""
         n = targets.shape[0]
         dt = torch.float64
-        parts = [
-            loss.detach().to(dt) * n,
-            (logits.argmax(dim=1) == targets).sum().to(dt),
-            torch.full((), float(n), dtype=dt, device=self.device),  # a fill kernel, not a copy
-            grad_norm(host_params).to(dt),
-            leak_meter.to(dt) if leak_meter is not None else torch.zeros((), dtype=dt, device=self.device),
-        ]
-        for sid in self.slot_ids:
-            parts.append(grad_norm(seed_params.get(sid, [])).to(dt))
-        self._rows.append(torch.stack(parts))
+        grads, groups = [], []
+        for p in host_params:
+            if p.grad is not None:
+                grads.append(p.grad)
+                groups.append(0)
+        for i, sid in enumerate(self.slot_ids):
+            for p in seed_params.get(sid, ()):
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    groups.append(i + 1)
+        group_norms = torch.zeros(1 + len(self.slot_ids), dtype=dt, device=self.device)
+        if grads:
+            key = tuple(groups)
+            if key != self._group_key:  # the layout changes at most once per epoch
+                self._group_index = torch.cat(
+                    [torch.full((1,), g, dtype=torch.long, device=self.device) for g in groups]
+                )  # fill kernels: no host-to-device copy
+                self._group_key = key
+            sq = torch.stack(torch._foreach_norm(grads)).to(dt).square()
+            group_norms.index_add_(0, self._group_index, sq).sqrt_()
+        head = torch.stack(
+            [
+                loss.detach().to(dt) * n,
+                (logits.argmax(dim=1) == targets).sum().to(dt),
+                torch.full((), float(n), dtype=dt, device=self.device),  # a fill kernel, not a copy
+                leak_meter.to(dt) if leak_meter is not None else torch.zeros((), dtype=dt, device=self.device),
+            ]
+        )
+        self._rows.append(torch.cat([head, group_norms]))
 
     def matrix(self) -> torch.Tensor:
         """(batches, columns) device tensor of this epoch's per-batch vectors."""

@@ -34,11 +34,13 @@ class DenseConfig:
 
 
 class _ActivationStats:
-    """Running sums for one hooked module: mean, std and dead units of its output."""
+    """Running sums for one hooked module: [sum, sum of squares, dead units] on the device,
+    plus element and batch counts kept in Python (they come from shapes: no sync)."""
 
     def __init__(self, device: torch.device) -> None:
-        z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
-        self.sum, self.sumsq, self.count, self.dead, self.batches = z(), z(), z(), z(), z()
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.count = 0
+        self.batches = 0
 
 
 class DenseCollector:
@@ -60,11 +62,13 @@ class DenseCollector:
         self.groups = groups
         self.activation_modules = activation_modules
         self.device = next(model.parameters()).device
-        self._hist = {g: torch.zeros(self.cfg.hist_bins, device=self.device) for g in groups}
-        self._flow_sum = {
-            name: torch.zeros((), dtype=torch.float64, device=self.device) for ps in groups.values() for name, _ in ps
-        }
+        self._hist_all = torch.zeros(self.cfg.hist_bins * len(groups), device=self.device)
+        self._flow_names = [name for ps in groups.values() for name, _ in ps]
+        self._flow_acc = torch.zeros(len(self._flow_names), dtype=torch.float64, device=self.device)
         self._flow_batches = 0
+        self._layout_key: tuple[str, ...] | None = None
+        self._offsets = torch.zeros(0, device=self.device)
+        self._flow_index = torch.zeros(0, dtype=torch.long, device=self.device)
         self._acts = {name: _ActivationStats(self.device) for name in activation_modules}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._sample_idx: dict[int, torch.Tensor] = {}
@@ -93,13 +97,11 @@ class DenseCollector:
             if not module.training:
                 return  # validation passes are not part of the training trace
             with torch.no_grad():
-                out = output.detach().to(torch.float64)
-                stats.sum += out.sum()
-                stats.sumsq += (out * out).sum()
-                stats.count += out.numel()
+                out = output.detach()
                 # Units = channels (dim 1): dead if never above threshold anywhere in the batch.
                 per_unit = out.transpose(0, 1).reshape(out.shape[1], -1).amax(dim=1)
-                stats.dead += (per_unit <= thr).sum()
+                stats.sums += torch.stack([out.sum(), out.square().sum(), (per_unit <= thr).sum()]).to(torch.float64)
+                stats.count += out.numel()
                 stats.batches += 1
 
         return hook
@@ -109,20 +111,49 @@ class DenseCollector:
     @torch.compiler.disable
     @torch.no_grad()
     def after_backward(self) -> None:
-        """Accumulate gradient histograms and per-layer gradient norms (device only)."""
+        """Accumulate gradient histograms and per-layer gradient norms (device only).
+
+        Fused across groups so the op count does not grow with the number of groups: every
+        group's log-magnitudes are shifted into a range of their own and binned by one
+        ``histc`` (values outside [hist_min, hist_max] land in the edge bins).
+        """
         c = self.cfg
-        for group, params in self.groups.items():
-            mags = [self._sample(p.grad).abs().flatten() for _, p in params if p.grad is not None]
-            if mags:
-                logmag = torch.log10(torch.cat(mags).float().clamp_min(1e-30))
-                self._hist[group] += torch.histc(logmag, bins=c.hist_bins, min=c.hist_min_log10, max=c.hist_max_log10)
-            grads = [p.grad for _, p in params if p.grad is not None]
-            if grads:
-                norms = torch._foreach_norm(grads)
-                names = [n for n, p in params if p.grad is not None]
-                for n, v in zip(names, norms):
-                    self._flow_sum[n] += v.to(torch.float64)
+        grads, names, group_of = [], [], []
+        for gi, (group, params) in enumerate(self.groups.items()):
+            for name, p in params:
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    names.append(name)
+                    group_of.append(gi)
+        if not grads:
+            return
+        key = tuple(names)
+        if key != self._layout_key:
+            self._set_layout(key, grads, group_of)
+        norms = torch.stack(torch._foreach_norm(grads)).to(torch.float64)
+        self._flow_acc.index_add_(0, self._flow_index, norms)
+        flat = torch.cat([self._sample(g).flatten() for g in grads]).float()
+        width = c.hist_max_log10 - c.hist_min_log10
+        logmag = flat.abs().clamp_min_(1e-30).log10_().clamp_(c.hist_min_log10, c.hist_max_log10 - 1e-6 * width)
+        logmag += self._offsets
+        n_groups = len(self.groups)
+        self._hist_all += torch.histc(
+            logmag, bins=c.hist_bins * n_groups, min=c.hist_min_log10, max=c.hist_min_log10 + width * n_groups
+        )
         self._flow_batches += 1
+
+    def _set_layout(self, key: tuple[str, ...], grads: list[torch.Tensor], group_of: list[int]) -> None:
+        """(Re)build the per-element group offsets and flow indices: once per parameter layout."""
+        width = self.cfg.hist_max_log10 - self.cfg.hist_min_log10
+        sizes = [min(g.numel(), self.cfg.max_hist_elements) for g in grads]
+        self._offsets = torch.cat(
+            [torch.full((n,), gi * width, device=self.device) for n, gi in zip(sizes, group_of)]
+        )
+        flow_pos = {n: i for i, n in enumerate(self._flow_names)}
+        self._flow_index = torch.cat(
+            [torch.full((1,), flow_pos[n], dtype=torch.long, device=self.device) for n in key]
+        )
+        self._layout_key = key
 
     def _sample(self, g: torch.Tensor) -> torch.Tensor:
         if g.numel() <= self.cfg.max_hist_elements:
@@ -150,32 +181,27 @@ class DenseCollector:
     ) -> DenseTrace:
         """Detach hooks and materialise everything with one host transfer."""
         self.detach()
-        groups = list(self._hist)
-        flow_names = list(self._flow_sum)
+        groups = list(self.groups)
         act_names = list(self._acts)
-        parts = [self._hist[g].to(torch.float64) for g in groups]
-        parts.append(torch.stack([self._flow_sum[n] for n in flow_names]) if flow_names else torch.zeros(0, dtype=torch.float64))
-        for n in act_names:
-            a = self._acts[n]
-            parts.append(torch.stack([a.sum, a.sumsq, a.count, a.dead, a.batches]))
-        flat = torch.cat([p.flatten().to(self.device) for p in parts]).tolist()  # the one sync
-        pos = 0
-        hist = {}
-        for g in groups:
-            hist[g] = tuple(flat[pos : pos + self.cfg.hist_bins])
-            pos += self.cfg.hist_bins
+        parts = [self._hist_all.to(torch.float64), self._flow_acc]
+        parts += [self._acts[n].sums for n in act_names]
+        flat = torch.cat(parts).tolist()  # the one sync
+        nb = self.cfg.hist_bins
+        hist = {g: tuple(flat[i * nb : (i + 1) * nb]) for i, g in enumerate(groups)}
+        pos = nb * len(groups)
         batches = max(self._flow_batches, 1)
-        flow = {n: flat[pos + i] / batches for i, n in enumerate(flow_names)}
-        pos += len(flow_names)
+        flow = {n: flat[pos + i] / batches for i, n in enumerate(self._flow_names)}
+        pos += len(self._flow_names)
         means, stds, dead = {}, {}, {}
         for n in act_names:
-            s, sq, cnt, d, b = flat[pos : pos + 5]
-            pos += 5
-            if cnt > 0:
-                mean = s / cnt
+            s, sq, d = flat[pos : pos + 3]
+            pos += 3
+            a = self._acts[n]
+            if a.count > 0:
+                mean = s / a.count
                 means[n] = mean
-                stds[n] = max(sq / cnt - mean * mean, 0.0) ** 0.5
-                dead[n] = int(round(d / max(b, 1.0)))  # dead units per batch, averaged
+                stds[n] = max(sq / a.count - mean * mean, 0.0) ** 0.5
+                dead[n] = int(round(d / max(a.batches, 1)))  # dead units per batch, averaged
         return DenseTrace(
             trigger_reason=trigger_reason,
             window_start_epoch=window_start_epoch,
