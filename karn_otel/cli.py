@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections import Counter
@@ -84,6 +85,10 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _run_ranks(cfg, kcfg, args: argparse.Namespace) -> int:
     """`karn run --nproc N`: N DDP ranks on this machine, each reporting through Karn."""
     import dataclasses
@@ -94,7 +99,17 @@ def _run_ranks(cfg, kcfg, args: argparse.Namespace) -> int:
     kcfg = dataclasses.replace(kcfg, run_id=new_run_id())
     run_dir = Path(args.out) / kcfg.run_id
     print(f"starting {cfg.nproc} ranks (DDP, gloo) for run {kcfg.run_id} ...", flush=True)
-    result = run_ranks(cfg, kcfg)
+    if kcfg.prometheus_port is not None:
+        last = kcfg.prometheus_port + cfg.nproc - 1
+        print(f"metrics: http://{kcfg.prometheus_host}:{kcfg.prometheus_port}..{last}/metrics (one port per rank)", flush=True)
+    # SIGTERM (a job scheduler, a test harness) takes the same path as Ctrl-C: the launcher
+    # then terminates the ranks instead of leaving them orphaned.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        result = run_ranks(cfg, kcfg, serve_after=args.serve_after)
+    except KeyboardInterrupt:
+        print("\nkarn run: interrupted; the ranks were stopped", file=sys.stderr)
+        return 130
     if not result.ok:
         print(f"karn run: {result.describe()}", file=sys.stderr)
         print(f"run dir (incomplete): {run_dir}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def rank_config(base: KarnConfig, info: RankInfo) -> KarnConfig:
     )
 
 
-def _rank_main(info: RankInfo, cfg: RunConfig, base: KarnConfig) -> None:
+def _rank_main(info: RankInfo, cfg: RunConfig, base: KarnConfig, serve_after: float = 0.0) -> None:
     # DDP's note about a 36-element conv weight's gradient layout is noise at this size.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     collector = karn_otel.configure(rank_config(base, info))
@@ -65,17 +66,22 @@ def _rank_main(info: RankInfo, cfg: RunConfig, base: KarnConfig) -> None:
     watch = RankWatch(heartbeats, info.world_size, cfg.heartbeat_timeout_s).start() if info.rank == 0 else None
     try:
         run_reference(cfg, checkpoint_dir=run_dir / "checkpoints" if info.rank == 0 else None, heartbeat_dir=heartbeats)
+        if serve_after > 0 and base.prometheus_port is not None:
+            time.sleep(serve_after)  # keep this rank's /metrics up for a last scrape
     finally:
         if watch is not None:
             watch.stop()
         karn_otel.shutdown()
 
 
-def run_ranks(cfg: RunConfig, base: KarnConfig, timeout_s: float | None = None) -> SpawnResult:
-    """Train on ``cfg.nproc`` ranks; ``base.run_id`` must be set (all ranks share it)."""
+def run_ranks(
+    cfg: RunConfig, base: KarnConfig, timeout_s: float | None = None, serve_after: float = 0.0
+) -> SpawnResult:
+    """Train on ``cfg.nproc`` ranks; ``base.run_id`` must be set (all ranks share it).
+    ``serve_after``: seconds each rank keeps its Prometheus endpoint up after training."""
     if base.run_id is None:
         raise ValueError("run_ranks needs base.run_id: every rank reports under the same run")
-    return spawn(_rank_main, cfg.nproc, (cfg, base), num_threads=cfg.num_threads, timeout_s=timeout_s)
+    return spawn(_rank_main, cfg.nproc, (cfg, base, serve_after), num_threads=cfg.num_threads, timeout_s=timeout_s)
 
 
 __all__ = ["RankWatch", "rank_config", "run_ranks"]
