@@ -30,7 +30,6 @@ from karn_otel.config import KarnConfig  # noqa: E402
 from karn_otel.contracts import SeedStage, SlotSnapshot  # noqa: E402
 from karn_otel.reference.trainer import RunConfig, run_episode  # noqa: E402
 from karn_otel.sinks.console import ConsoleSink  # noqa: E402
-from karn_otel.sinks.runlog import RunLogSink  # noqa: E402
 
 
 def timed_episode(cfg: RunConfig, configured: bool, out: Path) -> tuple[float, float]:

@@ -512,21 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 when docs/metrics.md differs from the registry")
     ap.add_argument("--path", type=Path, default=DOCS_PATH, help="the markdown file (default: docs/metrics.md)")
     args = ap.parse_args(argv)
-    text = render_markdown()
-    if args.write_docs:
-        args.path.parent.mkdir(parents=True, exist_ok=True)
-        args.path.write_text(text, encoding="utf-8")
-        print(f"wrote {args.path} ({len(METRICS)} metrics)")
-        return 0
-    if args.check:
-        current = args.path.read_text(encoding="utf-8") if args.path.exists() else ""
-        if current != text:
-            print(f"{args.path} is stale: run python -m karn_otel.metrics_registry --write-docs", file=sys.stderr)
-            return 1
-        return 0
-    sys.stdout.write(text)
-    return 0
+    from karn_otel.generated import write_or_check
 
+    return write_or_check(
+        render_markdown(),
+        args.path,
+        write=args.write_docs,
+        check=args.check,
+        regenerate="python -m karn_otel.metrics_registry --write-docs",
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -247,7 +247,7 @@ def rank_missing_rule() -> Rule:
         for_="1m",
         labels={"severity": Severity.CRITICAL.value},
         annotations={
-            "summary": f"Karn rank {{{{ $labels.rank }}}} of run {{{{ $labels.run_id }}}} stopped reporting",
+            "summary": "Karn rank {{ $labels.rank }} of run {{ $labels.run_id }} stopped reporting",
             "description": (
                 "Rank {{ $labels.rank }} of run {{ $labels.run_id }} (world size {{ $labels.world_size }}) stopped "
                 "reporting Karn metrics before its episode ended, or while other ranks of the run still report: "
@@ -359,21 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         "monitor), e.g. op=4,slot=3,blueprint=3,blend=2; the committed file uses the monitor's defaults (none)",
     )
     args = ap.parse_args(argv)
-    text = render(DEFAULT_THRESHOLDS, args.head_sizes)
-    if args.write:
-        args.path.parent.mkdir(parents=True, exist_ok=True)
-        args.path.write_text(text, encoding="utf-8")
-        print(f"wrote {args.path}")
-        return 0
-    if args.check:
-        current = args.path.read_text(encoding="utf-8") if args.path.exists() else ""
-        if current != text:
-            print(f"{args.path} is stale: run python -m karn_otel.stack_rules --write", file=sys.stderr)
-            return 1
-        return 0
-    sys.stdout.write(text)
-    return 0
+    from karn_otel.generated import write_or_check
 
+    return write_or_check(
+        render(DEFAULT_THRESHOLDS, args.head_sizes),
+        args.path,
+        write=args.write,
+        check=args.check,
+        regenerate="python -m karn_otel.stack_rules --write",
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,6 @@ from karn_otel.contracts import (
     HealthAlert,
     HostBaseline,
     HostSnapshot,
-    ModeChange,
     OperatingMode,
     PolicySnapshot,
     PPOUpdateStats,

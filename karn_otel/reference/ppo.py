@@ -38,7 +38,7 @@ global torch RNG — and therefore the host's training — is the same with or w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch

@@ -12,7 +12,6 @@ from karn_otel.reference.host import HostCNN
 from karn_otel.reference.slots import BLUEPRINTS, LifecycleConfig, build_seed, count_params
 from karn_otel.reference.trainer import ReferenceTrainer, RunConfig, run_episode
 from karn_otel.replay import compare_events
-from tests.conftest import canon
 
 # Grows a seed whenever none is growing, so a short run walks the whole lifecycle.
 FAST = RunConfig(epochs=12, warmup_epochs=1, min_training_epochs=1, blend_epochs=2, probation_epochs=1, plateau_threshold=1.0)
