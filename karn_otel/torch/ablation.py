@@ -72,6 +72,7 @@ def evaluate_shared_prefix(
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int = 1024,
+    batch_leaves: bool | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Same results as :func:`evaluate_configurations`, computing each shared prefix once.
 
@@ -79,9 +80,10 @@ def evaluate_shared_prefix(
     ``segments[-1]``. ``branching[d]`` marks the slots the configurations switch (in order);
     the others run as they are. A depth-first walk over the configuration trie holds one
     cached activation per depth: the activation after slot d is computed once for every
-    configuration sharing that prefix. The two leaves under the last branching point are
-    batched into one call of the remaining segments. Only requested configurations are
-    visited. For ``n`` branching slots and equal segments the full factorial costs
+    configuration sharing that prefix. With ``batch_leaves`` the two leaves under the last
+    branching point go through the remaining segments as one batch (fewer, larger kernel
+    launches: the default on accelerators; on CPU a doubled batch can cost more per example
+    than it saves, so the default there is off). Only requested configurations are visited. For ``n`` branching slots and equal segments the full factorial costs
     ``2**(n+1) - 1`` segment passes instead of ``(n + 1) * 2**n``.
     """
     if len(segments) != len(slots) + 1:
@@ -92,6 +94,8 @@ def evaluate_shared_prefix(
     for c in configs:
         if len(c) != n_branch:
             raise ValueError(f"configuration {c} has {len(c)} entries for {n_branch} switched slots")
+    if batch_leaves is None:
+        batch_leaves = x.device.type != "cpu"
     wanted = {tuple(c) for c in configs}
     prefixes = {c[:k] for c in wanted for k in range(n_branch + 1)}
     was_training = model.training
@@ -120,7 +124,7 @@ def evaluate_shared_prefix(
         on_p, off_p = prefix + (True,), prefix + (False,)
         choices = [(p, on) for p, on in ((on_p, True), (off_p, False)) if p in prefixes]
         last_branch = not any(branching[depth + 1 :])
-        if last_branch and len(choices) == 2:
+        if batch_leaves and last_branch and len(choices) == 2:
             # Both leaves under the last switch: one batched call of the remaining network.
             both = torch.cat([slots[depth](act), act])
             out = run_from(depth + 1, segments[depth + 1](both))

@@ -36,8 +36,9 @@ def model_and_data():
     return model, d
 
 
+@pytest.mark.parametrize("batch_leaves", [False, True], ids=["leaves-apart", "leaves-batched"])
 @pytest.mark.parametrize("active", [("early", "mid", "late"), ("early", "late"), ("late",)])
-def test_shared_prefix_equals_generic(model_and_data, active):
+def test_shared_prefix_equals_generic(model_and_data, active, batch_leaves):
     model, d = model_and_data
     if "mid" in active:
         model.slots["mid"].stage = SeedStage.BLENDING
@@ -46,7 +47,9 @@ def test_shared_prefix_equals_generic(model_and_data, active):
         generic = evaluate_configurations(model, model.slots, active, configs, d.x_val, d.y_val, batch_size=100)
         slots = [model.slots[s] for s in model.slots]
         branching = [s in active for s in model.slots]
-        shared = evaluate_shared_prefix(model, model.segments(), slots, branching, configs, d.x_val, d.y_val, batch_size=100)
+        shared = evaluate_shared_prefix(
+            model, model.segments(), slots, branching, configs, d.x_val, d.y_val, batch_size=100, batch_leaves=batch_leaves
+        )
     finally:
         model.slots["mid"].stage = SeedStage.TRAINING
     accs = set()
