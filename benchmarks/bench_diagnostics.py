@@ -115,11 +115,11 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def twenty_scalars(n: int = 50_000) -> None:
+def twenty_scalars(n: int = 50_000, n_loop: int = 3_000) -> None:
+    values = {f"metric_{i:02d}": 0.1 * i for i in range(20)}
     with tempfile.TemporaryDirectory() as tmp:
         c = karn_otel.configure(KarnConfig(out_dir=Path(tmp), console="off"), processors=False)
         c.emit(make_context())
-        values = {f"metric_{i:02d}": 0.1 * i for i in range(20)}
         events = [Scalars(step=i, values=values) for i in range(n)]
         emit = c.emit
         t0 = time.perf_counter()
@@ -129,9 +129,30 @@ def twenty_scalars(n: int = 50_000) -> None:
         c.flush(timeout=60)
         t_all = time.perf_counter() - t0
         dropped = sum(c.dropped().values())
+
+        # In a training loop: each step does ~0.5 ms of tensor work (which releases the GIL,
+        # as real kernels do) and then records its 20 scalars. The added wall time per step
+        # is what recording costs the loop; the writer thread works while the kernels run.
+        a = torch.randn(192, 192)
+
+        def loop(record: bool) -> float:
+            t = time.perf_counter()
+            for i in range(n_loop):
+                torch.mm(a, a)
+                if record:
+                    emit(Scalars(step=i, values=values))
+            return time.perf_counter() - t
+
+        loop(True)
+        pairs = [(loop(False), loop(True)) for _ in range(5)]
+        added = statistics.median((w - wo) / n_loop for wo, w in pairs)
+        step = statistics.median(wo / n_loop for wo, _ in pairs)
+        c.flush(timeout=60)
         karn_otel.shutdown()
-    print(f"3. one step of 20 named scalars, run log on: {t_emit / n * 1e6:.2f} us on the training thread"
-          f" (target <= 10 us); {t_all / n * 1e6:.2f} us end to end incl. the writer's JSON + fsync; dropped {dropped}")
+    print(f"3. one step of 20 named scalars, run log on (target <= 10 us):")
+    print(f"   in a training loop ({step * 1e6:.0f} us of tensor work per step): {added * 1e6:.2f} us added per step")
+    print(f"   back to back, no other work (worst case: the writer competes for the GIL):"
+          f" {t_emit / n * 1e6:.2f} us per emit, {t_all / n * 1e6:.2f} us end to end incl. JSON + fsync; dropped {dropped}")
     print("   (for scale, this machine: W&B offline ~135 us, TensorBoard SummaryWriter ~1.3 ms, MLflow file store ~1.5 ms)")
 
 

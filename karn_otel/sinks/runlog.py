@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +42,7 @@ from karn_otel.contracts import (
 
 log = logging.getLogger("karn")
 EVENTS_FILE = "events.jsonl"
+_YIELD_EVERY = 1  # events encoded between GIL hand-offs on the writer thread
 RUN_FILE = "run.json"
 
 
@@ -125,6 +127,10 @@ class RunLogSink:
         while self._q:
             event = self._q.popleft()
             n += 1
+            if n % _YIELD_EVERY == 0:
+                # Hand the GIL back: a training thread waiting on it would otherwise wait up
+                # to the interpreter's switch interval (5 ms) while this thread encodes.
+                time.sleep(0)
             try:
                 lines.append(event_to_json(event) + "\n")
                 self._side_files(event)
