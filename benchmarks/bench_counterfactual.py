@@ -78,7 +78,7 @@ def activate(model, slot_ids, blueprint="norm"):
         s.stage, s.alpha = SeedStage.FOSSILIZED, 1.0
 
 
-def timed(fn, repeats=5):
+def timed(fn, repeats=9):
     generic, shared = [], []
     for _ in range(repeats):
         for name, out in (("g", generic), ("s", shared)):

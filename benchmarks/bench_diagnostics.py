@@ -185,7 +185,7 @@ def soak(epochs: int, every: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--soak-epochs", type=int, default=100_000)
     args = ap.parse_args()
     torch.set_num_threads(1)
