@@ -193,9 +193,15 @@ class ConsoleSink:
         upd = st.ppo_updates()
         if upd:
             u = upd[-1]
-            ent = sum(u.entropy.values())
-            rows.append(f"  Value variance: {u.value_variance:.3f}   Entropy: {ent:.2f}   KL: {u.kl_divergence:.4f}")
-            rows.append(f"  Explained var: {u.explained_variance:.2f}   clip: {u.ratio_stats.fraction_clipped_high + u.ratio_stats.fraction_clipped_low:.2f}")
+            ent = sum(v for v in u.entropy.values() if v == v)  # heads unused in an update are NaN
+            value_word = _verdict_word(a, "value_collapse", "healthy", "COLLAPSED")
+            entropy_word = _verdict_word(a, "entropy_collapse", "exploring", "COLLAPSED")
+            rows.append(f"  Value variance: {u.value_variance:.3f}{value_word}   Entropy: {ent:.2f}{entropy_word}")
+            clip = u.ratio_stats.fraction_clipped_high + u.ratio_stats.fraction_clipped_low
+            rows.append(
+                f"  KL: {u.kl_divergence:.2g}   Explained var: {u.explained_variance:.2f}   clip: {clip:.2f}"
+                f"   update {u.update_index}"
+            )
         else:
             dec = st.recent_decisions(1)
             who = dec[-1][1].controller if dec else "-"
@@ -216,6 +222,18 @@ class ConsoleSink:
             f" {sum(stats.dropped.values())} dropped"
         )
         return _box(rows)
+
+
+def _verdict_word(a: MorphogeneticAnalytics, check: str, good: str, bad: str) -> str:
+    """" (healthy)" / " (COLLAPSED)" from the health monitor's current status of ``check``."""
+    report = a.training_health()
+    if report is None:
+        return ""
+    try:
+        result = report.check(check)
+    except KeyError:
+        return ""
+    return f" ({good if result.ok else bad})"
 
 
 def _slot_order(store: TelemetryStore, slot_id: str) -> int:
