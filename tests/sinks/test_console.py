@@ -73,3 +73,32 @@ def test_plain_mode_prints_one_line_per_epoch_and_alerts(memory_collector):
     assert len(out) == 2
     assert out[0].startswith("[karn] ALERT warning loss_spike")
     assert out[1].startswith("[karn] epoch 4/10") and "+4.9% vs host-only" in out[1]
+
+
+def test_policy_health_block_judges_collapse():
+    from karn_otel import collector as kc
+    from karn_otel.analytics import MorphogeneticAnalytics
+    from karn_otel.config import KarnConfig
+    from karn_otel.contracts import AdvantageStats, LSTMHealth, PPOUpdateStats, RatioStats
+    from karn_otel.health import HealthMonitor
+
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True))
+    mon = HealthMonitor(head_sizes={"op": 4})
+    c.add_processor(mon)
+    sink = ConsoleSink(c.store, c.stats, live=False, stream=io.StringIO(), analytics=MorphogeneticAnalytics(c.store, health=mon))
+    c.emit(make_context())
+
+    def update(i, entropy):
+        return PPOUpdateStats(
+            update_index=i, policy_loss=0.1, value_loss=0.2, kl_divergence=0.01, per_head_kl={"op": 0.01},
+            explained_variance=0.5, entropy={"op": entropy}, value_variance=0.5,
+            advantage_stats=AdvantageStats(0.0, 1.0, -2.0, 2.0, 0.0),
+            ratio_stats=RatioStats(1.0, 0.05, 0.05, {"op": 0.1}), lstm_health=LSTMHealth(0.0, 0.3, 0.0, 0.5, 0.01),
+        )
+
+    c.emit(update(1, 1.2), epoch=1)
+    text = "\n".join(sink.render())
+    assert "Entropy: 1.20 (exploring)" in text and "(healthy)" in text
+    c.emit(update(2, 0.001), epoch=2)
+    text = "\n".join(sink.render())
+    assert "Entropy: 0.00 (COLLAPSED)" in text and "entropy_collapse" in text
