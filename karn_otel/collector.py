@@ -476,9 +476,13 @@ def new_run_id() -> str:
 
 
 def discover_rank(config: KarnConfig) -> tuple[int, int]:
-    """Rank and world size from the config, else the usual launcher environment."""
-    rank = config.rank if config.rank is not None else int(os.environ.get("RANK", "0"))
-    world = config.world_size if config.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    """Rank and world size: the config's when set, else torch.distributed's process group,
+    else the launcher's RANK / WORLD_SIZE (karn_otel.distributed.discover)."""
+    from karn_otel.distributed import discover
+
+    info = discover() if config.rank is None or config.world_size is None else None
+    rank = config.rank if config.rank is not None else info.rank
+    world = config.world_size if config.world_size is not None else info.world_size
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world_size {world} (check RANK/WORLD_SIZE)")
     return rank, world
