@@ -560,7 +560,38 @@ class HealthReport:
 # --------------------------------------------------------------------------- monitor
 
 
-class HealthMonitor:
+class GuardedProcessor:
+    """A collector processor that never breaks training: it observes only ``WATCHED`` event
+    types (everything else, per-batch metrics included, leaves at once), serialises its
+    state under a lock (the collector calls processors outside its own lock), and on an
+    internal error logs once and skips the event, or raises when ``strict``."""
+
+    WATCHED: frozenset = frozenset()
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self._lock = threading.Lock()
+        self._error_logged = False
+
+    def __call__(self, event: TelemetryEvent) -> list:
+        if getattr(event, "event_type", None) not in self.WATCHED:
+            return []
+        try:
+            with self._lock:
+                return self._observe(event)
+        except Exception as exc:
+            if self.strict:
+                raise
+            if not self._error_logged:
+                self._error_logged = True
+                log.warning("Karn %s skipped an event after an internal error: %r", type(self).__name__, exc)
+            return []
+
+    def _observe(self, event: TelemetryEvent) -> list:
+        raise NotImplementedError
+
+
+class HealthMonitor(GuardedProcessor):
     """Stateful health checks; a collector processor (``collector.add_processor(monitor)``).
 
     Observes ``HOST_SNAPSHOT`` and ``PPO_UPDATE`` events, resets on ``EPISODE_STARTED`` and
@@ -574,6 +605,8 @@ class HealthMonitor:
     unexpected error is logged once and the event is skipped, because a processor runs on
     the training thread and must never stop training.
     """
+
+    WATCHED = frozenset({ET.HOST_SNAPSHOT, ET.PPO_UPDATE, ET.EPISODE_STARTED})
 
     def __init__(
         self,
@@ -591,29 +624,12 @@ class HealthMonitor:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"head_sizes[{head!r}] must be an int >= 1, got {n!r}")
         self.emit_resolutions = emit_resolutions
-        self.strict = strict
-        self._lock = threading.Lock()
-        self._error_logged = False
+        super().__init__(strict)
         self._history = HostHistory(thresholds.rolling_window_epochs)
         # Latest finding per (check, source): non_finite_loss is fed by both the host and
         # the PPO update, and one source passing must not hide the other failing.
         self._findings: dict[tuple[str, str], Finding] = {}
         self._epoch: int | None = None
-
-    def __call__(self, event: TelemetryEvent) -> list[HealthAlert]:
-        et = getattr(event, "event_type", None)
-        if et not in (ET.HOST_SNAPSHOT, ET.PPO_UPDATE, ET.EPISODE_STARTED):
-            return []  # the hot path: every batch metric passes through here
-        try:
-            with self._lock:
-                return self._observe(event)
-        except Exception as exc:
-            if self.strict:
-                raise
-            if not self._error_logged:
-                self._error_logged = True
-                log.warning("Karn HealthMonitor skipped an event after an internal error: %r", exc)
-            return []
 
     def _observe(self, event: TelemetryEvent) -> list[HealthAlert]:
         et, p = event.event_type, event.payload

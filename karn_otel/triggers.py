@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -30,6 +29,7 @@ from karn_otel.config import DenseTraceTrigger
 from karn_otel.contracts import ModeChange, OperatingMode, TelemetryEvent, TelemetryEventType
 from karn_otel.health import (
     DEFAULT_THRESHOLDS,
+    GuardedProcessor,
     HealthThresholds,
     HostHistory,
     accuracy_drop_finding,
@@ -72,7 +72,7 @@ class DenseWindow:
     end_epoch: int
 
 
-class DenseTriggerEngine:
+class DenseTriggerEngine(GuardedProcessor):
     """Decides when dense-trace windows open and close; a collector processor.
 
     ``mode`` is the configured operating mode: ``OperatingMode.RESEARCH`` behaves like
@@ -87,6 +87,8 @@ class DenseTriggerEngine:
     the policy: they stay active until a later PPO update no longer shows them, so a
     collapsed critic keeps the window open across epochs without PPO updates.
     """
+
+    WATCHED = _WATCHED
 
     def __init__(
         self,
@@ -120,9 +122,7 @@ class DenseTriggerEngine:
         self.min_window_epochs = min_window_epochs
         self.clean_epochs_to_resolve = clean_epochs_to_resolve
         self.head_sizes = dict(head_sizes or {})
-        self.strict = strict
-        self._lock = threading.Lock()
-        self._error_logged = False
+        super().__init__(strict)
         self._reset()
 
     # ------------------------------------------------------------------ state
@@ -196,20 +196,6 @@ class DenseTriggerEngine:
         return out
 
     # ------------------------------------------------------------------ processor
-
-    def __call__(self, event: TelemetryEvent) -> list[ModeChange]:
-        if getattr(event, "event_type", None) not in _WATCHED:
-            return []  # batch metrics pass through here on every batch: leave at once
-        try:
-            with self._lock:
-                return self._observe(event)
-        except Exception as exc:
-            if self.strict:
-                raise
-            if not self._error_logged:
-                self._error_logged = True
-                log.warning("Karn DenseTriggerEngine skipped an event after an internal error: %r", exc)
-            return []
 
     def _observe(self, event: TelemetryEvent) -> list[ModeChange]:
         et, epoch = event.event_type, event.epoch
