@@ -149,7 +149,7 @@ def twenty_scalars(n: int = 50_000, n_loop: int = 3_000) -> None:
         step = statistics.median(wo / n_loop for wo, _ in pairs)
         c.flush(timeout=60)
         karn_otel.shutdown()
-    print(f"3. one step of 20 named scalars, run log on (target <= 10 us):")
+    print("3. one step of 20 named scalars, run log on (target <= 10 us):")
     print(f"   in a training loop ({step * 1e6:.0f} us of tensor work per step): {added * 1e6:.2f} us added per step")
     print(f"   back to back, no other work (worst case: the writer competes for the GIL):"
           f" {t_emit / n * 1e6:.2f} us per emit, {t_all / n * 1e6:.2f} us end to end incl. JSON + fsync; dropped {dropped}")

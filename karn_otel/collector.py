@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import os
 import secrets
 import threading
 import time

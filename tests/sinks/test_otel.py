@@ -446,7 +446,9 @@ def test_non_finite_values_make_no_point(caplog):
 
 def test_prometheus_port_is_base_plus_local_rank(monkeypatch):
     port = free_port()
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of a 2-rank job on this host
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=port - 1))
     sink = OTelSink(c.config, c)
     try:
