@@ -81,8 +81,14 @@ def _run(args: argparse.Namespace) -> int:
     stats = collector.stats()
     print(f"run dir: {run_dir}")
     print(f"events: {stats.accepted} accepted, {sum(stats.rejected.values())} rejected, {sum(stats.dropped.values())} dropped")
-    print(f"next:    karn inspect {run_dir}    karn replay {run_dir}")
+    print(f"next:    {_me()} inspect {run_dir}    {_me()} replay {run_dir}")
     return EXIT_OK
+
+
+def _me() -> str:
+    """How this command was invoked (e.g. .venv/bin/karn), for copy-pasteable hints."""
+    arg0 = sys.argv[0] if sys.argv and sys.argv[0] else "karn"
+    return "karn" if arg0.endswith(".py") or arg0 == "-m" or arg0 == "-c" else arg0
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
@@ -115,7 +121,7 @@ def _run_ranks(cfg, kcfg, args: argparse.Namespace) -> int:
         print(f"run dir (incomplete): {run_dir}", file=sys.stderr)
         return 1
     print(f"run dir: {run_dir}  (rank 0 here; ranks 1..{cfg.nproc - 1} under {run_dir / 'ranks'})")
-    print(f"next:    karn inspect {run_dir}    karn replay {run_dir}")
+    print(f"next:    {_me()} inspect {run_dir}    {_me()} replay {run_dir}")
     return EXIT_OK
 
 
