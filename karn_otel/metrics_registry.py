@@ -238,7 +238,7 @@ METRICS: tuple[MetricDef, ...] = (
         "Log-probability of the chosen action, per head (nats).",
         "head",
     ),
-    _g("karn.policy.action_masked", "1", "policy", "action_was_masked", "1 when the chosen action had been masked."),
+    _g("karn.policy.action_masked", "1", "policy", "action_was_masked", "1 when the masks left the policy no choice (the action was forced)."),
     # --- PPOUpdateStats: policy training, once per update
     _g("karn.ppo.update_index", "{update}", "ppo", "update_index", "Index of the latest PPO update."),
     _g("karn.ppo.policy_loss", "1", "ppo", "policy_loss", "Clipped surrogate policy loss."),

@@ -33,6 +33,15 @@ from karn_otel.contracts import (
 ET = TelemetryEventType
 
 
+def is_global_host_snapshot(event: TelemetryEvent) -> bool:
+    """A HostSnapshot that describes the whole job: the only rank's, or the reduced one.
+
+    With several ranks every rank also reports its own (``is_reduced=False``); those are kept
+    per rank, apart from the history that analytics and the console read.
+    """
+    return event.world_size == 1 or event.is_reduced
+
+
 class TelemetryStore:
     """In-memory state of the current episode (and counts across the run)."""
 
@@ -101,12 +110,10 @@ class TelemetryStore:
         hist.append((e.epoch, p))
 
     def _on_host(self, e: TelemetryEvent) -> None:
-        # With several ranks the history holds the reduced (global) snapshots; each rank's
-        # own is kept as its latest, for per-rank views.
-        if e.world_size > 1 and not e.is_reduced:
-            self._host_per_rank[e.rank] = e.payload
-        else:
+        if is_global_host_snapshot(e):
             self._host.append(e.payload)
+        else:
+            self._host_per_rank[e.rank] = e.payload
 
     def _on_decision(self, e: TelemetryEvent) -> None:
         self._decisions.append((e.epoch, e.payload))

@@ -13,7 +13,7 @@ from typing import Callable, TextIO
 
 from karn_otel.analytics import MorphogeneticAnalytics
 from karn_otel.contracts import SeedStage, TelemetryEvent, TelemetryEventType, TelemetryStats
-from karn_otel.store import TelemetryStore
+from karn_otel.store import TelemetryStore, is_global_host_snapshot
 
 ET = TelemetryEventType
 WIDTH = 72  # inner width of the box (the spec draws 67; seed rows need a little more)
@@ -50,9 +50,8 @@ class ConsoleSink:
             self._dirty.set()
             return
         if event.event_type is ET.HOST_SNAPSHOT:
-            if event.world_size > 1 and not event.is_reduced:
-                return  # several ranks: one line per epoch, for the reduced (global) snapshot
-            self._write(self.plain_line() + "\n")
+            if is_global_host_snapshot(event):  # several ranks: one line, for the reduced snapshot
+                self._write(self.plain_line() + "\n")
         elif event.event_type is ET.HEALTH_ALERT:
             a = event.payload
             self._write(f"[karn] ALERT {a.severity.value} {a.check}: {a.message}\n")

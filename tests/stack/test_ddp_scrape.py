@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.stack.conftest import REPO, Prometheus, free_port, wait_until
+from tests.stack.conftest import REPO, Prometheus, free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -37,7 +37,8 @@ def test_prometheus_scrapes_every_rank(start_prometheus, tmp_path):
     )
     cmd = [sys.executable, "-m", "karn_otel.cli", "run", "--nproc", "2", "--epochs", "4", "--no-live",
            "--out", str(tmp_path), "--prometheus-port", str(base), "--serve-after", "60"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(tmp_path / "karn-run.log", "w")  # a file, not a pipe nobody drains
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         def both_ranks():
             res = prom.query('karn_host_epoch{world_size="2"}')
@@ -51,8 +52,5 @@ def test_prometheus_scrapes_every_rank(start_prometheus, tmp_path):
         up = {r["metric"]["instance"]: r["value"][1] for r in prom.query('up{job="karn"}')}
         assert up == {t: "1" for t in targets}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
+        log.close()

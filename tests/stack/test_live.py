@@ -44,6 +44,7 @@ from tests.stack.conftest import (
     free_port,
     prometheus_config_for_tests,
     rules_for_tests,
+    stop_process,
     wait_until,
 )
 
@@ -111,13 +112,7 @@ class KarnProcess:
         self.expect(r'"event": "done", "cmd": "%s"' % cmd, timeout=30)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        stop_process(self.proc)
         self.stderr.close()
 
 
