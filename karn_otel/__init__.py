@@ -6,6 +6,7 @@ that validates, stamps and routes events to the store and the sinks (run log, co
 OpenTelemetry).
 """
 
+from karn_otel._version import __version__
 from karn_otel.collector import (
     KarnCollector,
     TelemetryValidationError,
@@ -26,5 +27,5 @@ __all__ = [
     "emit",
     "get_collector",
     "shutdown",
+    "__version__",
 ]
-__version__ = "0.1.0"

@@ -224,10 +224,12 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="karn", description="Karn: research telemetry for morphogenetic training")
+    p = argparse.ArgumentParser(
+        prog="karn", description="Karn: research telemetry for morphogenetic training", allow_abbrev=False
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="train the reference morphogenetic system with Karn recording")
+    r = sub.add_parser("run", allow_abbrev=False, help="train the reference morphogenetic system with Karn recording")
     r.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     r.add_argument("--seed", type=int, default=0, help="master random seed (default 0)")
     r.add_argument("--out", default="runs", help="parent directory of the run directory (default ./runs)")
@@ -267,18 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=_run)
 
-    c = sub.add_parser("calibrate", help="train seedless hosts of several widths: accuracy vs parameter curve")
+    c = sub.add_parser("calibrate", allow_abbrev=False, help="train seedless hosts of several widths: accuracy vs parameter curve")
     c.add_argument("--epochs", type=int, default=20)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs", help=f"directory for {CURVE_FILE} (default ./runs)")
     c.add_argument("--multipliers", default="0.5,1,1.5,2,3", help="host width multipliers (default 0.5,1,1.5,2,3)")
     c.set_defaults(func=_calibrate)
 
-    i = sub.add_parser("inspect", help="summarise a run directory")
+    i = sub.add_parser("inspect", allow_abbrev=False, help="summarise a run directory")
     i.add_argument("run_dir", type=Path)
     i.set_defaults(func=_inspect)
 
-    rp = sub.add_parser("replay", help="re-run a run from its context and compare every recorded value")
+    rp = sub.add_parser("replay", allow_abbrev=False, help="re-run a run from its context and compare every recorded value")
     rp.add_argument("run_dir", type=Path)
     rp.set_defaults(func=_replay)
     return p
