@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from karn_otel.collector import check_types
+from karn_otel.codec import check_types
 from karn_otel.contracts import ActionOp, FactoredAction, PolicySnapshot, RewardComponentsTelemetry, SeedStage
 from karn_otel.reference.controller import ControllerObservation, SlotView
 from karn_otel.reference.ppo import (

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from karn_otel.collector import check_types
+from karn_otel.codec import check_types
 from karn_otel.contracts import PPOUpdateStats
 from karn_otel.torch.ppo import (
     SATURATION_THRESHOLD,
