@@ -35,7 +35,7 @@ from karn_otel.sinks.console import ConsoleSink  # noqa: E402
 def timed_episode(cfg: RunConfig, configured: bool, out: Path) -> tuple[float, float]:
     if configured:
         c = karn_otel.configure(KarnConfig(out_dir=out, console="off"))
-        c.add_sink(ConsoleSink(c.store, c.stats, live=False, stream=open(os.devnull, "w")))
+        c.add_sink(ConsoleSink(c.view, live=False, stream=open(os.devnull, "w")))
     else:
         karn_otel.shutdown()
     t0, c0 = time.perf_counter(), time.process_time()

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from karn_otel.config import KarnConfig
 from karn_otel.contracts import (
@@ -41,6 +41,7 @@ from karn_otel.contracts import (
     TelemetryStats,
 )
 from karn_otel.codec import check_types
+from karn_otel.pipeline import Pipeline, Processor, Sink, StoreView
 from karn_otel.store import TelemetryStore
 
 log = logging.getLogger("karn")
@@ -55,15 +56,11 @@ class TelemetryValidationError(ValueError):
         self.reason = reason
 
 
-# A processor observes accepted events and may return derived payloads (alerts, dense
-# windows) which the collector then emits itself: data still flows one way.
-Processor = Callable[[TelemetryEvent], Iterable[Any]]
-
-
 class KarnCollector:
-    """Validates, stamps (time, run, episode, epoch, rank, world_size) and routes events."""
+    """Validates and stamps (time, run, episode, epoch, rank, world_size) events, then hands
+    them to its :class:`~karn_otel.pipeline.Pipeline` (store, sinks, processors)."""
 
-    def __init__(self, config: KarnConfig, sinks: Iterable[Any] = (), store: TelemetryStore | None = None) -> None:
+    def __init__(self, config: KarnConfig, sinks: Iterable[Sink] = (), store: TelemetryStore | None = None) -> None:
         self.config = config
         self.run_id = config.run_id or new_run_id()
         rank, world = discover_rank(config)
@@ -73,33 +70,47 @@ class KarnCollector:
             max_epoch_snapshots=config.max_epoch_snapshots,
             max_recent_events=config.max_recent_events,
         )
-        self._sinks: tuple[Any, ...] = tuple(sinks)
-        self._processors: tuple[Processor, ...] = ()
+        self.pipeline = Pipeline(
+            self.store, run_id=self.run_id, rank=rank, world_size=world, configured_mode=config.mode, strict=config.strict
+        )
+        for s in sinks:
+            self.pipeline.add_sink(s)
         self._lock = threading.RLock()
-        self.accepted = 0
-        self.rejected: Counter[str] = Counter()
-        self.sink_errors: Counter[str] = Counter()
-        self._reported: set[str] = set()
         self._episode: EpisodeContext | None = None
         self._slot_ids: frozenset[str] = frozenset()
         self._epoch = 0
         self._closed = False
-        self.health: Any = None  # HealthMonitor, attached by configure()
-        self.triggers: Any = None  # DenseTriggerEngine, attached by configure()
 
-    # ------------------------------------------------------------------ wiring
+    # ------------------------------------------------------------------ wiring (composition root)
 
     @property
-    def sinks(self) -> tuple[Any, ...]:
-        return self._sinks
+    def view(self) -> StoreView:
+        """The read-only view processors and sinks are given."""
+        return self.pipeline.view
 
-    def add_sink(self, sink: Any) -> None:
+    @property
+    def sinks(self) -> tuple[Sink, ...]:
+        return self.pipeline.sinks
+
+    @property
+    def accepted(self) -> int:
+        return self.pipeline.accepted
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return self.pipeline.rejected
+
+    @property
+    def sink_errors(self) -> Counter[str]:
+        return self.pipeline.sink_errors
+
+    def add_sink(self, sink: Sink) -> None:
         with self._lock:
-            self._sinks = self._sinks + (sink,)  # copy on write: iteration needs no lock
+            self.pipeline.add_sink(sink)
 
     def add_processor(self, processor: Processor) -> None:
         with self._lock:
-            self._processors = self._processors + (processor,)
+            self.pipeline.add_processor(processor)
 
     # ------------------------------------------------------------------ emit
 
@@ -114,43 +125,38 @@ class KarnCollector:
 
         ``event`` is a contract payload (the usual case: the collector builds the envelope)
         or a complete :class:`TelemetryEvent`. The epoch is taken from the payload when it
-        has one, else from ``epoch``, else the episode's current epoch.
+        has one, else from ``epoch``, else the episode's current epoch. Events the
+        processors derive from it (alerts, mode changes) are routed after it, before
+        ``emit`` returns.
         """
         with self._lock:
-            try:
-                env = self._envelope(event, epoch, is_reduced)
-                self._validate(env)
-            except TelemetryValidationError as err:
-                self._reject(err)
+            env = self._accept(event, epoch, is_reduced)
+            if env is None:
                 return False
-            if env.event_type is ET.EPISODE_STARTED:
-                self._episode = env.payload
-                self._slot_ids = frozenset(env.payload.slot_config)
-            elif env.event_type is ET.EPISODE_ENDED:
+            if env.event_type is ET.EPISODE_ENDED:
                 # Karn's own accounting goes into the log just before the summary.
-                self._route(self._envelope(self.stats(), env.epoch, False))
-            self._epoch = env.epoch
-            self.accepted += 1
-            self._route(env)
-            processors = self._processors
-        for proc in processors:
-            for derived in proc(env) or ():
-                self.emit(derived, epoch=env.epoch)
+                self.pipeline.deliver_unprocessed(self._envelope(self.stats(), env.epoch, False))
+            self.pipeline.route(env, self._stamp_derived)
         if env.event_type is ET.EPISODE_ENDED:
             self.flush()
         return True
 
-    def _route(self, env: TelemetryEvent) -> None:
-        self.store.add(env)
-        for sink in self._sinks:
-            try:
-                sink.handle(env)
-            except Exception as exc:  # a broken sink must never stop training
-                name = type(sink).__name__
-                self.sink_errors[name] += 1
-                if self.config.strict:
-                    raise
-                self._report_once(f"sink:{name}", f"Karn sink {name} failed: {exc!r} (further failures counted)")
+    def _accept(self, event: Any, epoch: int | None, is_reduced: bool) -> TelemetryEvent | None:
+        """Envelope and validate ``event``; update the episode state. None when rejected."""
+        try:
+            env = self._envelope(event, epoch, is_reduced)
+            self._validate(env)
+        except TelemetryValidationError as err:
+            self._reject(err)
+            return None
+        if env.event_type is ET.EPISODE_STARTED:
+            self._episode = env.payload
+            self._slot_ids = frozenset(env.payload.slot_config)
+        self._epoch = env.epoch
+        return env
+
+    def _stamp_derived(self, payload: Any, epoch: int) -> TelemetryEvent | None:
+        return self._accept(payload, epoch, False)
 
     def _envelope(self, event: Any, epoch: int | None, is_reduced: bool) -> TelemetryEvent:
         if isinstance(event, TelemetryEvent):
@@ -225,51 +231,31 @@ class KarnCollector:
                 )
 
     def _reject(self, err: TelemetryValidationError) -> None:
-        self.rejected[err.reason] += 1
+        self.pipeline.rejected[err.reason] += 1
         if self.config.strict:
             raise err
-        self._report_once(err.reason, f"Karn rejected an event: {err} (further '{err.reason}' rejections are counted)")
-
-    def _report_once(self, key: str, message: str) -> None:
-        if key not in self._reported:
-            self._reported.add(key)
-            log.warning(message)
+        self.pipeline.report_once(
+            err.reason, f"Karn rejected an event: {err} (further '{err.reason}' rejections are counted)"
+        )
 
     # ------------------------------------------------------------------ accounting, lifecycle
 
     def dropped(self) -> dict[str, int]:
         """Events lost by sinks (queue full, write failures), summed per sink and reason."""
-        out: Counter[str] = Counter()
-        for sink in self._sinks:
-            fn = getattr(sink, "dropped", None)
-            if fn is not None:
-                for reason, n in fn().items():
-                    out[f"{type(sink).__name__}:{reason}"] += n
-        for name, n in self.sink_errors.items():
-            out[f"{name}:error"] += n
-        return dict(out)
+        return self.pipeline.dropped()
 
     def stats(self) -> TelemetryStats:
-        return TelemetryStats(accepted=self.accepted, rejected=dict(self.rejected), dropped=self.dropped())
+        return self.pipeline.stats()
 
     def flush(self, timeout: float | None = 10.0) -> None:
-        for sink in self._sinks:
-            try:
-                sink.flush(timeout)
-            except Exception as exc:
-                self._report_once(f"flush:{type(sink).__name__}", f"Karn sink flush failed: {exc!r}")
+        self.pipeline.flush(timeout)
 
     def close(self) -> None:
         """Flush and close every sink. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self.flush()
-        for sink in self._sinks:
-            try:
-                sink.close()
-            except Exception as exc:
-                self._report_once(f"close:{type(sink).__name__}", f"Karn sink close failed: {exc!r}")
+        self.pipeline.close()
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -362,30 +348,34 @@ _active_lock = threading.Lock()
 
 
 def configure(
-    config: KarnConfig | None = None, *, sinks: Iterable[Any] | None = None, processors: bool = True
+    config: KarnConfig | None = None, *, sinks: Iterable[Sink] | None = None, processors: bool = True
 ) -> KarnCollector:
-    """Install the process-wide collector (closing any previous one) and return it.
+    """Build a collector for ``config`` and install it process-wide (closing any previous one).
 
     ``sinks=None`` builds the sinks the config asks for (run log, console, OTel); pass a
     list to choose them yourself. ``processors`` attaches the health monitor and the
-    dense-trace triggers (adaptive escalation).
+    dense-trace triggers (adaptive escalation). The wiring itself is the composition root,
+    :func:`karn_otel.sinks.factory.build_pipeline`.
     """
-    global _active
+    from karn_otel.sinks.factory import build_pipeline
+
     config = config or KarnConfig()
     collector = KarnCollector(config)
-    from karn_otel.sinks.factory import default_processors, default_sinks
-
-    if processors:
-        default_processors(config, collector)
-    if sinks is None:
-        sinks = default_sinks(config, collector)
-    for s in sinks:
-        collector.add_sink(s)
-    with _active_lock:
-        previous, _active = _active, collector
+    build_pipeline(config, collector, sinks=sinks, processors=processors)
+    previous = install(collector)
     if previous is not None:
         previous.close()
     return collector
+
+
+def install(collector: KarnCollector | None) -> KarnCollector | None:
+    """Make ``collector`` the process-wide one (None: uninstall) and return the previous one,
+    without closing it. ``configure`` uses this; so does ``karn replay``, which records into
+    a collector of its own and puts the user's back afterwards."""
+    global _active
+    with _active_lock:
+        previous, _active = _active, collector
+    return previous
 
 
 def get_collector() -> KarnCollector | None:
@@ -395,9 +385,7 @@ def get_collector() -> KarnCollector | None:
 
 def shutdown() -> None:
     """Close and uninstall the active collector."""
-    global _active
-    with _active_lock:
-        previous, _active = _active, None
+    previous = install(None)
     if previous is not None:
         previous.close()
 
@@ -411,9 +399,9 @@ def dense_requested() -> tuple[bool, str | None]:
     c = _active
     if c is None:
         return False, None
-    store = c.store
-    if store.mode is OperatingMode.RESEARCH:
-        return True, store.mode_reason
+    view = c.view
+    if view.mode is OperatingMode.RESEARCH:
+        return True, view.mode_reason
     return False, None
 
 

@@ -630,6 +630,10 @@ class HealthMonitor(GuardedProcessor):
         # the PPO update, and one source passing must not hide the other failing.
         self._findings: dict[tuple[str, str], Finding] = {}
         self._epoch: int | None = None
+        # The findings of the last observed event, for the dense triggers to reuse (one
+        # evaluation of each shared check): ``last_findings_for(event)``.
+        self._last_event: TelemetryEvent | None = None
+        self._last_findings: tuple[Finding, ...] = ()
 
     def _observe(self, event: TelemetryEvent) -> list[HealthAlert]:
         et, p = event.event_type, event.payload
@@ -644,6 +648,7 @@ class HealthMonitor(GuardedProcessor):
             source, findings = et.value, ppo_findings(p, self.thresholds, self.head_sizes)
         for f in findings:
             self._findings[(f.check, source)] = f
+        self._last_event, self._last_findings = event, tuple(findings)
         self._epoch = event.epoch
         after = self._failing()
         alerts = []
@@ -656,6 +661,11 @@ class HealthMonitor(GuardedProcessor):
                 value, threshold = (f.value, f.threshold) if f is not None else (math.nan, math.nan)
                 alerts.append(HealthAlert(name, Severity.OK, f"resolved: {f.message if f else name}", value, threshold))
         return alerts
+
+    def last_findings_for(self, event: TelemetryEvent) -> tuple[Finding, ...] | None:
+        """This monitor's findings for ``event`` if it was the last one observed, else None."""
+        with self._lock:
+            return self._last_findings if self._last_event is event else None
 
     def _failing(self) -> dict[str, Finding]:
         out: dict[str, Finding] = {}
@@ -679,6 +689,7 @@ class HealthMonitor(GuardedProcessor):
         self._history = HostHistory(self.thresholds.rolling_window_epochs)
         self._findings.clear()
         self._epoch = None
+        self._last_event, self._last_findings = None, ()
 
     def status(self) -> dict[str, Severity]:
         """Per check: ``Severity.OK`` while passing (or not yet evaluated), else its severity."""

@@ -1,7 +1,8 @@
 """TelemetryStore: tiers 1-3 in memory, bounded by configuration, with a small query API.
 
-The collector writes here (under its lock) after an event is validated; analytics, the
-console and the OTel sink read through the query methods. Every history is a bounded
+The pipeline writes here (under the collector's lock) after an event is validated;
+processors and sinks read through a read-only view (karn_otel.pipeline.StoreView). The
+operating mode is not kept here: its one owner is the dense-trigger engine. Every history is a bounded
 deque, so memory depends on KarnConfig, never on the length of the run. The run log on
 disk (sinks/runlog.py) is the complete record.
 """
@@ -21,7 +22,6 @@ from karn_otel.contracts import (
     HealthAlert,
     HostBaseline,
     HostSnapshot,
-    OperatingMode,
     PolicySnapshot,
     PPOUpdateStats,
     SlotSnapshot,
@@ -65,8 +65,6 @@ class TelemetryStore:
         self.context: EpisodeContext | None = None
         self.baseline: HostBaseline | None = None
         self.summary: EpisodeSummary | None = None
-        self.mode = OperatingMode.STANDARD
-        self.mode_reason: str | None = None
         self.epoch = 0
         self._host: deque[HostSnapshot] = deque(maxlen=self._max_epochs)
         self._host_per_rank: dict[int, HostSnapshot] = {}
@@ -119,9 +117,6 @@ class TelemetryStore:
         self._decisions.append((e.epoch, e.payload))
         self._action_counts[e.payload.action.op.value] += 1
 
-    def _on_mode(self, e: TelemetryEvent) -> None:
-        self.mode, self.mode_reason = e.payload.mode, e.payload.reason
-
     _handlers = {
         ET.EPISODE_STARTED: _on_episode,
         ET.HOST_BASELINE: lambda self, e: setattr(self, "baseline", e.payload),
@@ -134,7 +129,6 @@ class TelemetryStore:
         ET.HEALTH_ALERT: lambda self, e: self._alerts.append((e.epoch, e.payload)),
         ET.COUNTERFACTUAL: lambda self, e: self._counterfactuals.append(e.payload),
         ET.DENSE_TRACE: lambda self, e: self.dense_traces.append(e.payload),
-        ET.MODE_CHANGE: _on_mode,
         ET.SCALARS: lambda self, e: self.scalars.update(e.payload.values),
         ET.EPISODE_ENDED: lambda self, e: setattr(self, "summary", e.payload),
     }

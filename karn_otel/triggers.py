@@ -29,7 +29,9 @@ from karn_otel.config import DenseTraceTrigger
 from karn_otel.contracts import ModeChange, OperatingMode, TelemetryEvent, TelemetryEventType
 from karn_otel.health import (
     DEFAULT_THRESHOLDS,
+    Finding,
     GuardedProcessor,
+    HealthMonitor,
     HealthThresholds,
     HostHistory,
     accuracy_drop_finding,
@@ -100,6 +102,7 @@ class DenseTriggerEngine(GuardedProcessor):
         clean_epochs_to_resolve: int = 1,
         head_sizes: Mapping[str, int] | None = None,
         strict: bool = False,
+        health: HealthMonitor | None = None,
     ) -> None:
         if not isinstance(trigger, DenseTraceTrigger):
             raise TypeError(f"trigger must be a DenseTraceTrigger, got {type(trigger).__name__}")
@@ -122,6 +125,9 @@ class DenseTriggerEngine(GuardedProcessor):
         self.min_window_epochs = min_window_epochs
         self.clean_epochs_to_resolve = clean_epochs_to_resolve
         self.head_sizes = dict(head_sizes or {})
+        # With a monitor (the pipeline's, which runs first) the shared checks are evaluated
+        # once, by the monitor; the engine applies its own thresholds to the findings' values.
+        self.health = health
         super().__init__(strict)
         self._reset()
 
@@ -160,6 +166,9 @@ class DenseTriggerEngine(GuardedProcessor):
         """
         et, p, t = getattr(event, "event_type", None), getattr(event, "payload", None), self.trigger
         out: list[str] = []
+        shared = self.health.last_findings_for(event) if self.health is not None else None
+        if shared is not None and et in (ET.HOST_SNAPSHOT, ET.PPO_UPDATE):
+            return self._anomalies_from(shared, p)
         if et is ET.STAGE_TRANSITION:
             if t.stage_transition:
                 out.append("stage_transition")
@@ -195,6 +204,26 @@ class DenseTriggerEngine(GuardedProcessor):
                     out.append("entropy_collapse")
         return out
 
+    def _anomalies_from(self, findings: tuple[Finding, ...], p: object) -> list[str]:
+        """The host/PPO anomalies from the health monitor's findings, at this engine's limits."""
+        th, t = self.thresholds, self.trigger
+        by = {f.check: f for f in findings}
+        out: list[str] = []
+        spike = by.get("loss_spike")
+        if (spike is not None and spike.value > th.loss_spike_ratio) or _non_finite(getattr(p, "train_loss", None)):
+            out.append("loss_spike")
+        drop = by.get("accuracy_drop")
+        if drop is not None and drop.value > th.accuracy_drop_points:
+            out.append("accuracy_drop")
+        grad = by.get("gradient_explosion")
+        if grad is not None and grad.value > th.gradient_explosion_ratio:
+            out.append("gradient_explosion")
+        for name, enabled in (("value_collapse", t.value_collapse), ("entropy_collapse", t.entropy_collapse)):
+            f = by.get(name)
+            if enabled and f is not None and f.failing:
+                out.append(name)
+        return out
+
     # ------------------------------------------------------------------ processor
 
     def _observe(self, event: TelemetryEvent) -> list[ModeChange]:
@@ -212,7 +241,7 @@ class DenseTriggerEngine(GuardedProcessor):
             return out  # Research mode: dense always, windows never close
 
         reasons = self.anomalies(event)
-        if et is ET.HOST_SNAPSHOT:
+        if et is ET.HOST_SNAPSHOT and self.health is None:
             self._history.update(event.payload)
         elif et is ET.PPO_UPDATE:
             self._policy_anomalies = tuple(r for r in reasons if r in _POLICY_REASONS)

@@ -173,7 +173,7 @@ def test_processors_emit_derived_events():
     c.emit(host(epoch=1, val_loss=50.0))
     assert sink.events[-1].event_type is TelemetryEventType.MODE_CHANGE
     assert sink.events[-1].epoch == 1
-    assert c.store.mode is OperatingMode.RESEARCH
+    assert sink.events[-1].payload.mode is OperatingMode.RESEARCH
 
 
 def test_episode_end_writes_stats_before_summary():

@@ -342,7 +342,7 @@ def test_both_processors_on_a_real_collector():
     alerts = {p.check: p for _, et, p in derived if et is ET.HEALTH_ALERT}
     assert alerts["isolation_leakage"].severity is Severity.CRITICAL
     assert alerts["loss_spike"].value > 2.0 and alerts["loss_spike"].threshold == 2.0
-    assert c.store.mode is STANDARD
+    assert eng.mode is STANDARD and c.view.mode is STANDARD
     assert [(ep, a.check) for ep, a in c.store.recent_alerts()] == [
         (4, "loss_spike"), (4, "isolation_leakage"), (4, "kl_too_high")
     ]

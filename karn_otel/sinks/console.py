@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Callable, TextIO
+from typing import TextIO
 
-from karn_otel.analytics import MorphogeneticAnalytics
-from karn_otel.contracts import SeedStage, TelemetryEvent, TelemetryEventType, TelemetryStats
-from karn_otel.store import TelemetryStore, is_global_host_snapshot
+from karn_otel.contracts import SeedStage, TelemetryEvent, TelemetryEventType
+from karn_otel.pipeline import AnalyticsView, StoreView
+from karn_otel.store import is_global_host_snapshot
 
 ET = TelemetryEventType
 WIDTH = 72  # inner width of the box (the spec draws 67; seed rows need a little more)
@@ -22,16 +22,15 @@ WIDTH = 72  # inner width of the box (the spec draws 67; seed rows need a little
 class ConsoleSink:
     def __init__(
         self,
-        store: TelemetryStore,
-        stats: Callable[[], TelemetryStats],
+        view: StoreView,
         live: bool | None = None,
         stream: TextIO | None = None,
         refresh_hz: float = 4.0,
-        analytics: MorphogeneticAnalytics | None = None,
     ) -> None:
-        self.store = store
-        self.analytics = analytics or MorphogeneticAnalytics(store)
-        self._stats = stats
+        if view.analytics is None:
+            raise ValueError("ConsoleSink needs a view with analytics (build it with karn_otel.configure)")
+        self.store = view
+        self.analytics: AnalyticsView = view.analytics
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
         self._period = 1.0 / refresh_hz
@@ -215,7 +214,7 @@ class ConsoleSink:
             rows.append(f"ALERTS: {len(st.recent_alerts())}")
             for ep, al in alerts:
                 rows.append(f"  e{ep} {al.severity.value.upper()} {al.check}: {al.message}")
-        stats = self._stats()
+        stats = st.stats()
         rows.append(
             f"TELEMETRY: {stats.accepted} events, {sum(stats.rejected.values())} rejected,"
             f" {sum(stats.dropped.values())} dropped"
@@ -223,7 +222,7 @@ class ConsoleSink:
         return _box(rows)
 
 
-def _verdict_word(a: MorphogeneticAnalytics, check: str, good: str, bad: str) -> str:
+def _verdict_word(a: AnalyticsView, check: str, good: str, bad: str) -> str:
     """" (healthy)" / " (COLLAPSED)" from the health monitor's current status of ``check``."""
     report = a.training_health()
     if report is None:
@@ -235,7 +234,7 @@ def _verdict_word(a: MorphogeneticAnalytics, check: str, good: str, bad: str) ->
     return f" ({good if result.ok else bad})"
 
 
-def _slot_order(store: TelemetryStore, slot_id: str) -> int:
+def _slot_order(store: StoreView, slot_id: str) -> int:
     ctx = store.context
     if ctx is None or slot_id not in ctx.slot_config:
         return 1 << 30

@@ -1,19 +1,56 @@
-"""Builds what a KarnConfig asks for: the processors (health, dense triggers) and the sinks.
+"""The composition root: builds what a KarnConfig asks for and wires it into a pipeline.
 
-This is the composition root; kept apart so the collector imports no sink or analytics.
+Processors (health monitor, dense triggers), the analytics the sinks display, and the sinks
+(run log, console, OTel) are built here and nowhere else; each gets the pipeline's read-only
+view, never the collector. Order matters: the health monitor runs before the trigger engine,
+which reuses its evaluation of the shared checks.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from karn_otel.config import KarnConfig
+from karn_otel.pipeline import Sink
+
+if TYPE_CHECKING:
+    from karn_otel.collector import KarnCollector
 
 
-def default_sinks(config: KarnConfig, collector: Any) -> list[Any]:
-    sinks: list[Any] = []
+def build_pipeline(
+    config: KarnConfig, collector: KarnCollector, *, sinks: Iterable[Sink] | None = None, processors: bool = True
+) -> None:
+    """Attach processors, analytics and sinks to ``collector``'s pipeline."""
+    pipeline = collector.pipeline
+    if processors:
+        from karn_otel.health import HealthMonitor
+        from karn_otel.triggers import DenseTriggerEngine
+
+        health = HealthMonitor(head_sizes=config.policy_head_sizes, strict=config.strict)
+        triggers = DenseTriggerEngine(
+            config.dense_trigger, mode=config.mode, head_sizes=config.policy_head_sizes, strict=config.strict,
+            health=health,
+        )
+        pipeline.health = health
+        pipeline.mode_owner = triggers
+        pipeline.add_processor(health)
+        pipeline.add_processor(triggers)
+    from karn_otel.analytics import MorphogeneticAnalytics, ReferenceCurve
+
+    curve = ReferenceCurve.load(config.reference_curve) if config.reference_curve else None
+    pipeline.analytics = MorphogeneticAnalytics(
+        collector.store, health=pipeline.view if pipeline.health is not None else None, reference_curve=curve
+    )
+    for sink in default_sinks(config, collector) if sinks is None else sinks:
+        pipeline.add_sink(sink)
+
+
+def default_sinks(config: KarnConfig, collector: KarnCollector) -> list[Sink]:
+    sinks: list[Sink] = []
+    view = collector.view
     if config.out_dir is not None:
         from karn_otel.sinks.runlog import RunLogSink
 
@@ -25,35 +62,10 @@ def default_sinks(config: KarnConfig, collector: Any) -> list[Any]:
     if config.console != "off":
         from karn_otel.sinks.console import ConsoleSink
 
-        from karn_otel.analytics import MorphogeneticAnalytics, ReferenceCurve
-
-        curve = ReferenceCurve.load(config.reference_curve) if config.reference_curve else None
-        analytics = MorphogeneticAnalytics(collector.store, health=collector.health, reference_curve=curve)
         live = {"auto": None, "live": True, "plain": False}[config.console]
-        sinks.append(
-            ConsoleSink(
-                collector.store, collector.stats, live=live, refresh_hz=config.console_refresh_hz, analytics=analytics
-            )
-        )
+        sinks.append(ConsoleSink(view, live=live, refresh_hz=config.console_refresh_hz))
     if config.prometheus_port is not None or config.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from karn_otel.sinks.otel import OTelSink
 
-        sinks.append(OTelSink(config, collector))
+        sinks.append(OTelSink(config, view))
     return sinks
-
-
-def default_processors(config: KarnConfig, collector: Any) -> None:
-    """Attach the health monitor and the dense-trace trigger engine (both processors).
-
-    They observe accepted events and return derived ones (HealthAlert, ModeChange), which
-    the collector emits; the collector keeps a reference for analytics (training_health).
-    """
-    from karn_otel.health import HealthMonitor
-    from karn_otel.triggers import DenseTriggerEngine
-
-    collector.health = HealthMonitor(head_sizes=config.policy_head_sizes, strict=config.strict)
-    collector.triggers = DenseTriggerEngine(
-        config.dense_trigger, mode=config.mode, head_sizes=config.policy_head_sizes, strict=config.strict
-    )
-    collector.add_processor(collector.health)
-    collector.add_processor(collector.triggers)

@@ -47,7 +47,7 @@ def _feed(c):
 
 def test_live_dashboard_renders_every_block(memory_collector):
     stream = Tty()
-    sink = ConsoleSink(memory_collector.store, memory_collector.stats, live=True, stream=stream, refresh_hz=50)
+    sink = ConsoleSink(memory_collector.view, live=True, stream=stream, refresh_hz=50)
     memory_collector.add_sink(sink)
     _feed(memory_collector)
     lines = sink.render()
@@ -65,7 +65,7 @@ def test_live_dashboard_renders_every_block(memory_collector):
 
 def test_plain_mode_prints_one_line_per_epoch_and_alerts(memory_collector):
     stream = io.StringIO()
-    sink = ConsoleSink(memory_collector.store, memory_collector.stats, live=None, stream=stream)
+    sink = ConsoleSink(memory_collector.view, live=None, stream=stream)
     assert sink.live is False, "not a terminal: plain lines"
     memory_collector.add_sink(sink)
     _feed(memory_collector)
@@ -77,15 +77,14 @@ def test_plain_mode_prints_one_line_per_epoch_and_alerts(memory_collector):
 
 def test_policy_health_block_judges_collapse():
     from karn_otel import collector as kc
-    from karn_otel.analytics import MorphogeneticAnalytics
     from karn_otel.config import KarnConfig
     from karn_otel.contracts import AdvantageStats, LSTMHealth, PPOUpdateStats, RatioStats
-    from karn_otel.health import HealthMonitor
+    from karn_otel.sinks.factory import build_pipeline
 
-    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True))
-    mon = HealthMonitor(head_sizes={"op": 4})
-    c.add_processor(mon)
-    sink = ConsoleSink(c.store, c.stats, live=False, stream=io.StringIO(), analytics=MorphogeneticAnalytics(c.store, health=mon))
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True, policy_head_sizes={"op": 4}))
+    build_pipeline(c.config, c, sinks=[])
+    sink = ConsoleSink(c.view, live=False, stream=io.StringIO())
+    c.add_sink(sink)
     c.emit(make_context())
 
     def update(i, entropy):

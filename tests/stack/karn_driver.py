@@ -85,7 +85,7 @@ def main() -> int:
     cfg = RunConfig(epochs=args.epochs, seed=0, inject_loss_spike_epoch=args.inject_loss_spike_epoch, **FAST_LIFECYCLE)
     run_reference(cfg, checkpoint_dir=args.out / collector.run_id / "checkpoints")
     collector.flush()
-    failing = sorted(c.name for c in collector.health.report().failing)
+    failing = sorted(c.name for c in collector.view.health_report().failing)
     args.report.write_text(json.dumps({"run_id": collector.run_id, "failing": failing}))
     say(event="ready", run_dir=str(args.out / collector.run_id), failing=failing)
 
