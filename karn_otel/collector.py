@@ -149,7 +149,7 @@ class KarnCollector:
         except TelemetryValidationError as err:
             self._reject(err)
             return None
-        if env.event_type is ET.EPISODE_STARTED:
+        if isinstance(env.payload, EpisodeContext):
             self._episode = env.payload
             self._slot_ids = frozenset(env.payload.slot_config)
         self._epoch = env.epoch
@@ -203,7 +203,7 @@ class KarnCollector:
                 raise TelemetryValidationError(
                     "negative_param_count", f"{type(p).__name__}.{name} = {getattr(p, name)} is negative"
                 )
-        if env.event_type is ET.EPISODE_STARTED:
+        if isinstance(p, EpisodeContext):
             bad = {k: v for k, v in p.slot_config.items() if v < 0}
             if bad:
                 raise TelemetryValidationError("negative_param_count", f"EpisodeContext.slot_config has negative {bad}")
@@ -333,9 +333,11 @@ def discover_rank(config: KarnConfig) -> tuple[int, int]:
     else the launcher's RANK / WORLD_SIZE (karn_otel.distributed.discover)."""
     from karn_otel.distributed import discover
 
-    info = discover() if config.rank is None or config.world_size is None else None
-    rank = config.rank if config.rank is not None else info.rank
-    world = config.world_size if config.world_size is not None else info.world_size
+    rank, world = config.rank, config.world_size
+    if rank is None or world is None:
+        info = discover()
+        rank = info.rank if rank is None else rank
+        world = info.world_size if world is None else world
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world_size {world} (check RANK/WORLD_SIZE)")
     return rank, world

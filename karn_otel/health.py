@@ -50,7 +50,7 @@ import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, cast
 
 from karn_otel.contracts import (
     HealthAlert,
@@ -287,50 +287,50 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-def loss_spike_finding(loss: float, previous: Iterable[float], ratio: float) -> Finding | None:
+def loss_spike_finding(loss: object, previous: Iterable[float], ratio: float) -> Finding | None:
     """train loss vs ``ratio`` x the mean of ``previous`` epochs' losses.
 
     None when it cannot be evaluated: no finite history, a non-positive baseline (a ratio
     to 0 means nothing), or a non-finite loss (that is ``non_finite_loss``'s finding).
     """
-    loss = _num(loss)
+    x = _num(loss)
     prev = [p for p in previous if _finite(p)]
-    if not prev or not _finite(loss):
+    if not prev or not _finite(x):
         return None
     avg = sum(prev) / len(prev)
     if avg <= 0:
         return None
-    value = loss / avg
+    value = x / avg
     return Finding(
         "loss_spike", value > ratio, value, ratio,
-        f"train loss {loss:.4g} is {value:.3g}x its rolling mean {avg:.4g} over {len(prev)} epoch(s)",
+        f"train loss {x:.4g} is {value:.3g}x its rolling mean {avg:.4g} over {len(prev)} epoch(s)",
     )
 
 
-def gradient_explosion_finding(norm: float, previous: Iterable[float], ratio: float) -> Finding | None:
+def gradient_explosion_finding(norm: object, previous: Iterable[float], ratio: float) -> Finding | None:
     """host grad norm vs ``ratio`` x the median of ``previous`` epochs' norms.
 
     A non-finite norm is the limit of an explosion and fails outright (value inf), provided
     there is a history; None when the typical norm is unknown or not positive.
     """
-    norm = _num(norm)
+    n = _num(norm)
     prev = [p for p in previous if _finite(p)]
     if not prev:
         return None
     typical = statistics.median(prev)
     if typical <= 0:
         return None
-    if not _finite(norm):
+    if not _finite(n):
         return Finding("gradient_explosion", True, math.inf, ratio,
-                       f"host grad norm is {norm} (typical {typical:.4g})")
-    value = norm / typical
+                       f"host grad norm is {n} (typical {typical:.4g})")
+    value = n / typical
     return Finding(
         "gradient_explosion", value > ratio, value, ratio,
-        f"host grad norm {norm:.4g} is {value:.3g}x its rolling median {typical:.4g}",
+        f"host grad norm {n:.4g} is {value:.3g}x its rolling median {typical:.4g}",
     )
 
 
-def accuracy_drop_finding(previous: float | None, current: float, points: float) -> Finding | None:
+def accuracy_drop_finding(previous: object, current: object, points: float) -> Finding | None:
     """Validation accuracy drop from ``previous`` to ``current`` (fractions), in points."""
     cur, prev = _num(current), _num(previous) if previous is not None else math.nan
     if not (_finite(cur) and _finite(prev)):
@@ -343,7 +343,7 @@ def accuracy_drop_finding(previous: float | None, current: float, points: float)
 
 
 def value_collapse_finding(
-    value_variance: float, advantage_std: float, explained_variance: float, ratio: float
+    value_variance: object, advantage_std: object, explained_variance: object, ratio: float
 ) -> Finding | None:
     """Var(values) relative to Var(returns), from what :class:`PPOUpdateStats` carries.
 
@@ -566,14 +566,14 @@ class GuardedProcessor:
     state under a lock (the collector calls processors outside its own lock), and on an
     internal error logs once and skips the event, or raises when ``strict``."""
 
-    WATCHED: frozenset = frozenset()
+    WATCHED: frozenset[TelemetryEventType] = frozenset()
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self._lock = threading.Lock()
         self._error_logged = False
 
-    def __call__(self, event: TelemetryEvent) -> list:
+    def __call__(self, event: TelemetryEvent) -> list[Any]:
         if getattr(event, "event_type", None) not in self.WATCHED:
             return []
         try:
@@ -587,7 +587,7 @@ class GuardedProcessor:
                 log.warning("Karn %s skipped an event after an internal error: %r", type(self).__name__, exc)
             return []
 
-    def _observe(self, event: TelemetryEvent) -> list:
+    def _observe(self, event: TelemetryEvent) -> list[Any]:
         raise NotImplementedError
 
 
@@ -641,11 +641,14 @@ class HealthMonitor(GuardedProcessor):
             self.reset()
             return []
         before = self._failing()
+        # Dispatch on the envelope's type, not the payload's class: the checks read fields
+        # defensively, so even a payload that slipped past validation is judged, not skipped.
         if et is ET.HOST_SNAPSHOT:
-            source, findings = et.value, host_findings(p, self._history, self.thresholds)
-            self._history.update(p)
+            h = cast(HostSnapshot, p)
+            source, findings = et.value, host_findings(h, self._history, self.thresholds)
+            self._history.update(h)
         else:
-            source, findings = et.value, ppo_findings(p, self.thresholds, self.head_sizes)
+            source, findings = et.value, ppo_findings(cast(PPOUpdateStats, p), self.thresholds, self.head_sizes)
         for f in findings:
             self._findings[(f.check, source)] = f
         self._last_event, self._last_findings = event, tuple(findings)
@@ -654,12 +657,14 @@ class HealthMonitor(GuardedProcessor):
         alerts = []
         for name in CHECK_NAMES:
             if name in after and name not in before:
-                f = after[name]
-                alerts.append(HealthAlert(name, _SPEC[name].severity, f.message, f.value, f.threshold))
+                new = after[name]
+                alerts.append(HealthAlert(name, _SPEC[name].severity, new.message, new.value, new.threshold))
             elif self.emit_resolutions and name in before and name not in after:
-                f = self._current(name)
-                value, threshold = (f.value, f.threshold) if f is not None else (math.nan, math.nan)
-                alerts.append(HealthAlert(name, Severity.OK, f"resolved: {f.message if f else name}", value, threshold))
+                cur = self._current(name)
+                value, threshold = (cur.value, cur.threshold) if cur is not None else (math.nan, math.nan)
+                alerts.append(
+                    HealthAlert(name, Severity.OK, f"resolved: {cur.message if cur else name}", value, threshold)
+                )
         return alerts
 
     def last_findings_for(self, event: TelemetryEvent) -> tuple[Finding, ...] | None:

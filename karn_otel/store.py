@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, deque
-from typing import Iterable
+from collections.abc import Iterable
+from typing import TypeVar
 
 from karn_otel.contracts import (
     ControllerDecision,
@@ -24,6 +25,7 @@ from karn_otel.contracts import (
     HostSnapshot,
     PolicySnapshot,
     PPOUpdateStats,
+    Scalars,
     SlotSnapshot,
     StageTransition,
     TelemetryEvent,
@@ -83,55 +85,55 @@ class TelemetryStore:
     # ------------------------------------------------------------------ writing
 
     def add(self, event: TelemetryEvent) -> None:
-        """Record a validated event. Called by the collector only."""
-        et = event.event_type
+        """Record a validated event. Called by the pipeline only.
+
+        Dispatch is on the payload's class (``match``), so each branch sees its payload typed.
+        """
+        epoch = event.epoch
         with self._lock:
-            self.event_counts[et] += 1
+            self.event_counts[event.event_type] += 1
             self.run_id = event.run_id
             self.rank, self.world_size = event.rank, event.world_size
-            if event.epoch > self.epoch:
-                self.epoch = event.epoch
-            handler = self._handlers.get(et)
-            if handler is not None:
-                handler(self, event)
-
-    def _on_episode(self, e: TelemetryEvent) -> None:
-        self._reset_episode()
-        self.context = e.payload
-
-    def _on_slot(self, e: TelemetryEvent) -> None:
-        p = e.payload
-        self._slots_latest[p.slot_id] = p
-        hist = self._slot_history.get(p.slot_id)
-        if hist is None:
-            hist = self._slot_history[p.slot_id] = deque(maxlen=self._max_epochs)
-        hist.append((e.epoch, p))
-
-    def _on_host(self, e: TelemetryEvent) -> None:
-        if is_global_host_snapshot(e):
-            self._host.append(e.payload)
-        else:
-            self._host_per_rank[e.rank] = e.payload
-
-    def _on_decision(self, e: TelemetryEvent) -> None:
-        self._decisions.append((e.epoch, e.payload))
-        self._action_counts[e.payload.action.op.value] += 1
-
-    _handlers = {
-        ET.EPISODE_STARTED: _on_episode,
-        ET.HOST_BASELINE: lambda self, e: setattr(self, "baseline", e.payload),
-        ET.HOST_SNAPSHOT: _on_host,
-        ET.SLOT_SNAPSHOT: _on_slot,
-        ET.POLICY_SNAPSHOT: lambda self, e: self._policy.append(e.payload),
-        ET.PPO_UPDATE: lambda self, e: self._ppo_updates.append(e.payload),
-        ET.CONTROLLER_DECISION: _on_decision,
-        ET.STAGE_TRANSITION: lambda self, e: self._transitions.append((e.epoch, e.payload)),
-        ET.HEALTH_ALERT: lambda self, e: self._alerts.append((e.epoch, e.payload)),
-        ET.COUNTERFACTUAL: lambda self, e: self._counterfactuals.append(e.payload),
-        ET.DENSE_TRACE: lambda self, e: self.dense_traces.append(e.payload),
-        ET.SCALARS: lambda self, e: self.scalars.update(e.payload.values),
-        ET.EPISODE_ENDED: lambda self, e: setattr(self, "summary", e.payload),
-    }
+            if epoch > self.epoch:
+                self.epoch = epoch
+            match event.payload:
+                case EpisodeContext() as p:
+                    self._reset_episode()
+                    self.context = p
+                case HostBaseline() as p:
+                    self.baseline = p
+                case HostSnapshot() as p:
+                    if is_global_host_snapshot(event):
+                        self._host.append(p)
+                    else:
+                        self._host_per_rank[event.rank] = p
+                case SlotSnapshot() as p:
+                    self._slots_latest[p.slot_id] = p
+                    hist = self._slot_history.get(p.slot_id)
+                    if hist is None:
+                        hist = self._slot_history[p.slot_id] = deque(maxlen=self._max_epochs)
+                    hist.append((epoch, p))
+                case PolicySnapshot() as p:
+                    self._policy.append(p)
+                case PPOUpdateStats() as p:
+                    self._ppo_updates.append(p)
+                case ControllerDecision() as p:
+                    self._decisions.append((epoch, p))
+                    self._action_counts[p.action.op.value] += 1
+                case StageTransition() as p:
+                    self._transitions.append((epoch, p))
+                case HealthAlert() as p:
+                    self._alerts.append((epoch, p))
+                case CounterfactualMatrix() as p:
+                    self._counterfactuals.append(p)
+                case DenseTrace() as p:
+                    self.dense_traces.append(p)
+                case Scalars() as p:
+                    self.scalars.update(p.values)
+                case EpisodeSummary() as p:
+                    self.summary = p
+                case _:
+                    pass  # counted only (batch metrics, gate traces, mode changes, Karn's stats)
 
     # ------------------------------------------------------------------ queries
 
@@ -199,6 +201,9 @@ class TelemetryStore:
             return {et.value: n for et, n in self.event_counts.items()}
 
 
-def _tail(items: Iterable, n: int | None) -> list:
+T = TypeVar("T")
+
+
+def _tail(items: Iterable[T], n: int | None) -> list[T]:
     items = list(items)
     return items if n is None else items[-n:] if n > 0 else []

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from karn_otel.config import DenseTraceTrigger
-from karn_otel.contracts import ModeChange, OperatingMode, TelemetryEvent, TelemetryEventType
+from karn_otel.contracts import HostSnapshot, ModeChange, OperatingMode, TelemetryEvent, TelemetryEventType
 from karn_otel.health import (
     DEFAULT_THRESHOLDS,
     Finding,
@@ -241,7 +241,7 @@ class DenseTriggerEngine(GuardedProcessor):
             return out  # Research mode: dense always, windows never close
 
         reasons = self.anomalies(event)
-        if et is ET.HOST_SNAPSHOT and self.health is None:
+        if isinstance(event.payload, HostSnapshot) and self.health is None:
             self._history.update(event.payload)
         elif et is ET.PPO_UPDATE:
             self._policy_anomalies = tuple(r for r in reasons if r in _POLICY_REASONS)
