@@ -6,7 +6,7 @@ PYTHON ?= python3
 PIP_CONSTRAINTS ?= constraints-cpu.txt
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test bench system-deps clean
+.PHONY: setup run test lint typecheck check bench system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,16 @@ system-deps:
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Lint and format check (ruff, config in pyproject.toml), and mypy --strict on the torch-free core.
+lint: setup
+	$(BIN)/ruff check karn_otel tests benchmarks
+	$(BIN)/ruff format --check karn_otel tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+check: lint typecheck test
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
