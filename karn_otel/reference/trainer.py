@@ -185,6 +185,7 @@ class ReferenceTrainer:
         self.episode_index = episode_index
         self.seed = cfg.seed + episode_index
         self.checkpoint_dir = checkpoint_dir
+        self.initial_checkpoint: Path | None = None  # written at episode start (checkpoint_dir set)
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
@@ -466,6 +467,7 @@ class ReferenceTrainer:
         if self.checkpoint_dir is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), ckpt)
+            self.initial_checkpoint = ckpt
         baseline = HostBaseline(init_loss, init_acc, ckpt, cfg.checkpoint_retention)  # type: ignore[arg-type]
         emit(baseline, epoch=0)
         self.accuracy_history.append(init_acc)
@@ -620,14 +622,46 @@ def run_reference(
 ) -> list[EpisodeResult]:
     """``cfg.episodes`` episodes; one controller instance learns across all of them."""
     results: list[EpisodeResult] = []
+    checkpoints: list[Path] = []
     controller = None
-    for k in range(cfg.episodes):
-        trainer = ReferenceTrainer(cfg, checkpoint_dir, controller=controller, episode_index=k, heartbeat_dir=heartbeat_dir)
-        controller = trainer.controller
-        results.append(trainer.run())
-        if trainer.heartbeat is not None and k == cfg.episodes - 1:
-            trainer.heartbeat.finish(cfg.epochs)
+    try:
+        for k in range(cfg.episodes):
+            trainer = ReferenceTrainer(
+                cfg, checkpoint_dir, controller=controller, episode_index=k, heartbeat_dir=heartbeat_dir
+            )
+            controller = trainer.controller
+            results.append(trainer.run())
+            if trainer.initial_checkpoint is not None:
+                checkpoints.append(trainer.initial_checkpoint)
+            if trainer.heartbeat is not None and k == cfg.episodes - 1:
+                trainer.heartbeat.finish(cfg.epochs)
+    finally:
+        apply_checkpoint_retention(checkpoints, cfg.checkpoint_retention)
     return results
+
+
+def apply_checkpoint_retention(checkpoints: list[Path], policy: str) -> list[Path]:
+    """Apply the run's ``checkpoint_retention`` to the initial checkpoints this trainer wrote,
+    in episode order, once the run is over; returns the paths deleted.
+
+    ``keep_all`` keeps every one, ``keep_last`` only the last episode's (what ``karn replay``
+    compares against), ``delete_after_run`` none. The trainer wrote them, so the trainer
+    deletes them; a file that cannot be removed is left in place.
+    """
+    if policy == "keep_all":
+        doomed: list[Path] = []
+    elif policy == "keep_last":
+        doomed = checkpoints[:-1]
+    else:
+        doomed = list(checkpoints)
+    deleted = []
+    for path in doomed:
+        try:
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+        except OSError:
+            pass
+    return deleted
 
 
 def all_on_result(cf: CounterfactualMatrix) -> tuple[float, float]:

@@ -109,3 +109,20 @@ def test_host_baseline_reports_host_only_accuracy(memory_collector):
     summary = events[-1].payload
     assert events[-1].event_type is ET.EPISODE_ENDED
     assert summary.host_only_accuracy == end.final_host_only_accuracy
+
+
+@pytest.mark.parametrize(
+    "policy, kept", [("keep_all", [True, True]), ("keep_last", [False, True]), ("delete_after_run", [False, False])]
+)
+def test_the_trainer_applies_its_checkpoint_retention(memory_collector, tmp_path, policy, kept):
+    """The trainer deletes the checkpoints it wrote, by policy, once the run is over."""
+    from karn_otel.reference.trainer import run_reference
+
+    cfg = dataclasses.replace(FAST, epochs=1, episodes=2, controller="none", checkpoint_retention=policy)
+    run_reference(cfg, checkpoint_dir=tmp_path)
+    names = [f"ep{k:03d}" for k in range(2)]
+    baselines = [e.payload for e in memory_collector.memory.events if e.event_type is ET.HOST_BASELINE]
+    paths = [b.initial_checkpoint for b in baselines if b.final_host_only_accuracy is None]
+    assert [p.name[:5] for p in paths] == names
+    assert [p.exists() for p in paths] == kept
+    assert len(list(tmp_path.glob("*.pt"))) == sum(kept)
