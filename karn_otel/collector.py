@@ -21,6 +21,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+from karn_otel.codec import check_types
 from karn_otel.config import KarnConfig
 from karn_otel.contracts import (
     EVENT_TYPE_OF,
@@ -28,19 +29,24 @@ from karn_otel.contracts import (
     BatchMetrics,
     ControllerDecision,
     CounterfactualMatrix,
+    DenseTrace,
     EpisodeContext,
     EpisodeSummary,
     GateEvaluationTrace,
+    HealthAlert,
+    HostBaseline,
     HostSnapshot,
+    ModeChange,
     OperatingMode,
     PolicySnapshot,
+    PPOUpdateStats,
+    Scalars,
     SlotSnapshot,
     StageTransition,
     TelemetryEvent,
     TelemetryEventType,
     TelemetryStats,
 )
-from karn_otel.codec import check_types
 from karn_otel.pipeline import Pipeline, Processor, Sink, StoreView
 from karn_otel.store import TelemetryStore
 
@@ -303,7 +309,15 @@ _PARAM_FIELDS: dict[type, tuple[str, ...]] = {
 }
 
 
+# Contract classes that name no slot: the common per-step ones skip _slots_named entirely.
+_NAMES_NO_SLOT: frozenset[type] = frozenset(
+    {Scalars, EpisodeContext, EpisodeSummary, HostBaseline, PPOUpdateStats, HealthAlert, ModeChange, DenseTrace}
+)
+
+
 def _slots_named(p: Any) -> Iterable[str]:
+    if type(p) in _NAMES_NO_SLOT:
+        return ()
     if isinstance(p, SlotSnapshot):
         return (p.slot_id,)
     if isinstance(p, (HostSnapshot, BatchMetrics)):

@@ -15,14 +15,17 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from karn_otel.contracts import (
+    BatchMetrics,
     ControllerDecision,
     CounterfactualMatrix,
     DenseTrace,
     EpisodeContext,
     EpisodeSummary,
+    GateEvaluationTrace,
     HealthAlert,
     HostBaseline,
     HostSnapshot,
+    ModeChange,
     PolicySnapshot,
     PPOUpdateStats,
     Scalars,
@@ -30,6 +33,7 @@ from karn_otel.contracts import (
     StageTransition,
     TelemetryEvent,
     TelemetryEventType,
+    TelemetryStats,
 )
 
 ET = TelemetryEventType
@@ -42,6 +46,10 @@ def is_global_host_snapshot(event: TelemetryEvent) -> bool:
     per rank, apart from the history that analytics and the console read.
     """
     return event.world_size == 1 or event.is_reduced
+
+
+# Payload classes the store only counts (per-batch metrics, gate traces, mode changes, stats).
+_COUNTED_ONLY: frozenset[type] = frozenset({BatchMetrics, GateEvaluationTrace, ModeChange, TelemetryStats})
 
 
 class TelemetryStore:
@@ -96,6 +104,8 @@ class TelemetryStore:
             self.rank, self.world_size = event.rank, event.world_size
             if epoch > self.epoch:
                 self.epoch = epoch
+            if type(event.payload) in _COUNTED_ONLY:
+                return  # the per-batch hot path: nothing to keep beyond the count
             match event.payload:
                 case EpisodeContext() as p:
                     self._reset_episode()
