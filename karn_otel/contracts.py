@@ -9,22 +9,18 @@ review's P0-P2 additions), so a reader of the spec finds each one by name:
 * Tier 3 (adaptive): :class:`DenseTrace` with :class:`BatchMetrics` and
   :class:`GateEvaluationTrace`.
 
-Every contract is a frozen dataclass. ``to_json``/``from_json`` give an exact round trip,
-non-finite floats included: a diverged loss is written as ``{"$float": "nan"}`` (plain JSON
-has no NaN) and read back as ``float("nan")``, never as ``null``. Decoding is driven by the
-type hints, so a round trip also restores enums, tuples, paths and datetimes.
+Every contract is a frozen dataclass. Encoding and decoding (``to_json``/``from_json``, the
+envelope's ``event_to_json``/``event_from_json``) live in :mod:`karn_otel.codec`: an exact
+round trip, non-finite floats included (a diverged loss is written as ``{"$float": "nan"}``
+and read back as ``float("nan")``, never as ``null``), typed by the hints, so a round trip
+also restores enums, tuples, paths and datetimes.
 
 This module imports neither torch nor opentelemetry.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -478,254 +474,28 @@ class TelemetryEvent:
     schema_version: int = SCHEMA_VERSION
 
 
-# --------------------------------------------------------------------------- JSON encoding
+# --------------------------------------------------------------------------- encoding lives in codec
+
+_MOVED_TO_CODEC = frozenset(
+    {
+        "ContractDecodeError",
+        "event_from_dict",
+        "event_from_json",
+        "event_to_dict",
+        "event_to_json",
+        "from_json",
+        "from_jsonable",
+        "to_json",
+        "to_jsonable",
+        "type_hints",
+    }
+)
 
 
-class ContractDecodeError(ValueError):
-    """A JSON document does not match the contract it claims to be."""
+def __getattr__(name: str) -> Any:
+    """Backwards compatibility: the JSON codec moved to :mod:`karn_otel.codec`."""
+    if name in _MOVED_TO_CODEC:
+        from karn_otel import codec
 
-
-_FLOAT_TAG = "$float"
-_NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
-
-
-def _encode_float(x: float) -> Any:
-    if math.isfinite(x):
-        return float(x)
-    return {_FLOAT_TAG: "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
-
-
-_ENCODERS: dict[type, Any] = {}
-
-
-def _finite_or_tagged(x: Any) -> Any:
-    return x if x - x == 0 else _encode_float(x)  # x - x is NaN exactly when x is NaN or inf
-
-
-def _str_float_dict(d: Any) -> Any:
-    if type(d) is not dict:
-        return to_jsonable(d)
-    return {k: (v if v - v == 0 else _encode_float(v)) for k, v in d.items()}
-
-
-def _dataclass_encoder(cls: type) -> Any:
-    """A per-class encoder: plain fields are copied, floats checked inline, the rest recursed.
-
-    Built once per contract class from its type hints; it keeps the writer thread's cost per
-    event low (the training thread only enqueues, but the two share the GIL).
-    """
-    hints = type_hints(cls)
-    plan = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if tp in (int, str, bool):
-            plan.append((f.name, None))
-        elif tp is float:
-            plan.append((f.name, _finite_or_tagged))
-        elif typing.get_origin(tp) is dict and typing.get_args(tp) == (str, float):
-            plan.append((f.name, _str_float_dict))
-        else:
-            plan.append((f.name, to_jsonable))
-    plan_t = tuple(plan)
-
-    def encode(obj: Any) -> dict[str, Any]:
-        out = {}
-        for name, conv in plan_t:
-            v = getattr(obj, name)
-            out[name] = v if conv is None else conv(v)
-        return out
-
-    return encode
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert a contract (or any value inside one) to plain JSON types.
-
-    Dicts whose keys are not strings become lists of ``[key, value]`` pairs; the decoder
-    knows from the type hints which one to expect.
-    """
-    tp = type(obj)
-    if tp is float:  # the common case first: this runs on the writer thread for every field
-        return obj if math.isfinite(obj) else _encode_float(obj)
-    if obj is None or tp is str or tp is bool or tp is int:
-        return obj
-    encoder = _ENCODERS.get(tp)
-    if encoder is None and dataclasses.is_dataclass(obj):
-        encoder = _ENCODERS[tp] = _dataclass_encoder(tp)
-    if encoder is not None:
-        return encoder(obj)
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return _encode_float(float(obj))
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {k: to_jsonable(v) for k, v in obj.items()}
-        return [[to_jsonable(k), to_jsonable(v)] for k, v in obj.items()]
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    raise TypeError(f"cannot encode {type(obj).__name__} as Karn JSON")
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def type_hints(cls: type) -> dict[str, Any]:
-    """Resolved field type hints of a contract class (cached)."""
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = typing.get_type_hints(cls)
-        _HINTS[cls] = hints
-    return hints
-
-
-def from_jsonable(tp: Any, data: Any, where: str = "$") -> Any:
-    """Decode ``data`` (plain JSON types) as type ``tp``; raise ContractDecodeError on mismatch."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return data
-    if origin is Union or origin is types.UnionType:
-        if data is None and type(None) in args:
-            return None
-        # Try the most specific JSON-compatible member first (bool before int before float).
-        ordered = sorted((a for a in args if a is not type(None)), key=_union_rank)
-        for member in ordered:
-            try:
-                return from_jsonable(member, data, where)
-            except ContractDecodeError:
-                continue
-        raise ContractDecodeError(f"{where}: {data!r} matches none of {tp}")
-    if origin is Literal:
-        if data in args:
-            return data
-        raise ContractDecodeError(f"{where}: {data!r} not one of {args}")
-    if tp is type(None):
-        if data is None:
-            return None
-        raise ContractDecodeError(f"{where}: expected null")
-    if tp is bool:
-        if isinstance(data, bool):
-            return data
-        raise ContractDecodeError(f"{where}: expected bool, got {data!r}")
-    if tp is int:
-        if isinstance(data, int) and not isinstance(data, bool):
-            return data
-        raise ContractDecodeError(f"{where}: expected int, got {data!r}")
-    if tp is float:
-        if isinstance(data, bool):
-            raise ContractDecodeError(f"{where}: expected float, got bool")
-        if isinstance(data, (int, float)):
-            return float(data)
-        if isinstance(data, dict) and set(data) == {_FLOAT_TAG} and data[_FLOAT_TAG] in _NONFINITE:
-            return _NONFINITE[data[_FLOAT_TAG]]
-        raise ContractDecodeError(f"{where}: expected float, got {data!r}")
-    if tp is str:
-        if isinstance(data, str):
-            return data
-        raise ContractDecodeError(f"{where}: expected str, got {data!r}")
-    if tp is Path:
-        if isinstance(data, str):
-            return Path(data)
-        raise ContractDecodeError(f"{where}: expected path string")
-    if tp is datetime:
-        try:
-            return datetime.fromisoformat(data)
-        except (TypeError, ValueError) as exc:
-            raise ContractDecodeError(f"{where}: bad datetime {data!r}") from exc
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(data)
-        except ValueError as exc:
-            raise ContractDecodeError(f"{where}: {data!r} is not a {tp.__name__}") from exc
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise ContractDecodeError(f"{where}: expected object for {tp.__name__}")
-        hints = type_hints(tp)
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in data:
-                kwargs[f.name] = from_jsonable(hints[f.name], data[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ContractDecodeError(f"{where}: {tp.__name__} missing field {f.name!r}")
-        unknown = set(data) - {f.name for f in dataclasses.fields(tp)}
-        if unknown:
-            raise ContractDecodeError(f"{where}: {tp.__name__} has no field(s) {sorted(unknown)}")
-        return tp(**kwargs)
-    if origin in (list, tuple):
-        if not isinstance(data, list):
-            raise ContractDecodeError(f"{where}: expected array")
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(args) != len(data):
-                raise ContractDecodeError(f"{where}: expected {len(args)} items")
-            return tuple(from_jsonable(a, d, f"{where}[{i}]") for i, (a, d) in enumerate(zip(args, data)))
-        item = args[0] if args else Any
-        values = [from_jsonable(item, d, f"{where}[{i}]") for i, d in enumerate(data)]
-        return tuple(values) if origin is tuple else values
-    if origin is dict:
-        ktp, vtp = args if args else (Any, Any)
-        if isinstance(data, dict):
-            return {from_jsonable(ktp, k, where): from_jsonable(vtp, v, f"{where}[{k!r}]") for k, v in data.items()}
-        if isinstance(data, list) and all(isinstance(p, list) and len(p) == 2 for p in data):
-            return {from_jsonable(ktp, k, where): from_jsonable(vtp, v, f"{where}[{k!r}]") for k, v in data}
-        raise ContractDecodeError(f"{where}: expected mapping")
-    raise ContractDecodeError(f"{where}: unsupported type {tp!r}")
-
-
-def _union_rank(tp: Any) -> int:
-    return {bool: 0, int: 1, float: 2, str: 3}.get(tp, 4)
-
-
-def event_to_dict(event: TelemetryEvent) -> dict[str, Any]:
-    return to_jsonable(event)
-
-
-def event_from_dict(data: dict[str, Any]) -> TelemetryEvent:
-    """Decode one envelope; the payload class is chosen by ``event_type``."""
-    if not isinstance(data, dict):
-        raise ContractDecodeError("event is not a JSON object")
-    try:
-        event_type = TelemetryEventType(data.get("event_type"))
-    except ValueError as exc:
-        raise ContractDecodeError(f"unknown event_type {data.get('event_type')!r}") from exc
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ContractDecodeError(f"schema_version {version!r} is not supported (this Karn reads {SCHEMA_VERSION})")
-    payload = from_jsonable(PAYLOAD_TYPES[event_type], data.get("payload"), "$.payload")
-    rest = {k: v for k, v in data.items() if k != "payload"}
-    hints = dict(type_hints(TelemetryEvent))
-    hints.pop("payload")
-    kwargs = {}
-    for name, tp in hints.items():
-        if name in rest:
-            kwargs[name] = from_jsonable(tp, rest[name], f"$.{name}")
-    return TelemetryEvent(payload=payload, **kwargs)
-
-
-def event_to_json(event: TelemetryEvent) -> str:
-    """One line of ``events.jsonl`` (strict JSON: no NaN tokens)."""
-    return json.dumps(event_to_dict(event), separators=(",", ":"), allow_nan=False)
-
-
-def event_from_json(line: str) -> TelemetryEvent:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ContractDecodeError(f"not JSON: {exc}") from exc
-    return event_from_dict(data)
-
-
-def to_json(obj: Any) -> str:
-    return json.dumps(to_jsonable(obj), separators=(",", ":"), allow_nan=False)
-
-
-def from_json(cls: type, text: str) -> Any:
-    return from_jsonable(cls, json.loads(text))
+        return getattr(codec, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

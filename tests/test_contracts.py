@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from karn_otel import codec as K
 from karn_otel import contracts as C
 from tests.conftest import canon
 
@@ -26,9 +28,9 @@ ALL_CONTRACTS = sorted(set(C.PAYLOAD_TYPES.values()) | {
 @given(data=st.data())
 def test_every_contract_round_trips_exactly(cls, data):
     obj = data.draw(st.from_type(cls))
-    text = C.to_json(obj)
+    text = K.to_json(obj)
     json.loads(text)  # strict JSON: parseable without NaN extensions
-    back = C.from_json(cls, text)
+    back = K.from_json(cls, text)
     assert canon(back) == canon(obj)
 
 
@@ -51,9 +53,9 @@ event_strategy = st.sampled_from(sorted(C.PAYLOAD_TYPES.items(), key=lambda kv: 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(event_strategy)
 def test_envelope_round_trips_exactly(event):
-    line = C.event_to_json(event)
+    line = K.event_to_json(event)
     assert "\n" not in line
-    assert canon(C.event_from_json(line)) == canon(event)
+    assert canon(K.event_from_json(line)) == canon(event)
 
 
 def test_non_finite_floats_are_tagged_never_null():
@@ -62,12 +64,12 @@ def test_non_finite_floats_are_tagged_never_null():
         host_params=10, total_seed_params=0, total_params=10, fossilized_params=0,
         host_grad_norm=float("-inf"), seed_grad_norms={"early": float("nan")}, grad_isolation_leakage=None,
     )
-    data = json.loads(C.to_json(snap))
+    data = json.loads(K.to_json(snap))
     assert data["train_loss"] == {"$float": "nan"}
     assert data["val_loss"] == {"$float": "inf"}
     assert data["host_grad_norm"] == {"$float": "-inf"}
     assert data["grad_isolation_leakage"] is None
-    back = C.from_json(C.HostSnapshot, C.to_json(snap))
+    back = K.from_json(C.HostSnapshot, K.to_json(snap))
     assert math.isnan(back.train_loss) and back.val_loss == math.inf and back.host_grad_norm == -math.inf
 
 
@@ -76,10 +78,10 @@ def test_non_string_dict_keys_survive():
         epoch=1, slot_ids=("a", "b"), configs=(), marginal_contributions={"a": 0.1},
         interaction_effects={("a", "b"): -0.02}, shapley_values=None,
     )
-    back = C.from_json(C.CounterfactualMatrix, C.to_json(m))
+    back = K.from_json(C.CounterfactualMatrix, K.to_json(m))
     assert back.interaction_effects == {("a", "b"): -0.02}
     r = C.CounterfactualResult((True,), {"a": 1.0}, 0.5, 0.9, per_class_accuracy={3: 0.5})
-    assert C.from_json(C.CounterfactualResult, C.to_json(r)).per_class_accuracy == {3: 0.5}
+    assert K.from_json(C.CounterfactualResult, K.to_json(r)).per_class_accuracy == {3: 0.5}
 
 
 @pytest.mark.parametrize(
@@ -88,13 +90,13 @@ def test_non_string_dict_keys_survive():
         ("{", "not JSON"),
         ('{"event_type": "nope"}', "unknown event_type"),
         ('{"event_type": "mode_change", "schema_version": 99, "payload": {}}', "schema_version 99"),
-        ('{"event_type": "mode_change", "schema_version": 1, "payload": {"mode": "turbo", "reason": "x"}}', "not a OperatingMode"),
-        ('{"event_type": "mode_change", "schema_version": 1, "payload": {"mode": "research"}}', "missing field 'reason'"),
+        ('{"event_type": "mode_change", "schema_version": 1, "payload": {"mode": "turbo", "reason": "x"}}', "Invalid enum value 'turbo' - at `$.payload.mode`"),
+        ('{"event_type": "mode_change", "schema_version": 1, "payload": {"mode": "research"}}', "missing required field `reason`"),
     ],
 )
 def test_decode_errors_are_specific(line, fragment):
-    with pytest.raises(C.ContractDecodeError, match=fragment):
-        C.event_from_json(line)
+    with pytest.raises(K.ContractDecodeError, match=re.escape(fragment)):
+        K.event_from_json(line)
 
 
 def test_contracts_are_frozen():

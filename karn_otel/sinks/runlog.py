@@ -7,10 +7,13 @@ Layout of ``<out>/<run_id>/``::
     episodes/<episode_id>/context.json  each episode's EpisodeContext (a run may hold several)
     checkpoints/                      initial host checkpoints (written by the trainer)
 
-``RunLogSink.handle`` only appends to an in-memory queue; a writer thread serialises and
-writes, so the training thread never waits on JSON encoding or the disk. A full queue or a
-failing disk (ENOSPC) drops events and counts them; training goes on. At EPISODE_ENDED the
-collector flushes, and ``flush`` fsyncs, so a finished episode is on disk.
+``RunLogSink.handle`` only appends to a bounded in-memory queue (O(1)); a writer thread
+encodes in batches with the C encoder of :mod:`karn_otel.codec` and writes each batch with
+one write call, so the training thread never waits on JSON encoding or the disk. A batch is
+small enough (``_BATCH`` events, about a millisecond) that the writer never holds the GIL
+for long: the write itself hands the GIL back to training. A full queue or a failing disk
+(ENOSPC) drops events and counts them; training goes on. At EPISODE_ENDED the collector
+flushes, and ``flush`` fsyncs, so a finished episode is on disk.
 
 ``read_run`` tolerates a torn last line (a killed process) and reports what it skipped.
 """
@@ -21,28 +24,32 @@ import json
 import logging
 import os
 import threading
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from karn_otel.codec import (
+    ContractDecodeError,
+    encode_event,
+    encode_lines,
+    event_from_json,
+    from_json,
+    to_json,
+)
 from karn_otel.contracts import (
     SCHEMA_VERSION,
-    ContractDecodeError,
     EpisodeContext,
     HostBaseline,
     TelemetryEvent,
     TelemetryEventType,
-    event_from_json,
-    event_to_json,
-    from_json,
-    to_json,
 )
 
 log = logging.getLogger("karn")
 EVENTS_FILE = "events.jsonl"
-_YIELD_EVERY = 1  # events encoded between GIL hand-offs on the writer thread
+_BATCH = (
+    1024  # events encoded (one C call, GIL held) per write call on the writer thread
+)
 RUN_FILE = "run.json"
 
 
@@ -50,7 +57,12 @@ class RunLogSink:
     """Writes events to ``<out_dir>/<run_id>/events.jsonl`` from a background thread."""
 
     def __init__(
-        self, out_dir: Path, run_id: str, max_queue: int = 100_000, wake_batch: int = 512, run_dir: Path | None = None
+        self,
+        out_dir: Path,
+        run_id: str,
+        max_queue: int = 100_000,
+        wake_batch: int = 512,
+        run_dir: Path | None = None,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else Path(out_dir) / run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,29 +72,38 @@ class RunLogSink:
             "created": datetime.now(timezone.utc).isoformat(),
         }
         (self.run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        self._file = open(self.run_dir / EVENTS_FILE, "a", encoding="utf-8")
+        # Unbuffered: each batch is one write(2); nothing is left in a Python buffer on ENOSPC.
+        self._file = open(self.run_dir / EVENTS_FILE, "ab", buffering=0)  # noqa: SIM115 (closed in close())
         self._q: deque[TelemetryEvent] = deque()
         self._max_queue = max_queue
         self._wake_batch = wake_batch
         self._wake = threading.Event()
         self._cv = threading.Condition()
         self._enqueued = 0
-        self._written = 0  # written or dropped by the writer: the flush watermark
+        self._written = 0  # written or dropped by the writer
+        self._sync_target = 0  # fsync requested once _written reaches this (flush)
+        self._synced = 0  # the flush watermark: written (or dropped) and fsynced
         self._dropped: Counter[str] = Counter()
         self._baselines: list[HostBaseline] = []
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="karn-runlog", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="karn-runlog", daemon=True
+        )
         self._thread.start()
 
     # -- training thread -------------------------------------------------------------
 
     def handle(self, event: TelemetryEvent) -> None:
-        if len(self._q) >= self._max_queue:
+        q = self._q
+        if len(q) >= self._max_queue:
             self._dropped["queue_full"] += 1
             return
-        self._q.append(event)
+        q.append(event)
         self._enqueued += 1
-        if len(self._q) >= self._wake_batch or event.event_type is TelemetryEventType.EPISODE_ENDED:
+        if (
+            len(q) >= self._wake_batch
+            or event.event_type is TelemetryEventType.EPISODE_ENDED
+        ) and not self._wake.is_set():
             self._wake.set()
 
     def dropped(self) -> dict[str, int]:
@@ -95,9 +116,13 @@ class RunLogSink:
     def flush(self, timeout: float | None = 10.0) -> None:
         """Block until everything handled so far is written and fsynced (or timeout)."""
         target = self._enqueued
+        with self._cv:
+            self._sync_target = max(self._sync_target, target)
         self._wake.set()
         with self._cv:
-            self._cv.wait_for(lambda: self._written >= target or not self._thread.is_alive(), timeout)
+            self._cv.wait_for(
+                lambda: self._synced >= target or not self._thread.is_alive(), timeout
+            )
         self._wake.set()
 
     def close(self) -> None:
@@ -122,41 +147,90 @@ class RunLogSink:
                 return
 
     def _drain(self) -> None:
-        lines: list[str] = []
-        n = 0
-        while self._q:
-            event = self._q.popleft()
-            n += 1
-            if n % _YIELD_EVERY == 0:
-                # Hand the GIL back: a training thread waiting on it would otherwise wait up
-                # to the interpreter's switch interval (5 ms) while this thread encodes.
-                time.sleep(0)
-            try:
-                lines.append(event_to_json(event) + "\n")
-                self._side_files(event)
-            except Exception as exc:  # an unencodable event must not kill the writer
-                self._dropped["encode_error"] += 1
-                log.warning("Karn run log could not encode %s: %r", event.event_type.value, exc)
-        if lines:
-            try:
-                self._file.write("".join(lines))
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            except OSError as exc:  # full disk, lost mount: count and keep training
-                self._dropped["write_error"] += len(lines)
-                if self._dropped["write_error"] == len(lines):
-                    log.warning("Karn run log write failed (%s); events are being dropped and counted", exc)
-        if n:
+        q = self._q
+        while q:
+            n = min(len(q), _BATCH)
+            batch = [q.popleft() for _ in range(n)]
+            data, n_lines = self._encode(batch)
+            if data:
+                self._write(data, n_lines)
+            for event in batch:
+                et = event.event_type
+                if (
+                    et is TelemetryEventType.EPISODE_STARTED
+                    or et is TelemetryEventType.HOST_BASELINE
+                ):
+                    try:
+                        self._side_files(event)
+                    except Exception as exc:  # noqa: BLE001 (must not kill the writer)
+                        log.warning(
+                            "Karn run log could not write the side file of %s: %r",
+                            et.value,
+                            exc,
+                        )
             with self._cv:
                 self._written += n
-                self._cv.notify_all()
+                self._maybe_sync()
+        with self._cv:
+            self._maybe_sync()
+
+    def _encode(self, batch: list[TelemetryEvent]) -> tuple[bytes, int]:
+        """The batch as JSON lines, and how many lines that is."""
+        try:
+            return encode_lines(batch), len(
+                batch
+            )  # one C call for the batch in the common case
+        except Exception as exc:  # noqa: BLE001 (retried one by one below, to drop only the culprit)
+            log.debug("Karn run log batch encode failed (%r); encoding one by one", exc)
+        parts = []
+        for (
+            event
+        ) in batch:  # an unencodable event must not kill the writer nor its batch
+            try:
+                parts.append(encode_event(event) + b"\n")
+            except Exception as exc:  # noqa: BLE001
+                self._dropped["encode_error"] += 1
+                log.warning(
+                    "Karn run log could not encode %s: %r", event.event_type.value, exc
+                )
+        return b"".join(parts), len(parts)
+
+    def _write(self, data: bytes, n_lines: int) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                k = self._file.write(view)
+                if not k:
+                    raise OSError("short write")
+                view = view[k:]
+        except OSError as exc:  # full disk, lost mount: count and keep training
+            first = not self._dropped["write_error"]
+            self._dropped["write_error"] += n_lines
+            if first:
+                log.warning(
+                    "Karn run log write failed (%s); events are being dropped and counted",
+                    exc,
+                )
+
+    def _maybe_sync(self) -> None:
+        """fsync when a flush waits for what is now written (caller holds ``_cv``)."""
+        if self._sync_target > self._synced and self._written >= self._sync_target:
+            try:
+                os.fsync(self._file.fileno())
+            except (OSError, ValueError):
+                pass  # counted at write time; a flush must not hang on it
+            self._synced = self._written
+            self._cv.notify_all()
 
     def _side_files(self, event: TelemetryEvent) -> None:
         if event.event_type is TelemetryEventType.EPISODE_STARTED:
             ep_dir = self.run_dir / "episodes" / event.payload.episode_id
             ep_dir.mkdir(parents=True, exist_ok=True)
             (ep_dir / "context.json").write_text(to_json(event.payload) + "\n")
-        elif event.event_type is TelemetryEventType.HOST_BASELINE and event.payload.final_host_only_accuracy is None:
+        elif (
+            event.event_type is TelemetryEventType.HOST_BASELINE
+            and event.payload.final_host_only_accuracy is None
+        ):
             self._baselines.append(event.payload)
 
     def _apply_retention(self) -> None:
@@ -204,7 +278,11 @@ def read_events(path: Path) -> tuple[list[TelemetryEvent], list[tuple[int, str]]
         try:
             events.append(event_from_json(line))
         except ContractDecodeError as exc:
-            why = "torn last line (process killed mid-write?)" if (torn_tail and i == len(lines)) else str(exc)
+            why = (
+                "torn last line (process killed mid-write?)"
+                if (torn_tail and i == len(lines))
+                else str(exc)
+            )
             skipped.append((i, why))
     return events, skipped
 
@@ -236,7 +314,11 @@ def read_run(run_dir: Path | str) -> RunRecord:
     except OSError as exc:
         raise RunDirError(f"{events_path}: {exc.strerror or exc}") from None
     if not events:
-        why = f"; {len(skipped)} undecodable line(s), first at line {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        why = (
+            f"; {len(skipped)} undecodable line(s), first at line {skipped[0][0]}: {skipped[0][1]}"
+            if skipped
+            else ""
+        )
         raise RunDirError(f"{events_path}: no readable events{why}")
     episodes: dict[str, EpisodeContext] = {}
     for ev in events:
@@ -248,4 +330,10 @@ def read_run(run_dir: Path | str) -> RunRecord:
             episodes.setdefault(ctx.episode_id, ctx)
         except (ContractDecodeError, json.JSONDecodeError, OSError):
             skipped.append((0, f"{ctx_path}: corrupt episode context"))
-    return RunRecord(run_dir=run_dir, run_id=run_id, events=events, skipped=skipped, episodes=episodes)
+    return RunRecord(
+        run_dir=run_dir,
+        run_id=run_id,
+        events=events,
+        skipped=skipped,
+        episodes=episodes,
+    )

@@ -98,7 +98,7 @@ def test_queue_full_drops_are_counted_not_blocking(tmp_path):
 def test_full_disk_costs_no_training_step(tmp_path):
     sink = RunLogSink(tmp_path, "r")
     sink._file.close()
-    sink._file = open("/dev/full", "w")  # every write fails with ENOSPC
+    sink._file = open("/dev/full", "wb", buffering=0)  # every write fails with ENOSPC
     c = kc.KarnCollector(KarnConfig(out_dir=None, console="off"), sinks=[sink])
     assert c.emit(make_context())
     for e in range(1, 5):
