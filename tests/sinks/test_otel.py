@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.metrics.export import MetricExporter
+from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 import karn_otel
 from karn_otel import collector as kc
 from karn_otel import metrics_registry as reg
 from karn_otel.config import KarnConfig
-from karn_otel.health import CHECK_NAMES
 from karn_otel.contracts import (
     ActionOp,
     AdvantageStats,
@@ -44,9 +45,12 @@ from karn_otel.contracts import (
     StageTransition,
     TelemetryEventType,
 )
+from karn_otel.health import CHECK_NAMES
 from karn_otel.reference.trainer import RunConfig, run_episode
 from karn_otel.sinks import otel
+from karn_otel.sinks.factory import build_pipeline
 from karn_otel.sinks.otel import OTelSink, build_resource, trace_id_for_episode
+from karn_otel.sinks.otel import resource as otel_resource
 from karn_otel.sinks.runlog import read_run
 from tests.conftest import make_context
 from tests.otlp_receiver import OTLPReceiver
@@ -393,9 +397,9 @@ class LossySink:
 
 def test_every_registry_metric_is_scraped_under_its_prometheus_name():
     c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
-    sink = OTelSink(c.config, c)
-    c.add_sink(sink)
-    c.add_sink(LossySink())
+    sink = OTelSink(c.config, c.view)
+    # Analytics but no health monitor: karn.health.* falls back to the latest alert per check.
+    build_pipeline(c.config, c, sinks=[sink, LossySink()], processors=False)
     try:
         assert sink.otlp_protocol is None and sink._traces is None, "no endpoint: metrics only, no span bookkeeping"
         full_episode(c)
@@ -431,7 +435,7 @@ def test_every_registry_metric_is_scraped_under_its_prometheus_name():
 
 def test_non_finite_values_make_no_point(caplog):
     c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
-    sink = OTelSink(c.config, c)
+    sink = OTelSink(c.config, c.view)
     c.add_sink(sink)
     try:
         c.emit(make_context())
@@ -444,13 +448,71 @@ def test_non_finite_values_make_no_point(caplog):
     assert "non-finite" not in caplog.text, "Karn filters them before the SDK complains on every collection"
 
 
+def test_one_scrape_computes_the_health_report_at_most_once():
+    """Dozens of callbacks read the health report; the view computes it once per accepted event."""
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
+    sink = OTelSink(c.config, c.view)
+    build_pipeline(c.config, c, sinks=[sink])  # health monitor, triggers, analytics: configure()'s wiring
+    monitor = c.pipeline.health
+    calls = []
+    real_report = monitor.report
+
+    def counted_report():
+        calls.append(1)
+        return real_report()
+
+    monitor.report = counted_report
+    try:
+        full_episode(c)
+        calls.clear()
+        scraped = scrape(sink.prometheus_port)
+        assert len(calls) <= 1, f"one scrape computed the health report {len(calls)} times"
+        assert {lb["check"] for lb, _ in scraped["karn_health_status"]} == set(CHECK_NAMES), "read from the report"
+        assert "karn_analytics_param_ratio" in scraped, "the pipeline's analytics"
+        scrape(sink.prometheus_port)
+        assert len(calls) <= 1, "no event since: the cached report"
+        c.emit(HostSnapshot(2, 1.8, 0.5, 1.7, 0.84, 1674, 76, 1750, 0, 0.5, {"mid": 0.2}, 0.001))
+        calls.clear()
+        scrape(sink.prometheus_port)
+        assert len(calls) == 1, "a new event: a fresh report, computed once"
+    finally:
+        c.close()
+
+
+def test_a_bare_collector_has_no_analytics_and_no_health_report():
+    """KarnCollector without build_pipeline: the analytics metrics have no points, health falls back."""
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
+    assert c.view.analytics is None and c.view.health_report() is None
+    sink = OTelSink(c.config, c.view)
+    c.add_sink(sink)
+    try:
+        c.emit(make_context())
+        c.emit(HealthAlert("entropy_collapse", Severity.WARNING, "entropy 0.05 < 0.1", 0.05, 0.1), epoch=1)
+        c.emit(HostSnapshot(1, 1.9, 0.4, 1.8, 0.82, 1674, 0, 1674, 0, 0.5, {}, None))
+        scraped = scrape(sink.prometheus_port)
+    finally:
+        c.close()
+    assert not [name for name in scraped if name.startswith("karn_analytics_")]
+    assert [(lb["check"], v) for lb, v in scraped["karn_health_status"]] == [("entropy_collapse", 2)]
+    assert scraped["karn_telemetry_events_accepted_total"][0][1] == 3
+    assert {lb["component"] for lb, _ in scraped["karn_telemetry_queue_depth"]} == {"OTelSink"}
+
+
+def test_the_sink_reads_the_view_only():
+    """No second analytics, no collector: the package is given a StoreView and nothing else."""
+    package = Path(otel.__file__).parent
+    for path in package.glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        assert "karn_otel.analytics" not in source and "karn_otel.collector" not in source, path.name
+
+
 def test_prometheus_port_is_base_plus_local_rank(monkeypatch):
     port = free_port()
     monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of a 2-rank job on this host
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=port - 1))
-    sink = OTelSink(c.config, c)
+    sink = OTelSink(c.config, c.view)
     try:
         assert sink.prometheus_port == port
         assert "karn_telemetry_events_accepted_total" in scrape(port)
@@ -506,7 +568,7 @@ def test_unreachable_endpoint_loses_counted_data_and_nothing_else(tmp_path, prot
 def test_flush_never_waits_for_an_endpoint_that_has_not_answered():
     cfg = KarnConfig(out_dir=None, console="off", otlp_endpoint=f"127.0.0.1:{free_port()}", otel_shutdown_timeout_s=1.0)
     c = kc.KarnCollector(cfg)
-    sink = OTelSink(cfg, c)
+    sink = OTelSink(cfg, c.view)
     c.add_sink(sink)
     try:
         c.emit(make_context())
@@ -517,7 +579,7 @@ def test_flush_never_waits_for_an_endpoint_that_has_not_answered():
         c.close()
 
 
-class HangingSpanExporter(otel.SpanExporter):
+class HangingSpanExporter(SpanExporter):
     def export(self, spans):
         time.sleep(30)
 
@@ -525,7 +587,7 @@ class HangingSpanExporter(otel.SpanExporter):
         time.sleep(30)
 
 
-class HangingMetricExporter(otel.MetricExporter):
+class HangingMetricExporter(MetricExporter):
     def export(self, metrics_data, timeout_millis=10_000, **kwargs):
         time.sleep(30)
 
@@ -537,13 +599,13 @@ class HangingMetricExporter(otel.MetricExporter):
 
 
 def test_close_is_bounded_even_when_exporters_hang(monkeypatch):
-    monkeypatch.setattr(otel, "_otlp_span_exporter", lambda *a: HangingSpanExporter())
-    monkeypatch.setattr(otel, "_otlp_metric_exporter", lambda *a: HangingMetricExporter())
+    monkeypatch.setattr(otel_resource, "otlp_span_exporter", lambda *a: HangingSpanExporter())
+    monkeypatch.setattr(otel_resource, "otlp_metric_exporter", lambda *a: HangingMetricExporter())
     cfg = KarnConfig(
         out_dir=None, console="off", otlp_endpoint="127.0.0.1:1", otel_export_interval_s=0.05, otel_shutdown_timeout_s=0.5
     )
     c = kc.KarnCollector(cfg)
-    sink = OTelSink(cfg, c)
+    sink = OTelSink(cfg, c.view)
     c.add_sink(sink)
     c.emit(make_context())
     c.emit(HostSnapshot(1, 1.9, 0.4, 1.8, 0.82, 1674, 0, 1674, 0, 0.5, {}, None))

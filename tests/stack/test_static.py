@@ -337,7 +337,7 @@ def test_stage_timeline_maps_every_seed_stage():
 
 def test_dense_windows_link_to_their_tempo_traces():
     """The Tempo queries use the span name and resource attribute the OTel sink writes."""
-    sink_source = (REPO / "karn_otel" / "sinks" / "otel.py").read_text()
+    sink_source = (REPO / "karn_otel" / "sinks" / "otel" / "traces.py").read_text()
     from karn_otel.config import KarnConfig
     from karn_otel.sinks.otel import build_resource, trace_id_for_episode
 

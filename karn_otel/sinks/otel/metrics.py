@@ -1,0 +1,241 @@
+"""Metric instruments: one observable instrument per entry of :mod:`karn_otel.metrics_registry`.
+
+:class:`MetricInstruments` keeps the latest payloads (``handle``: O(1) dict writes on the
+training thread) and registers the instruments on a meter provider. Their callbacks run
+when a reader collects (a Prometheus scrape, a periodic OTLP export), on the reader's
+thread, and read one *source* each (see ``_sources``): the latest payloads kept here, and
+the pipeline's read-only :class:`~karn_otel.pipeline.StoreView` for what Karn knows beyond
+the event stream (its accounting, the health report, the analytics). The health report is
+the view's, cached once per accepted event, so a scrape computes it at most once however
+many instruments read it. Without a health monitor, ``karn.health.*`` shows the latest
+alert per check; without analytics, ``karn.analytics.*`` has no points.
+
+Every point carries ``run_id``, ``rank`` and ``world_size`` attributes, so they arrive as
+Prometheus labels on every series by either export path. Unmeasured (None), non-numeric and
+non-finite values make no point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+
+from karn_otel import __version__
+from karn_otel.contracts import SeedStage, Severity, TelemetryEvent, TelemetryEventType
+from karn_otel.metrics_registry import METRICS, SOURCES, MetricDef
+from karn_otel.pipeline import StoreView
+from karn_otel.sinks.otel.lifecycle import ExportLedger
+
+log = logging.getLogger("karn")
+ET = TelemetryEventType
+
+MAX_HEALTH_CHECKS = 32  # distinct `check` label values; more fold into "other"
+_SEVERITY_LEVEL = {Severity.OK: 0, Severity.INFO: 1, Severity.WARNING: 2, Severity.CRITICAL: 3}
+Reader = Callable[[], Iterable[tuple[Any, dict[str, str]]]]  # a source: (object, labels) pairs at collection time
+
+
+class MetricInstruments:
+    """The latest payloads, and the registry's instruments that read them and the view."""
+
+    def __init__(self, view: StoreView, ledger: ExportLedger) -> None:
+        self._view = view
+        self._ledger = ledger
+        self._common = {"run_id": view.run_id, "rank": view.rank, "world_size": view.world_size}
+        self._reported: set[str] = set()
+        self.reset_episode()
+        self._alerts: Counter[tuple[str, str]] = Counter()  # run-wide: counters never go back
+        self._decisions: Counter[str] = Counter()
+
+    def reset_episode(self) -> None:
+        # New objects, not .clear(): a callback on a reader thread may be iterating the old ones.
+        self._latest: dict[TelemetryEventType, Any] = {}
+        self._slots: dict[str, Any] = {}
+        self._health: dict[str, Any] = {}
+
+    def handle(self, event: TelemetryEvent) -> None:
+        """Keep the latest payloads (training thread; a few dict writes)."""
+        et = event.event_type
+        p: Any = event.payload
+        if et is ET.EPISODE_STARTED:
+            self.reset_episode()
+        self._latest[et] = p
+        if et is ET.SLOT_SNAPSHOT:
+            self._slots[p.slot_id] = p
+        elif et is ET.HEALTH_ALERT:
+            check = p.check if p.check in self._health or len(self._health) < MAX_HEALTH_CHECKS else "other"
+            self._health[check] = p
+            self._alerts[(check, p.severity.value)] += 1
+        elif et is ET.CONTROLLER_DECISION:
+            self._decisions[p.action.op.value] += 1
+        elif et is ET.DENSE_TRACE:
+            self._ledger.dense_windows += 1
+
+    def register(self, meter_provider: MeterProvider) -> None:
+        """Create one observable instrument per registry metric on ``meter_provider``."""
+        meter = meter_provider.get_meter("karn_otel", __version__)
+        sources = self._sources()
+        missing = set(SOURCES) ^ set(sources)
+        if missing:
+            raise RuntimeError(f"registry sources and OTelSink readers differ: {sorted(missing)}")
+        for m in METRICS:
+            create = meter.create_observable_counter if m.kind == "counter" else meter.create_observable_gauge
+            create(m.name, callbacks=[self._callback(m, sources[m.source])], unit=m.unit, description=m.description)
+
+    def _callback(self, m: MetricDef, source: Reader) -> Callable[[CallbackOptions], list[Observation]]:
+        """One instrument's callback: walk ``m.field`` into each source object, one point per value."""
+        path = m.field.split(".") if m.field else []
+        common = self._common
+
+        def observe(options: CallbackOptions) -> list[Observation]:
+            points: list[Observation] = []
+            try:
+                for obj, labels in source():
+                    for value, key in _values(_walk(obj, path), m.key_label is not None):
+                        attrs: dict[str, Any] = {**common, **labels}
+                        if key is not None:
+                            attrs[str(m.key_label)] = key
+                        points.append(Observation(value, attrs))
+            except Exception as exc:  # a broken reader must cost one metric, not the whole scrape
+                self._report_once(m.name, f"Karn metric {m.name} could not be read: {exc!r}")
+                return []
+            return points
+
+        return observe
+
+    def _sources(self) -> dict[str, Reader]:
+        """One reader per registry source: yields (object, labels) pairs at collection time."""
+        latest = self._latest_of
+        view = self._view
+        return {
+            "host": lambda: latest(ET.HOST_SNAPSHOT),
+            "slot": self._read_slots,
+            "slot_stage": self._read_slot_stages,
+            "counterfactual": lambda: latest(ET.COUNTERFACTUAL),
+            "shapley": self._read_shapley,
+            "policy": lambda: latest(ET.POLICY_SNAPSHOT),
+            # A PolicySnapshot repeats the latest update's statistics; use it before any update.
+            "ppo": lambda: latest(ET.PPO_UPDATE) or latest(ET.POLICY_SNAPSHOT),
+            "baseline": lambda: latest(ET.HOST_BASELINE),
+            "context": lambda: latest(ET.EPISODE_STARTED),
+            "summary": lambda: latest(ET.EPISODE_ENDED),
+            "analytics": self._read_analytics,
+            "health": self._read_health,
+            "alerts": lambda: [(n, {"check": c, "severity": s}) for (c, s), n in _copy(self._alerts).items()],
+            "decisions": lambda: [(n, {"op": op}) for op, n in _copy(self._decisions).items()],
+            "collector": lambda: [(view.stats(), {})],  # accepted, rejected
+            "dropped": self._read_dropped,
+            "otel": lambda: [(self._ledger, {})],
+            "queues": lambda: [(depth, {"component": name}) for name, depth in view.queue_depths().items()],
+        }
+
+    def _latest_of(self, et: TelemetryEventType) -> list[tuple[Any, dict[str, str]]]:
+        p = self._latest.get(et)
+        return [] if p is None else [(p, {})]
+
+    def _read_slots(self) -> list[tuple[Any, dict[str, str]]]:
+        return [(s, {"slot": sid, "blueprint": s.blueprint_id or "none"}) for sid, s in _copy(self._slots).items()]
+
+    def _read_slot_stages(self) -> list[tuple[Any, dict[str, str]]]:
+        # A state set: every stage has a series, so a stage change never leaves a stale 1 behind.
+        return [
+            (int(s.stage is stage), {"slot": sid, "stage": stage.value})
+            for sid, s in _copy(self._slots).items()
+            for stage in SeedStage
+        ]
+
+    def _read_shapley(self) -> list[tuple[Any, dict[str, str]]]:
+        cf = self._latest.get(ET.COUNTERFACTUAL)
+        if cf is None or not cf.shapley_values:
+            return []
+        return [(est, {"slot": sid}) for sid, est in cf.shapley_values.items()]
+
+    def _read_analytics(self) -> list[tuple[Any, dict[str, str]]]:
+        analytics = self._view.analytics
+        return [] if analytics is None else [(analytics, {})]
+
+    def _read_health(self) -> list[tuple[Any, dict[str, str]]]:
+        # The monitor knows every check's state, passing ones and recoveries included; its
+        # alerts are edge-triggered, so without it the latest alert per check is the best guess.
+        report = self._view.health_report()  # cached by the view: once per accepted event
+        if report is not None:
+            return [(c, {"check": c.name}) for c in report.checks]
+        return [(a, {"check": c}) for c, a in _copy(self._health).items()]
+
+    def _read_dropped(self) -> list[tuple[Any, dict[str, str]]]:
+        out = []
+        for key, n in self._view.dropped().items():
+            component, _, reason = key.partition(":")
+            out.append((n, {"component": component, "reason": reason or "unknown"}))
+        return out
+
+    def _report_once(self, key: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning(message)
+
+
+# ---------------------------------------------------------------------- metric values
+
+
+def _walk(obj: Any, path: Sequence[str]) -> Any:
+    """Follow a dotted field path; a missing attribute or None anywhere gives None. Methods are called."""
+    for part in path:
+        if obj is None:
+            return None
+        obj = getattr(obj, part, None)
+        if callable(obj):
+            obj = obj()
+    return obj
+
+
+def _values(value: Any, keyed: bool) -> Iterable[tuple[float, str | None]]:
+    """(number, key) pairs: one unkeyed value, or one per mapping entry / named contract field."""
+    if not keyed:
+        n = _number(value)
+        return [] if n is None else [(n, None)]
+    if isinstance(value, dict):
+        items: Iterable[tuple[Any, Any]] = _copy(value).items()
+    elif dataclasses.is_dataclass(value):
+        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    else:
+        return []
+    return [(n, str(k)) for k, v in items if (n := _number(v)) is not None]
+
+
+def _number(v: Any) -> float | int | None:
+    """The value to observe, or None for no point: unmeasured (None), non-numeric or non-finite.
+
+    The OTel SDK drops NaN and inf observations itself, with a warning per collection; a
+    diverged loss shows up as the ``non_finite_loss`` health check instead.
+    """
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, Severity):
+        return _SEVERITY_LEVEL[v]
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    return None
+
+
+def _copy(d: dict[Any, Any]) -> dict[Any, Any]:
+    """Copy a dict the training thread may be inserting into (rarely raises; retry)."""
+    for _ in range(3):
+        try:
+            return dict(d)
+        except RuntimeError:
+            continue
+    return {}
+
+
+__all__ = ["MAX_HEALTH_CHECKS", "MetricInstruments", "Reader"]

@@ -1,0 +1,143 @@
+"""OTelSink: the sink protocol over the package's parts (see the package docstring).
+
+The sink is given the pipeline's read-only :class:`~karn_otel.pipeline.StoreView`, never the
+collector: the resource and every point's labels come from the view's run id, rank and world
+size; the metrics read its accounting, health report and analytics.
+"""
+
+from __future__ import annotations
+
+import time
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+
+from karn_otel.config import KarnConfig
+from karn_otel.contracts import TelemetryEvent
+from karn_otel.pipeline import StoreView
+from karn_otel.sinks.otel import resource as otlp
+from karn_otel.sinks.otel.endpoint import PrometheusEndpoint
+from karn_otel.sinks.otel.lifecycle import (
+    MAX_EXPORT_TIMEOUT_S,
+    CountingMetricExporter,
+    CountingSpanExporter,
+    ExportLedger,
+    ExportLifecycle,
+)
+from karn_otel.sinks.otel.metrics import MetricInstruments
+from karn_otel.sinks.otel.traces import EpisodeTraces, start_tracing
+
+
+class OTelSink:
+    """Exports the pipeline's events as OTel traces and metrics (see :mod:`karn_otel.sinks.otel`).
+
+    Args:
+        config: reads ``service_name``, ``otlp_endpoint``, ``otlp_protocol``,
+            ``prometheus_port`` (None: no Prometheus endpoint; 0: an ephemeral port),
+            ``prometheus_host``, ``otel_export_interval_s`` and ``otel_shutdown_timeout_s``.
+        view: the pipeline's read-only view (``collector.view``); its ``run_id``, ``rank``
+            and ``world_size`` feed the resource and the labels, its accounting, health
+            report and analytics feed the metrics. A view without analytics or health (a
+            bare ``KarnCollector``) is fine: those metrics fall back or stay empty.
+
+    Raises ``ValueError`` for an unsupported OTLP protocol and ``OSError`` when the
+    Prometheus port cannot be bound.
+    """
+
+    def __init__(self, config: KarnConfig, view: StoreView) -> None:
+        self._config = config
+        self._view = view
+        self._ledger = ExportLedger()
+        self._metrics = MetricInstruments(view, self._ledger)
+        self._closed = False
+
+        self.resource = otlp.build_resource(config, view.run_id, view.rank, view.world_size)
+        self.otlp_protocol, otlp_endpoint = otlp.resolve_otlp(config)
+        export_timeout_s = min(MAX_EXPORT_TIMEOUT_S, config.otel_shutdown_timeout_s / 3)
+        self._lifecycle = life = ExportLifecycle(self._ledger, export_timeout_s, config.otel_shutdown_timeout_s)
+        self.prometheus_port: int | None = None
+        readers: list[MetricReader] = []
+        if config.prometheus_port is not None:
+            endpoint = PrometheusEndpoint(config.prometheus_host, config.prometheus_port)
+            self.prometheus_port = endpoint.port
+            life.stop_endpoint = endpoint.stop
+            readers.append(endpoint.reader)
+        self._tracer_provider: TracerProvider | None = None
+        self._traces: EpisodeTraces | None = None
+        if self.otlp_protocol is not None:
+            metric_exporter = otlp.otlp_metric_exporter(self.otlp_protocol, otlp_endpoint, export_timeout_s)
+            life.metric_exporter = CountingMetricExporter(metric_exporter, self._ledger)
+            life.metric_reader = PeriodicExportingMetricReader(
+                life.metric_exporter,
+                export_interval_millis=config.otel_export_interval_s * 1000,
+                export_timeout_millis=export_timeout_s * 1000,
+            )
+            readers.append(life.metric_reader)
+            span_exporter = otlp.otlp_span_exporter(self.otlp_protocol, otlp_endpoint, export_timeout_s)
+            life.span_exporter = CountingSpanExporter(span_exporter, self._ledger)
+            self._tracer_provider, self._traces = start_tracing(
+                self.resource,
+                life.span_exporter,
+                self._ledger,
+                interval_s=config.otel_export_interval_s,
+                export_timeout_s=export_timeout_s,
+            )
+            life.tracer_provider = self._tracer_provider
+        life.meter_provider = MeterProvider(metric_readers=readers, resource=self.resource, shutdown_on_exit=False)
+        self._metrics.register(life.meter_provider)
+
+    # ------------------------------------------------------------------ sink protocol
+
+    def handle(self, event: TelemetryEvent) -> None:
+        """Keep the latest payloads for the metric callbacks; spans for epochs, episodes, dense windows.
+
+        Runs on the training thread under the collector's lock: a few dict writes per event
+        (about 1 us), a small attribute dict for the per-epoch events that become span events,
+        and span creation only at epoch, episode and dense-window boundaries.
+        """
+        if self._closed:
+            return
+        self._metrics.handle(event)
+        if self._traces is not None:
+            self._traces.handle(event)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Start exporting everything buffered; wait only while the endpoint answers.
+
+        The collector flushes at EPISODE_ENDED, on the training thread. While exports
+        succeed this waits up to ``timeout`` s, capped at the exporters' own timeout (at
+        most 2 s). Before the first successful export, and after any failed one, it returns
+        at once: an unreachable collector must never stall training (``close`` is where Karn
+        waits, bounded).
+        """
+        if not self._closed:
+            self._lifecycle.flush(timeout)
+
+    def close(self) -> None:
+        """End an open episode span, export what is left and stop; returns within ``otel_shutdown_timeout_s``."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self._config.otel_shutdown_timeout_s
+        if self._traces is not None:
+            self._traces.abandon_episode(time.time_ns())
+        self._lifecycle.close(deadline)
+
+    def dropped(self) -> dict[str, int]:
+        """What this sink lost, by reason (only non-zero entries).
+
+        ``spans_export_failed`` (the exporter gave up on them), ``spans_queue_full`` (the
+        span queue overflowed; estimated), ``spans_unsent_at_shutdown`` (still queued when
+        ``close`` hit its bound), ``span_events_over_limit`` (an epoch had more than
+        MAX_EPOCH_EVENTS span events). Failed export calls per signal are in the
+        ``karn.telemetry.export.failures`` metric.
+        """
+        return self._ledger.dropped()
+
+    def queue_depth(self) -> int:
+        """Ended spans not yet handed to the exporter (the BatchSpanProcessor's queue)."""
+        return self._ledger.pending()
+
+
+__all__ = ["OTelSink"]
