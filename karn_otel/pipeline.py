@@ -110,6 +110,13 @@ class AnalyticsView(Protocol):
 
     def training_health(self) -> Any: ...
 
+    def params_efficiency_ratio(self) -> float | None: ...
+
+    def equivalent_traditional_params(self) -> int | None: ...
+
+    @property
+    def reference_curve(self) -> Any: ...
+
 
 @runtime_checkable
 class StoreView(Protocol):
@@ -392,16 +399,17 @@ class Pipeline:
                     raise
                 self.report_once(f"sink:{name}", f"Karn sink {name} failed: {exc!r} (further failures counted)")
 
-    # accounting
+    # accounting (read from other threads, e.g. a Prometheus scrape, while the training
+    # thread counts: copies retry on "dictionary changed size during iteration")
     def dropped(self) -> dict[str, int]:
         """Events lost by sinks (queue full, write failures), summed per sink and reason."""
         out: Counter[str] = Counter()
         for sink in self._sinks:
             fn = getattr(sink, "dropped", None)
             if fn is not None:
-                for reason, n in fn().items():
+                for reason, n in _snapshot(fn).items():
                     out[f"{type(sink).__name__}:{reason}"] += n
-        for name, n in self.sink_errors.items():
+        for name, n in _snapshot(lambda: self.sink_errors).items():
             out[f"{name}:error"] += n
         return dict(out)
 
@@ -414,7 +422,9 @@ class Pipeline:
         return out
 
     def stats(self) -> TelemetryStats:
-        return TelemetryStats(accepted=self.accepted, rejected=dict(self.rejected), dropped=self.dropped())
+        return TelemetryStats(
+            accepted=self.accepted, rejected=_snapshot(lambda: self.rejected), dropped=self.dropped()
+        )
 
     def report_once(self, key: str, message: str) -> None:
         if key not in self._reported:
@@ -436,6 +446,16 @@ class Pipeline:
                 sink.close()
             except Exception as exc:
                 self.report_once(f"close:{type(sink).__name__}", f"Karn sink close failed: {exc!r}")
+
+
+def _snapshot(read: Callable[[], Mapping[str, int]], attempts: int = 5) -> dict[str, int]:
+    """A copy of a counter another thread may be growing; retried, then empty (never raises)."""
+    for _ in range(attempts):
+        try:
+            return dict(read())
+        except RuntimeError:
+            continue
+    return {}
 
 
 __all__ = [
