@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import operator
 import re
 import types
 import typing
@@ -143,7 +144,10 @@ _NONFINITE_BITS = re.compile(rb"\xcb[\x7f\xff][\xf0-\xff]")
 def _may_be_nonfinite(obj: Any) -> bool:
     try:
         packed = _MSGPACK.encode(obj)
-    except (OverflowError, TypeError):  # ints beyond 64 bits: msgpack can't say, assume yes
+    except (
+        OverflowError,
+        TypeError,
+    ):  # ints beyond 64 bits: msgpack can't say, assume yes
         return True
     return _NONFINITE_BITS.search(packed) is not None
 
@@ -207,13 +211,16 @@ def encode_event(event: TelemetryEvent) -> bytes:
     return _encode_slow(event) if _needs_python(event, line) else line
 
 
+_payload_of = operator.attrgetter("payload")
+
+
 def encode_lines(events: Sequence[TelemetryEvent]) -> bytes:
     """Newline-delimited JSON for a batch of envelopes (each line ends with ``\\n``).
 
     One C call for the whole batch in the common case; raises like :func:`encode_event`
     when an event cannot be encoded (callers wanting per-event errors retry one by one).
     """
-    if _PY_ENCODED.isdisjoint([type(e.payload) for e in events]):
+    if _PY_ENCODED.isdisjoint(map(type, map(_payload_of, events))):  # C-level loop
         buf = _JSON.encode_lines(events)
         if b"null" not in buf or not _may_be_nonfinite(events):
             return buf
@@ -321,7 +328,9 @@ def _fixer(tp: Any) -> _Fixer | None:
 
 def _error(where: str, exc: msgspec.ValidationError) -> ContractDecodeError:
     msg = str(exc)
-    if "- at `$" in msg:  # msgspec names the field: "Expected `int`, got `str` - at `$.step`"
+    if (
+        "- at `$" in msg
+    ):  # msgspec names the field: "Expected `int`, got `str` - at `$.step`"
         return ContractDecodeError(msg.replace("- at `$", f"- at `{where}"))
     return ContractDecodeError(f"{msg} - at `{where}`")
 
@@ -507,11 +516,15 @@ def _check_float(v: Any) -> str | None:
     return f": expected float, got {_describe(v)}"
 
 
+_is_str = str.__instancecheck__  # bound: isinstance(x, str), called from C by map()
+_is_float = float.__instancecheck__
+
+
 def _check_str_float_dict(v: Any) -> str | None:
     if type(v) is not dict:
         return f": expected dict, got {_describe(v)}"
     # Fast path: all keys str and all values exactly float (one C-level pass each).
-    if all(type(k) is str for k in v) and all(type(x) is float for x in v.values()):
+    if all(map(_is_str, v)) and all(map(_is_float, v.values())):
         return None
     for k, x in v.items():
         if type(k) is not str or (type(x) is not float and _check_float(x) is not None):

@@ -1,0 +1,279 @@
+"""Cost of one instrumented step, end to end, and the run-log writer's throughput (issue 11).
+
+One step = 20 named scalars emitted as one ``Scalars`` contract event through a configured
+collector with the run log on. Measured END TO END: the time for N steps including the final
+flush (``karn_otel.shutdown()``, which waits until every event is on disk), divided by N.
+Beside it, in the same run and interleaved (A B C A B C ...): one orjson line per step to a
+file, and 20 prometheus_client gauges with bound labels. Targets: <= 10 us per step and
+<= 2x one orjson line.
+
+Then the writer alone (``RunLogSink``, no collector): events/s it sustains while the
+producing thread is busy in pure Python (holding the GIL), and while the producer has the GIL
+released (time.sleep, like a numpy/torch op), with the drops. Targets: >= 50,000 events/s
+with the GIL held (0 drops), >= 200,000 events/s with it released.
+
+``--profile`` adds a cProfile of the emit path, to show where a step's time goes.
+
+    .venv/bin/python benchmarks/bench_emit.py [--steps 20000] [--rounds 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import orjson
+
+import karn_otel
+from karn_otel.config import KarnConfig
+from karn_otel.contracts import (
+    EpisodeContext,
+    Scalars,
+    TelemetryEvent,
+    TelemetryEventType,
+)
+from karn_otel.sinks.runlog import RunLogSink
+
+NAMES = [f"metric_{i:02d}" for i in range(20)]
+
+
+def _values(step: int) -> dict[str, float]:
+    base = step * 1e-3
+    return {n: base + i * 0.123456789 for i, n in enumerate(NAMES)}
+
+
+def _context() -> EpisodeContext:
+    return EpisodeContext(
+        episode_id="bench",
+        timestamp=datetime(2026, 1, 1),
+        git_commit="-",
+        base_seed=0,
+        torch_seed=0,
+        numpy_seed=0,
+        host_architecture="none",
+        host_params=0,
+        slot_config={},
+        max_epochs=1,
+        task_type="bench",
+        hyperparameters={},
+    )
+
+
+def karn_steps(n: int, out: Path) -> float:
+    """Seconds for n steps through a configured collector with the run log, flush included."""
+    karn_otel.configure(KarnConfig(out_dir=out, console="off"))
+    values = [
+        _values(s) for s in range(n)
+    ]  # built outside the timed region, as a loop would have them
+    emit = karn_otel.emit
+    t0 = time.perf_counter()
+    emit(_context())
+    for s in range(n):
+        emit(Scalars(s, values[s]))
+    karn_otel.shutdown()  # flushes: everything is on disk (fsynced) when it returns
+    return time.perf_counter() - t0
+
+
+def orjson_steps(n: int, out: Path) -> float:
+    values = [_values(s) for s in range(n)]
+    t0 = time.perf_counter()
+    with open(out / "orjson.jsonl", "wb") as f:
+        dumps = orjson.dumps
+        f.writelines(dumps({"step": s, "values": values[s]}) + b"\n" for s in range(n))
+    return time.perf_counter() - t0
+
+
+def prometheus_steps(n: int) -> float | None:
+    try:
+        from prometheus_client import CollectorRegistry, Gauge
+    except ImportError:
+        return None
+    reg = CollectorRegistry()
+    g = Gauge("bench_value", "bench", ["name"], registry=reg)
+    bound = [g.labels(name=nm) for nm in NAMES]
+    values = [_values(s) for s in range(n)]
+    t0 = time.perf_counter()
+    for s in range(n):
+        v = values[s]
+        for b, nm in zip(bound, NAMES):
+            b.set(v[nm])
+    return time.perf_counter() - t0
+
+
+def bench_steps(steps: int, rounds: int) -> None:
+    karn, orj, prom = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            out = Path(tmp) / f"r{r}"
+            out.mkdir()
+            karn.append(karn_steps(steps, out) / steps * 1e6)
+            orj.append(orjson_steps(steps, out) / steps * 1e6)
+            p = prometheus_steps(steps)
+            if p is not None:
+                prom.append(p / steps * 1e6)
+    k, o = statistics.median(karn), statistics.median(orj)
+    print(
+        f"step = 20 scalars, {steps} steps x {rounds} rounds (interleaved), median per step:"
+    )
+    print(
+        f"  karn emit + run log, end to end: {k:8.2f} us   (target <= 10 us: {'OK' if k <= 10 else 'MISSED'})"
+    )
+    print(f"  one orjson line to a file:       {o:8.2f} us")
+    if prom:
+        pr = statistics.median(prom)
+        print(f"  prometheus_client, 20 gauges:    {pr:8.2f} us")
+    print(
+        f"  karn / orjson: {k / o:5.2f}x   (target <= 2x: {'OK' if k / o <= 2 else 'MISSED'})"
+    )
+    if prom:
+        print(f"  karn / prometheus: {k / pr:5.2f}x")
+    print(
+        f"  all rounds (us): karn {[round(x, 2) for x in karn]}, orjson {[round(x, 2) for x in orj]}"
+    )
+
+
+def _event(step: int) -> TelemetryEvent:
+    return TelemetryEvent(
+        TelemetryEventType.SCALARS,
+        "bench",
+        "ep",
+        0,
+        time.time(),
+        Scalars(step, _values(step)),
+    )
+
+
+def writer_throughput(
+    gil_held: bool, seconds: float, rate: float
+) -> tuple[float, int, int]:
+    """Offer ``rate`` events/s for ``seconds`` while the producer thread is busy; return the
+    writer's rate (events written / time until all are written), drops, events offered."""
+    events = [_event(s) for s in range(2048)]
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = RunLogSink(Path(tmp), "bench")
+        n = 0
+        t0 = time.perf_counter()
+        t_end = t0 + seconds
+        chunk = 256
+        while True:
+            now = time.perf_counter()
+            if now >= t_end:
+                break
+            due = int((now - t0) * rate)
+            while n < due:
+                for _ in range(min(chunk, due - n)):
+                    sink.handle(events[n & 2047])
+                    n += 1
+            if gil_held:
+                x = 0
+                for i in range(2000):  # pure-Python "training" work, holding the GIL
+                    x += i * i
+            else:
+                time.sleep(0.0005)  # a numpy/torch op: GIL released
+        sink.flush(timeout=60)
+        elapsed = time.perf_counter() - t0
+        drops = sum(sink.dropped().values())
+        lines = (Path(tmp) / "bench" / "events.jsonl").read_bytes().count(b"\n")
+        sink.close()
+    assert lines + drops == n, (lines, drops, n)
+    return lines / elapsed, drops, n
+
+
+def bench_writer(seconds: float) -> None:
+    print(
+        "run-log writer (RunLogSink alone, Scalars events of 20 values), producer busy:"
+    )
+    for gil_held, rate, target in ((True, 60_000, 50_000), (False, 250_000, 200_000)):
+        got, drops, n = writer_throughput(gil_held, seconds, rate)
+        what = "GIL held (pure Python)" if gil_held else "GIL released (sleep)"
+        ok = "OK" if got >= target and drops == 0 else "MISSED"
+        print(
+            f"  {what:24s}: offered {rate:>7,}/s -> written {got:>9,.0f} events/s, "
+            f"drops {drops} of {n:,}   (target >= {target:,}/s, 0 drops: {ok})"
+        )
+    # Capacity: a full queue (100,000 events) drained while the producer is busy.
+    for gil_held in (True, False):
+        rate = drain_rate(gil_held)
+        what = "GIL held" if gil_held else "GIL released"
+        print(
+            f"  capacity, {what:12s}: {rate:>9,.0f} events/s (draining a full queue of 100,000)"
+        )
+
+
+_STALLS: list[float] = []
+
+
+def drain_rate(gil_held: bool, n: int = 100_000) -> float:
+    events = [_event(s) for s in range(2048)]
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = RunLogSink(Path(tmp), "bench", max_queue=n, wake_batch=10**9)
+        for i in range(n):
+            sink.handle(events[i & 2047])
+        t0 = time.perf_counter()
+        sink._wake.set()
+        if gil_held:
+            stall = 0.0
+            last = time.perf_counter()
+            while sink.queue_depth():
+                x = 0
+                for i in range(200):  # pure-Python training work (~10-20 us)
+                    x += i * i
+                now = time.perf_counter()
+                stall, last = max(stall, now - last), now
+            _STALLS.append(stall)
+        else:
+            while sink.queue_depth():
+                time.sleep(0.0005)
+        sink.flush(timeout=60)
+        rate = n / (time.perf_counter() - t0)
+        sink.close()
+    return rate
+
+
+def profile_emit(steps: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        prof = cProfile.Profile()
+        prof.enable()
+        karn_steps(steps, Path(tmp))
+        prof.disable()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+    print("cProfile of the emit path (tottime, training thread):")
+    print(s.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--steps", type=int, default=20_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=2.0,
+        help="duration of each writer-throughput run",
+    )
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    print(
+        f"switch interval {sys.getswitchinterval() * 1e3:.1f} ms, python {sys.version.split()[0]}"
+    )
+    bench_steps(args.steps, args.rounds)
+    bench_writer(args.seconds)
+    if args.profile:
+        profile_emit(args.steps)
+
+
+if __name__ == "__main__":
+    main()
