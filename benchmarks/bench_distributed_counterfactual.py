@@ -37,13 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from karn_otel.config import CounterfactualConfig  # noqa: E402
 from karn_otel.contracts import SeedStage, to_jsonable  # noqa: E402
 from karn_otel.counterfactual import ConfigEvaluation, attribute  # noqa: E402
-from karn_otel.distributed import (  # noqa: E402
-    RankInfo,
-    distributed_attribute,
-    gather_evaluations,
-    shard_indices,
-    spawn,
-)
+from karn_otel.distributed.evaluation import distributed_attribute, gather_evaluations, shard_indices  # noqa: E402
+from karn_otel.distributed.launch import spawn  # noqa: E402
+from karn_otel.ranks import RankInfo  # noqa: E402
 
 SLOTS = ("early", "mid", "late")
 CF = CounterfactualConfig(strategy="full_factorial", seed=0)

@@ -345,7 +345,7 @@ def new_run_id() -> str:
 def discover_rank(config: KarnConfig) -> tuple[int, int]:
     """Rank and world size: the config's when set, else torch.distributed's process group,
     else the launcher's RANK / WORLD_SIZE (karn_otel.distributed.discover)."""
-    from karn_otel.distributed import discover
+    from karn_otel.ranks import discover
 
     rank, world = config.rank, config.world_size
     if rank is None or world is None:

@@ -4,6 +4,9 @@ Only fields that cannot repeat are ignored: identities (run and episode ids), wa
 times, the checkpoint's file name and Karn's own accounting. Everything else — every loss,
 accuracy, gradient norm, gate reason and counterfactual — must be bit-identical, and the
 first difference is named.
+
+Checkpoints are compared tensor by tensor through :mod:`karn_otel.torch.checkpoints`,
+imported when a replay runs: this module itself imports no torch.
 """
 
 from __future__ import annotations
@@ -95,13 +98,11 @@ def compare_events(recorded: list[TelemetryEvent], replayed: list[TelemetryEvent
 def replay_run(record: RunRecord) -> ReplayReport:
     """Re-run a reference-system run (every episode, in order: a PPO controller carries
     state from one to the next) and compare it with the record."""
-    import torch
-
     from karn_otel import collector as kc
     from karn_otel.config import KarnConfig
     from karn_otel.reference.trainer import RunConfig, policy_head_sizes, run_reference, software_versions
     from karn_otel.sinks import MemorySink
-    from karn_otel.sinks.factory import default_processors
+    from karn_otel.sinks.factory import build_pipeline
 
     notes: list[str] = []
     first = next(iter(record.episodes.values()))
@@ -115,18 +116,17 @@ def replay_run(record: RunRecord) -> ReplayReport:
         policy_head_sizes=policy_head_sizes(cfg),
     )
     if cfg.nproc > 1:
-        replayed, ckpt_note = _replay_ranks(cfg, kcfg, record, torch)
+        replayed, ckpt_note = _replay_ranks(cfg, kcfg, record)
     else:
-        collector = kc.KarnCollector(kcfg, sinks=[sink])
-        default_processors(kcfg, collector)
-        previous = kc._active
-        kc._active = collector
+        collector = kc.KarnCollector(kcfg)
+        build_pipeline(kcfg, collector, sinks=[sink])
+        previous = kc.install(collector)
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 run_reference(cfg, checkpoint_dir=Path(tmp))
-                ckpt_note = _compare_checkpoints(record.events, Path(tmp), torch)
+                ckpt_note = _compare_checkpoints(record.events, Path(tmp))
         finally:
-            kc._active = previous
+            kc.install(previous)
         replayed = sink.events
     if first.software and first.software != software_versions():
         notes.append(f"software differs: recorded {first.software}, now {software_versions()}")
@@ -138,7 +138,7 @@ def replay_run(record: RunRecord) -> ReplayReport:
     return ReplayReport(report.compared, report.first_difference, notes)
 
 
-def _replay_ranks(cfg: Any, kcfg: Any, record: RunRecord, torch: Any) -> tuple[list[TelemetryEvent], str]:
+def _replay_ranks(cfg: Any, kcfg: Any, record: RunRecord) -> tuple[list[TelemetryEvent], str]:
     """Re-run a multi-rank run on as many ranks; returns rank 0's events and the checkpoint note."""
     import dataclasses
 
@@ -151,12 +151,14 @@ def _replay_ranks(cfg: Any, kcfg: Any, record: RunRecord, torch: Any) -> tuple[l
         if not result.ok:
             raise ValueError(f"the replayed ranks failed: {result.describe()}")
         rec = read_run(Path(tmp) / run_id)
-        note = _compare_checkpoints(record.events, Path(tmp) / run_id / "checkpoints", torch)
+        note = _compare_checkpoints(record.events, Path(tmp) / run_id / "checkpoints")
     return rec.events, note
 
 
-def _compare_checkpoints(recorded: list[TelemetryEvent], tmp: Path, torch: Any) -> str | None:
+def _compare_checkpoints(recorded: list[TelemetryEvent], tmp: Path) -> str:
     """Compare every retained initial checkpoint with the replay's, episode by episode."""
+    from karn_otel.torch.checkpoints import compare_state_dicts
+
     paths = [
         Path(e.payload.initial_checkpoint)
         for e in recorded
@@ -167,9 +169,7 @@ def _compare_checkpoints(recorded: list[TelemetryEvent], tmp: Path, torch: Any) 
     for path, other in zip(paths, replayed):
         if not path.is_file():
             continue
-        a = torch.load(path, weights_only=True)
-        b = torch.load(other, weights_only=True)
-        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+        if not compare_state_dicts(path, other):
             return f"initial checkpoint of {path.name} DIFFERS"
         compared += 1
     if compared == 0:

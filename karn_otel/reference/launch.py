@@ -11,40 +11,16 @@ watches them and raises a ``rank_missing`` health alert when one goes silent.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import karn_otel
 from karn_otel.config import KarnConfig
-from karn_otel.distributed import MissingRankMonitor, RankInfo, SpawnResult, spawn
+from karn_otel.distributed.launch import SpawnResult, spawn
+from karn_otel.distributed.liveness import RankWatch
+from karn_otel.ranks import RankInfo
 from karn_otel.reference.trainer import RunConfig, run_reference
-
-
-class RankWatch:
-    """Rank 0's watcher: checks the heartbeats from its own thread (the main thread may be
-    stuck in a collective waiting for the dead rank) and emits rank_missing alerts."""
-
-    def __init__(self, heartbeat_dir: Path, world_size: int, timeout_s: float) -> None:
-        self.monitor = MissingRankMonitor(heartbeat_dir, world_size, timeout_s)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="karn-rank-watch", daemon=True)
-        self._interval = max(timeout_s / 4, 0.5)
-
-    def start(self) -> "RankWatch":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            alert = self.monitor.check()
-            if alert is not None:
-                karn_otel.emit(alert)
 
 
 def rank_config(base: KarnConfig, info: RankInfo) -> KarnConfig:

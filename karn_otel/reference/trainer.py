@@ -50,14 +50,10 @@ from karn_otel.reference.host import HostCNN
 from karn_otel.reference.slots import LifecycleConfig
 from karn_otel.config import CounterfactualConfig
 from karn_otel.counterfactual import ConfigEvaluation, attribute
-from karn_otel.distributed import (
-    RankHeartbeat,
-    discover,
-    distributed_attribute,
-    make_distributed_evaluate,
-    reduce_host_snapshot,
-    shard_indices,
-)
+from karn_otel.distributed.evaluation import distributed_attribute, make_distributed_evaluate, shard_indices
+from karn_otel.distributed.liveness import RankHeartbeat
+from karn_otel.distributed.reduction import reduce_host_snapshot
+from karn_otel.ranks import discover
 from karn_otel.torch.ablation import evaluate_shared_prefix
 from karn_otel.torch.accumulate import EpochAccumulator
 from karn_otel.torch.diagnostics import DenseCollector

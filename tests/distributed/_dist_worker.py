@@ -1,4 +1,4 @@
-"""Rank functions for tests/test_distributed.py, run in spawned processes (2 ranks, gloo).
+"""Rank functions for the tests in tests/distributed/, run in spawned processes (2 ranks, gloo).
 
 They live in a module of their own because the spawn start method imports the function by
 name in every child. Each rank writes what it observed to ``<out_dir>/rank<k>.json``; the
@@ -18,18 +18,15 @@ import numpy as np
 from karn_otel.config import CounterfactualConfig
 from karn_otel.contracts import HostSnapshot, to_jsonable
 from karn_otel.counterfactual import ConfigEvaluation
-from karn_otel.distributed import (
-    DistributedEvaluationError,
+from karn_otel.distributed.evaluation import DistributedEvaluationError, distributed_attribute, shard_indices
+from karn_otel.distributed.liveness import MissingRankMonitor, RankHeartbeat
+from karn_otel.distributed.reduction import (
     EpochReducer,
-    MissingRankMonitor,
     RankDisagreementError,
-    RankHeartbeat,
-    RankInfo,
     SchemaMismatchError,
-    distributed_attribute,
     reduce_host_snapshot,
-    shard_indices,
 )
+from karn_otel.ranks import RankInfo
 
 N_VAL = 101  # odd: the two shards differ in size (51 / 50), which exercises the padding
 TRAIN_SIZES = (37, 63)
@@ -147,9 +144,7 @@ def scenario(info: RankInfo, out_dir: str) -> None:
     result: dict = {"info": dataclasses.asdict(info)}
 
     snap = local_snapshot(rank)
-    result["reduced"] = to_jsonable(
-        reduce_host_snapshot(snap, TRAIN_SIZES[rank], n_val_examples=VAL_SIZES[rank])
-    )
+    result["reduced"] = to_jsonable(reduce_host_snapshot(snap, TRAIN_SIZES[rank], n_val_examples=VAL_SIZES[rank]))
 
     # A generic schema with every reduction kind, counts included.
     d = rank_data(rank)
