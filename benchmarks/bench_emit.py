@@ -69,8 +69,9 @@ def _context() -> EpisodeContext:
     )
 
 
-def karn_steps(n: int, out: Path) -> float:
-    """Seconds for n steps through a configured collector with the run log, flush included."""
+def karn_steps(n: int, out: Path | None) -> float:
+    """Seconds for n steps through a configured collector with the run log (None: no sinks,
+    the collector alone), flush included."""
     karn_otel.configure(KarnConfig(out_dir=out, console="off"))
     values = [
         _values(s) for s in range(n)
@@ -111,12 +112,13 @@ def prometheus_steps(n: int) -> float | None:
 
 
 def bench_steps(steps: int, rounds: int) -> None:
-    karn, orj, prom = [], [], []
+    karn, bare, orj, prom = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             out = Path(tmp) / f"r{r}"
             out.mkdir()
             karn.append(karn_steps(steps, out) / steps * 1e6)
+            bare.append(karn_steps(steps, None) / steps * 1e6)
             orj.append(orjson_steps(steps, out) / steps * 1e6)
             p = prometheus_steps(steps)
             if p is not None:
@@ -128,12 +130,22 @@ def bench_steps(steps: int, rounds: int) -> None:
     print(
         f"  karn emit + run log, end to end: {k:8.2f} us   (target <= 10 us: {'OK' if k <= 10 else 'MISSED'})"
     )
+    b = statistics.median(bare)
+    print(
+        f"    of which the collector alone (no sinks: validation, stamping, store): {b:.2f} us"
+    )
+    print(
+        f"    so the run log costs {k - b:.2f} us per step (handle + writer thread + final flush)"
+    )
     print(f"  one orjson line to a file:       {o:8.2f} us")
     if prom:
         pr = statistics.median(prom)
         print(f"  prometheus_client, 20 gauges:    {pr:8.2f} us")
     print(
         f"  karn / orjson: {k / o:5.2f}x   (target <= 2x: {'OK' if k / o <= 2 else 'MISSED'})"
+    )
+    print(
+        f"  run-log part / orjson: {(k - b) / o:5.2f}x   (the part the run log controls)"
     )
     if prom:
         print(f"  karn / prometheus: {k / pr:5.2f}x")
@@ -193,7 +205,7 @@ def bench_writer(seconds: float) -> None:
     print(
         "run-log writer (RunLogSink alone, Scalars events of 20 values), producer busy:"
     )
-    for gil_held, rate, target in ((True, 60_000, 50_000), (False, 250_000, 200_000)):
+    for gil_held, rate, target in ((True, 60_000, 50_000), (False, 240_000, 200_000)):
         got, drops, n = writer_throughput(gil_held, seconds, rate)
         what = "GIL held (pure Python)" if gil_held else "GIL released (sleep)"
         ok = "OK" if got >= target and drops == 0 else "MISSED"
@@ -205,8 +217,13 @@ def bench_writer(seconds: float) -> None:
     for gil_held in (True, False):
         rate = drain_rate(gil_held)
         what = "GIL held" if gil_held else "GIL released"
+        stall = (
+            f"; longest training-thread pause {_STALLS[-1] * 1e3:.1f} ms"
+            if gil_held
+            else ""
+        )
         print(
-            f"  capacity, {what:12s}: {rate:>9,.0f} events/s (draining a full queue of 100,000)"
+            f"  capacity, {what:12s}: {rate:>9,.0f} events/s (draining a full queue of 100,000){stall}"
         )
 
 

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import repeat
 from pathlib import Path
 
 from karn_otel.codec import (
@@ -53,6 +55,10 @@ _BATCH = 512  # events per C encode call (GIL held throughout; ~0.5-2 ms)
 _BUDGET_S = 0.004  # encode batches for up to this long per write call
 _MAX_PER_WRITE = 16_384  # events per write call at most (bounds the writer's memory)
 RUN_FILE = "run.json"
+_SIDE_FILE_TYPES = frozenset(
+    {TelemetryEventType.EPISODE_STARTED, TelemetryEventType.HOST_BASELINE}
+)
+_event_type_of = operator.attrgetter("event_type")
 
 
 class RunLogSink:
@@ -150,6 +156,7 @@ class RunLogSink:
 
     def _drain(self) -> None:
         q = self._q
+        popleft = q.popleft
         while q:
             # Encode C-sized batches for up to _BUDGET_S (under the interpreter's 5 ms switch
             # interval, so a training thread waiting for the GIL gets it at the usual time),
@@ -158,7 +165,9 @@ class RunLogSink:
             n = n_lines = 0
             deadline = time.perf_counter() + _BUDGET_S
             while q and n < _MAX_PER_WRITE:
-                batch = [q.popleft() for _ in range(min(len(q), _BATCH))]
+                batch = list(
+                    map(operator.call, repeat(popleft, min(len(q), _BATCH)))
+                )  # C loop
                 data, k = self._encode(batch)
                 parts.append(data)
                 n += len(batch)
@@ -175,6 +184,10 @@ class RunLogSink:
             self._maybe_sync()
 
     def _side_files_of(self, batch: list[TelemetryEvent]) -> None:
+        if _SIDE_FILE_TYPES.isdisjoint(
+            map(_event_type_of, batch)
+        ):  # the common case, a C loop
+            return
         for event in batch:
             et = event.event_type
             if (
