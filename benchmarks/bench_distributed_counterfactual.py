@@ -34,8 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from karn_otel.codec import to_jsonable  # noqa: E402
 from karn_otel.config import CounterfactualConfig  # noqa: E402
-from karn_otel.contracts import SeedStage, to_jsonable  # noqa: E402
+from karn_otel.contracts import SeedStage  # noqa: E402
 from karn_otel.counterfactual import ConfigEvaluation, attribute  # noqa: E402
 from karn_otel.distributed.evaluation import distributed_attribute, gather_evaluations, shard_indices  # noqa: E402
 from karn_otel.distributed.launch import spawn  # noqa: E402

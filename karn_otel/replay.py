@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from karn_otel.contracts import OperatingMode, TelemetryEvent, TelemetryEventType, to_jsonable
+from karn_otel.codec import to_jsonable
+from karn_otel.contracts import OperatingMode, TelemetryEvent, TelemetryEventType
 from karn_otel.sinks.runlog import RunRecord
 
 ET = TelemetryEventType

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from karn_otel import contracts
+from karn_otel import codec
 from karn_otel.config import CounterfactualConfig
 from karn_otel.contracts import CounterfactualMatrix, ShapleyEstimate
 from karn_otel.counterfactual import (
@@ -412,8 +412,8 @@ def test_full_factorial_on_the_spec_table():
 
 def test_matrix_is_a_valid_contract_and_round_trips():
     m = attribute(spec_evaluate([]), ["early", "mid", "late"], CounterfactualConfig())
-    again = contracts.from_json(CounterfactualMatrix, contracts.to_json(m))
-    assert contracts.to_json(again) == contracts.to_json(m)
+    again = codec.from_json(CounterfactualMatrix, codec.to_json(m))
+    assert codec.to_json(again) == codec.to_json(m)
     assert type(m.n_evaluations) is int and type(m.elapsed_s) is float
     assert all(type(b) is bool for r in m.configs for b in r.config)
     assert all(type(x) is float for x in m.marginal_contributions.values())

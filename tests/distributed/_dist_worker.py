@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from karn_otel.config import CounterfactualConfig
-from karn_otel.contracts import HostSnapshot, to_jsonable
+from karn_otel.codec import to_jsonable
+from karn_otel.contracts import HostSnapshot
 from karn_otel.counterfactual import ConfigEvaluation
 from karn_otel.distributed.evaluation import DistributedEvaluationError, distributed_attribute, shard_indices
 from karn_otel.distributed.liveness import MissingRankMonitor, RankHeartbeat

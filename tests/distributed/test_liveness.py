@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from karn_otel.contracts import HealthAlert, Severity, from_jsonable, to_jsonable
+from karn_otel.codec import from_jsonable, to_jsonable
+from karn_otel.contracts import HealthAlert, Severity
 from karn_otel.distributed.launch import spawn
 from karn_otel.distributed.liveness import (
     RANK_MISSING_CHECK,

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from karn_otel.contracts import HostSnapshot, from_jsonable, to_jsonable
+from karn_otel.codec import from_jsonable, to_jsonable
+from karn_otel.contracts import HostSnapshot
 from karn_otel.distributed.reduction import (
     HOST_SNAPSHOT_STATES,
     EpochReducer,
