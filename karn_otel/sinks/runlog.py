@@ -257,15 +257,13 @@ class RunLogSink:
             self._cv.notify_all()
 
     def _side_files(self, event: TelemetryEvent) -> None:
-        if event.event_type is TelemetryEventType.EPISODE_STARTED:
-            ep_dir = self.run_dir / "episodes" / event.payload.episode_id
+        p = event.payload
+        if isinstance(p, EpisodeContext):
+            ep_dir = self.run_dir / "episodes" / p.episode_id
             ep_dir.mkdir(parents=True, exist_ok=True)
-            (ep_dir / "context.json").write_text(to_json(event.payload) + "\n")
-        elif (
-            event.event_type is TelemetryEventType.HOST_BASELINE
-            and event.payload.final_host_only_accuracy is None
-        ):
-            self._baselines.append(event.payload)
+            (ep_dir / "context.json").write_text(to_json(p) + "\n")
+        elif isinstance(p, HostBaseline) and p.final_host_only_accuracy is None:
+            self._baselines.append(p)
 
     def _apply_retention(self) -> None:
         """Apply each baseline's checkpoint_retention_policy once the run is over."""
@@ -356,7 +354,7 @@ def read_run(run_dir: Path | str) -> RunRecord:
         raise RunDirError(f"{events_path}: no readable events{why}")
     episodes: dict[str, EpisodeContext] = {}
     for ev in events:
-        if ev.event_type is TelemetryEventType.EPISODE_STARTED:
+        if isinstance(ev.payload, EpisodeContext):
             episodes[ev.payload.episode_id] = ev.payload
     for ctx_path in sorted((run_dir / "episodes").glob("*/context.json")):
         try:
