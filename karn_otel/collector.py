@@ -155,6 +155,9 @@ class KarnCollector:
         except TelemetryValidationError as err:
             self._reject(err)
             return None
+        except Exception as exc:  # a malformed envelope (e.g. a str rank): rejected, never raised
+            self._reject(TelemetryValidationError("malformed", f"{type(event).__name__}: {exc!r}"[:500]))
+            return None
         if isinstance(env.payload, EpisodeContext):
             self._episode = env.payload
             self._slot_ids = frozenset(env.payload.slot_config)

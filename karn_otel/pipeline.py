@@ -42,6 +42,7 @@ from karn_otel.contracts import (
     SlotSnapshot,
     StageTransition,
     TelemetryEvent,
+    TelemetryEventType,
     TelemetryStats,
 )
 
@@ -77,7 +78,8 @@ class Processor(Protocol):
     """Observes accepted events and returns derived contract payloads (alerts, mode changes).
 
     Must not raise in lenient mode and must not emit: what it returns is routed after its
-    cause by the pipeline.
+    cause by the pipeline. A processor with a ``WATCHED`` set of event types is called for
+    those types only (the per-batch hot path then skips it); one without sees every event.
     """
 
     def __call__(self, event: TelemetryEvent) -> Iterable[Any]: ...
@@ -338,6 +340,7 @@ class Pipeline:
         self.strict = strict
         self._sinks: tuple[Sink, ...] = ()
         self._processors: tuple[Processor, ...] = ()
+        self._watching: dict[TelemetryEventType, tuple[Processor, ...]] = {}
         self.health: HealthSource | None = None
         self.mode_owner: ModeOwner | None = None
         self.analytics: AnalyticsView | None = None
@@ -357,6 +360,7 @@ class Pipeline:
 
     def add_processor(self, processor: Processor) -> None:
         self._processors = self._processors + (processor,)
+        self._watching = {}  # rebuilt lazily per event type
 
     # routing
     def route(self, event: TelemetryEvent, stamp: Callable[[Any, int], TelemetryEvent | None]) -> None:
@@ -366,13 +370,18 @@ class Pipeline:
         payload (None when rejected). Breadth-first: an alert is routed after its cause and
         before what the alert itself causes.
         """
-        pending: deque[TelemetryEvent] = deque((event,))
+        self.accepted += 1
+        self._deliver(event)
+        procs = self._watching.get(event.event_type)
+        if procs is None:
+            procs = self._watching_of(event.event_type)
+        if not procs:
+            return  # the common per-step case: no processor watches this type
+        pending: deque[TelemetryEvent] = deque()
         budget = MAX_DERIVED_PER_EVENT
-        while pending:
-            env = pending.popleft()
-            self.accepted += 1
-            self._deliver(env)
-            for proc in self._processors:
+        env: TelemetryEvent | None = event
+        while env is not None:
+            for proc in self._watching.get(env.event_type) or self._watching_of(env.event_type):
                 for derived in proc(env) or ():
                     if budget <= 0:
                         self.report_once("derived_budget", "Karn dropped derived events beyond the per-event bound")
@@ -382,6 +391,18 @@ class Pipeline:
                     stamped = stamp(derived, env.epoch)
                     if stamped is not None:
                         pending.append(stamped)
+            env = pending.popleft() if pending else None
+            if env is not None:
+                self.accepted += 1
+                self._deliver(env)
+
+    def _watching_of(self, event_type: TelemetryEventType) -> tuple[Processor, ...]:
+        """The processors that watch ``event_type`` (a processor without ``WATCHED`` sees all)."""
+        procs = tuple(
+            p for p in self._processors if event_type in getattr(p, "WATCHED", (event_type,))
+        )
+        self._watching[event_type] = procs
+        return procs
 
     def deliver_unprocessed(self, event: TelemetryEvent) -> None:
         """Store and sink an event no processor should see (Karn's own TelemetryStats)."""

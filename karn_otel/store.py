@@ -106,7 +106,9 @@ class TelemetryStore:
                 self.epoch = epoch
             if type(event.payload) in _COUNTED_ONLY:
                 return  # the per-batch hot path: nothing to keep beyond the count
-            match event.payload:
+            match event.payload:  # the per-step record first
+                case Scalars() as p:
+                    self.scalars.update(p.values)
                 case EpisodeContext() as p:
                     self._reset_episode()
                     self.context = p
@@ -138,8 +140,6 @@ class TelemetryStore:
                     self._counterfactuals.append(p)
                 case DenseTrace() as p:
                     self.dense_traces.append(p)
-                case Scalars() as p:
-                    self.scalars.update(p.values)
                 case EpisodeSummary() as p:
                     self.summary = p
                 case _:

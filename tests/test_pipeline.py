@@ -110,3 +110,15 @@ def test_shared_evaluation_equals_the_engines_own(ls, acs, gs, spike, drop, expl
         assert shared.anomalies(e) == alone.anomalies(e)
         assert shared(e) == alone(e)
         assert shared.mode is alone.mode
+
+
+def test_a_malformed_envelope_is_rejected_not_raised():
+    from karn_otel.contracts import TelemetryEvent
+
+    sink = MemorySink()
+    c = KarnCollector(KarnConfig(out_dir=None, console="off"), sinks=[sink])
+    c.emit(make_context())
+    bad = TelemetryEvent(ET.HOST_SNAPSHOT, c.run_id, "ep-1", "one", 0.0, host(epoch=1), rank="0")  # type: ignore[arg-type]
+    assert c.emit(bad) is False
+    assert c.rejected["malformed"] == 1
+    assert c.emit(host(epoch=1)), "the collector keeps working"
