@@ -235,7 +235,10 @@ class PipelineView:
     @property
     def mode_reason(self) -> str | None:
         owner = self._p.mode_owner
-        return owner.window_reason if owner is not None else None
+        if owner is not None:
+            return owner.window_reason
+        # No trigger engine: the configured mode stands, for the reason the engine would give.
+        return "force_dense" if self._p.configured_mode is OperatingMode.RESEARCH else None
 
     @property
     def analytics(self) -> AnalyticsView | None:

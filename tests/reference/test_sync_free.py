@@ -17,7 +17,7 @@ import torch
 
 import karn_otel
 from karn_otel.config import KarnConfig
-from karn_otel.contracts import ModeChange, OperatingMode, SeedStage, TelemetryEventType as ET
+from karn_otel.contracts import OperatingMode, SeedStage, TelemetryEventType as ET
 from karn_otel.reference.trainer import ReferenceTrainer, RunConfig
 from karn_otel.sinks import MemorySink
 
@@ -49,11 +49,10 @@ def count_syncs():
 
 def _trainer(research: bool, **kw) -> ReferenceTrainer:
     sink = MemorySink()
-    c = karn_otel.configure(KarnConfig(out_dir=None, console="off", strict=True), sinks=[sink], processors=False)
-    if research:
-        c.add_processor(
-            lambda ev: [ModeChange(OperatingMode.RESEARCH, "test")] if ev.event_type is ET.EPISODE_STARTED else []
-        )
+    # Research mode as configured: with no trigger engine (processors=False), the configured
+    # mode is the mode (the engine is its only other owner).
+    mode = OperatingMode.RESEARCH if research else OperatingMode.STANDARD
+    karn_otel.configure(KarnConfig(out_dir=None, console="off", strict=True, mode=mode), sinks=[sink], processors=False)
     cfg = RunConfig(epochs=kw.pop("epochs", 6), warmup_epochs=0, min_training_epochs=1, blend_epochs=1, plateau_threshold=1.0, **kw)
     t = ReferenceTrainer(cfg)
     t.sink = sink  # type: ignore[attr-defined]
@@ -91,7 +90,7 @@ def test_research_mode_produces_a_dense_trace():
     traces = [e.payload for e in t.sink.events if e.event_type is ET.DENSE_TRACE]
     assert len(traces) == 1
     tr = traces[0]
-    assert tr.trigger_reason == "test" and (tr.window_start_epoch, tr.window_end_epoch) == (1, 6)
+    assert tr.trigger_reason == "force_dense" and (tr.window_start_epoch, tr.window_end_epoch) == (1, 6)
     n_batches = -(-len(t.data.x_train) // t.cfg.batch_size)
     assert len(tr.batch_metrics) == 6 * n_batches
     assert set(tr.gradient_histograms) >= {"host"} and len(tr.gradient_histograms["host"]) == 48
