@@ -28,7 +28,6 @@ from karn_otel.reference.host import HostCNN  # noqa: E402
 from karn_otel.reference.slots import LifecycleConfig, SeedSlot  # noqa: E402
 from karn_otel.torch.ablation import evaluate_configurations, evaluate_shared_prefix  # noqa: E402
 
-
 BATCH = 128
 
 

@@ -68,7 +68,9 @@ def research_vs_standard(epochs: int, repeats: int) -> None:
     wall = statistics.median(r[0] / s[0] for r, s in zip(res, std))
     cpu = statistics.median(r[1] / s[1] for r, s in zip(res, std))
     print(f"1. reference loop, {epochs} epochs x {repeats} interleaved pairs")
-    print(f"   standard median {statistics.median(s[0] for s in std):.3f} s   research median {statistics.median(r[0] for r in res):.3f} s")
+    print(
+        f"   standard median {statistics.median(s[0] for s in std):.3f} s   research median {statistics.median(r[0] for r in res):.3f} s"
+    )
     print(f"   ratio research/standard = {wall:.3f} wall, {cpu:.3f} process CPU   (target <= 1.10)")
 
 
@@ -96,7 +98,10 @@ def batch_metrics_vs_item(n_batches: int = 2000) -> None:
                     loss.item(),
                     (logits.argmax(1) == y).float().mean().item(),
                     torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))).item(),
-                    *(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in ps]))).item() for ps in seeds.values()),
+                    *(
+                        torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in ps]))).item()
+                        for ps in seeds.values()
+                    ),
                 )
             )
         return out
@@ -104,8 +109,10 @@ def batch_metrics_vs_item(n_batches: int = 2000) -> None:
     karn_way(), item_way()
     tk = min(_time(karn_way) for _ in range(3)) / n_batches
     ti = min(_time(item_way) for _ in range(3)) / n_batches
-    print(f"2. per-batch metrics (5 values): Karn device-side {tk * 1e6:.1f} us/batch, .item() each {ti * 1e6:.1f} us/batch,"
-          f" ratio {tk / ti:.2f}; syncs per epoch: Karn 1, .item() 5 x batches")
+    print(
+        f"2. per-batch metrics (5 values): Karn device-side {tk * 1e6:.1f} us/batch, .item() each {ti * 1e6:.1f} us/batch,"
+        f" ratio {tk / ti:.2f}; syncs per epoch: Karn 1, .item() 5 x batches"
+    )
     print("   (on CPU .item() is cheap: there is no device to wait for; on a GPU each one stalls the stream)")
 
 
@@ -151,9 +158,13 @@ def twenty_scalars(n: int = 50_000, n_loop: int = 3_000) -> None:
         karn_otel.shutdown()
     print("3. one step of 20 named scalars, run log on (target <= 10 us):")
     print(f"   in a training loop ({step * 1e6:.0f} us of tensor work per step): {added * 1e6:.2f} us added per step")
-    print(f"   back to back, no other work (worst case: the writer competes for the GIL):"
-          f" {t_emit / n * 1e6:.2f} us per emit, {t_all / n * 1e6:.2f} us end to end incl. JSON + fsync; dropped {dropped}")
-    print("   (for scale, this machine: W&B offline ~135 us, TensorBoard SummaryWriter ~1.3 ms, MLflow file store ~1.5 ms)")
+    print(
+        f"   back to back, no other work (worst case: the writer competes for the GIL):"
+        f" {t_emit / n * 1e6:.2f} us per emit, {t_all / n * 1e6:.2f} us end to end incl. JSON + fsync; dropped {dropped}"
+    )
+    print(
+        "   (for scale, this machine: W&B offline ~135 us, TensorBoard SummaryWriter ~1.3 ms, MLflow file store ~1.5 ms)"
+    )
 
 
 def soak(epochs: int, every: int) -> None:
@@ -166,7 +177,9 @@ def soak(epochs: int, every: int) -> None:
     start = rss_mib()
     t0 = time.perf_counter()
     for e in range(1, epochs + 1):
-        c.emit(SlotSnapshot("mid", SeedStage.BLENDING, 1, "s", "norm", 16, 0.5, 0.01, None, 0.0, None, None, None), epoch=e)
+        c.emit(
+            SlotSnapshot("mid", SeedStage.BLENDING, 1, "s", "norm", 16, 0.5, 0.01, None, 0.0, None, None, None), epoch=e
+        )
         c.emit(HostSnapshot(e, 0.5, 0.9, 0.5, 0.9, 100, 16, 116, 0, 1.0, {"mid": 0.1}, None))
         if e % every == 0:
             c.emit(DenseTrace("loss_spike", e, e, batches, hist, {"w": 1.0}, {"a": 0.0}, {"a": 1.0}, {"a": 0}))
@@ -177,8 +190,10 @@ def soak(epochs: int, every: int) -> None:
     end = rss_mib()
     dt = time.perf_counter() - t0
     print(f"4. soak: {epochs:,} epochs, a dense trace every {every} epochs ({epochs // every:,} traces), {dt:.1f} s")
-    print(f"   RSS start {start:.1f} MiB, after 10% {warm:.1f} MiB, end {end:.1f} MiB"
-          f" (growth after warm-up {end - warm:+.1f} MiB; rings: 10 dense traces, 1,000 epochs)")
+    print(
+        f"   RSS start {start:.1f} MiB, after 10% {warm:.1f} MiB, end {end:.1f} MiB"
+        f" (growth after warm-up {end - warm:+.1f} MiB; rings: 10 dense traces, 1,000 epochs)"
+    )
     print(f"   peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB")
 
 

@@ -122,34 +122,20 @@ def bench_steps(steps: int, rounds: int) -> None:
             if p is not None:
                 prom.append(p / steps * 1e6)
     k, o = statistics.median(karn), statistics.median(orj)
-    print(
-        f"step = 20 scalars, {steps} steps x {rounds} rounds (interleaved), median per step:"
-    )
-    print(
-        f"  karn emit + run log, end to end: {k:8.2f} us   (target <= 10 us: {'OK' if k <= 10 else 'MISSED'})"
-    )
+    print(f"step = 20 scalars, {steps} steps x {rounds} rounds (interleaved), median per step:")
+    print(f"  karn emit + run log, end to end: {k:8.2f} us   (target <= 10 us: {'OK' if k <= 10 else 'MISSED'})")
     b = statistics.median(bare)
-    print(
-        f"    of which the collector alone (no sinks: validation, stamping, store): {b:.2f} us"
-    )
-    print(
-        f"    so the run log costs {k - b:.2f} us per step (handle + writer thread + final flush)"
-    )
+    print(f"    of which the collector alone (no sinks: validation, stamping, store): {b:.2f} us")
+    print(f"    so the run log costs {k - b:.2f} us per step (handle + writer thread + final flush)")
     print(f"  one orjson line to a file:       {o:8.2f} us")
     if prom:
         pr = statistics.median(prom)
         print(f"  prometheus_client, 20 gauges:    {pr:8.2f} us")
-    print(
-        f"  karn / orjson: {k / o:5.2f}x   (target <= 2x: {'OK' if k / o <= 2 else 'MISSED'})"
-    )
-    print(
-        f"  run-log part / orjson: {(k - b) / o:5.2f}x   (the part the run log controls)"
-    )
+    print(f"  karn / orjson: {k / o:5.2f}x   (target <= 2x: {'OK' if k / o <= 2 else 'MISSED'})")
+    print(f"  run-log part / orjson: {(k - b) / o:5.2f}x   (the part the run log controls)")
     if prom:
         print(f"  karn / prometheus: {k / pr:5.2f}x")
-    print(
-        f"  all rounds (us): karn {[round(x, 2) for x in karn]}, orjson {[round(x, 2) for x in orj]}"
-    )
+    print(f"  all rounds (us): karn {[round(x, 2) for x in karn]}, orjson {[round(x, 2) for x in orj]}")
 
 
 def _event(step: int) -> TelemetryEvent:
@@ -163,9 +149,7 @@ def _event(step: int) -> TelemetryEvent:
     )
 
 
-def writer_throughput(
-    gil_held: bool, seconds: float, rate: float
-) -> tuple[float, int, int]:
+def writer_throughput(gil_held: bool, seconds: float, rate: float) -> tuple[float, int, int]:
     """Offer ``rate`` events/s for ``seconds`` while the producer thread is busy; return the
     writer's rate (events written / time until all are written), drops, events offered."""
     events = [_event(s) for s in range(2048)]
@@ -200,9 +184,7 @@ def writer_throughput(
 
 
 def bench_writer(seconds: float) -> None:
-    print(
-        "run-log writer (RunLogSink alone, Scalars events of 20 values), producer busy:"
-    )
+    print("run-log writer (RunLogSink alone, Scalars events of 20 values), producer busy:")
     for gil_held, rate, target in ((True, 60_000, 50_000), (False, 240_000, 200_000)):
         got, drops, n = writer_throughput(gil_held, seconds, rate)
         what = "GIL held (pure Python)" if gil_held else "GIL released (sleep)"
@@ -215,14 +197,8 @@ def bench_writer(seconds: float) -> None:
     for gil_held in (True, False):
         rate = drain_rate(gil_held)
         what = "GIL held" if gil_held else "GIL released"
-        stall = (
-            f"; longest training-thread pause {_STALLS[-1] * 1e3:.1f} ms"
-            if gil_held
-            else ""
-        )
-        print(
-            f"  capacity, {what:12s}: {rate:>9,.0f} events/s (draining a full queue of 100,000){stall}"
-        )
+        stall = f"; longest training-thread pause {_STALLS[-1] * 1e3:.1f} ms" if gil_held else ""
+        print(f"  capacity, {what:12s}: {rate:>9,.0f} events/s (draining a full queue of 100,000){stall}")
 
 
 _STALLS: list[float] = []
@@ -268,9 +244,7 @@ def profile_emit(steps: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument(
@@ -281,9 +255,7 @@ def main() -> None:
     )
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    print(
-        f"switch interval {sys.getswitchinterval() * 1e3:.1f} ms, python {sys.version.split()[0]}"
-    )
+    print(f"switch interval {sys.getswitchinterval() * 1e3:.1f} ms, python {sys.version.split()[0]}")
     bench_steps(args.steps, args.rounds)
     bench_writer(args.seconds)
     if args.profile:

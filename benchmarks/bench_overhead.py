@@ -61,11 +61,17 @@ def main() -> None:
         ratio = statistics.median(k[0] / b[0] for k, b in zip(karn, base))
         cpu_ratio = statistics.median(k[1] / b[1] for k, b in zip(karn, base))
         print(f"reference loop, {args.epochs} epochs, {args.repeats} interleaved pairs")
-        print(f"  unconfigured   median {statistics.median(b[0] for b in base):.3f} s  {[round(b[0], 3) for b in base]}")
-        print(f"  standard mode  median {statistics.median(k[0] for k in karn):.3f} s  {[round(k[0], 3) for k in karn]}")
+        print(
+            f"  unconfigured   median {statistics.median(b[0] for b in base):.3f} s  {[round(b[0], 3) for b in base]}"
+        )
+        print(
+            f"  standard mode  median {statistics.median(k[0] for k in karn):.3f} s  {[round(k[0], 3) for k in karn]}"
+        )
         print(f"  ratio standard/unconfigured, wall time = {ratio:.4f}   (target <= 1.02)")
-        print(f"  ratio standard/unconfigured, process CPU time (all threads) = {cpu_ratio:.4f}"
-              "   (less sensitive to VM steal; includes the writer and console threads)")
+        print(
+            f"  ratio standard/unconfigured, process CPU time (all threads) = {cpu_ratio:.4f}"
+            "   (less sensitive to VM steal; includes the writer and console threads)"
+        )
 
         snap = SlotSnapshot("early", SeedStage.BLENDING, 2, "s", "norm", 16, 0.5, 0.01, 0.02, 0.0, "G2", True, "ok")
         from tests.conftest import make_context  # noqa: E402

@@ -67,7 +67,7 @@ class ReferenceCurve:
     seed: int
 
     @classmethod
-    def load(cls, path: Path | str) -> "ReferenceCurve":
+    def load(cls, path: Path | str) -> ReferenceCurve:
         data = json.loads(Path(path).read_text())
         pts = tuple(sorted((int(p), float(a)) for p, a in data["points"]))
         if len(pts) < 2:
@@ -75,7 +75,9 @@ class ReferenceCurve:
         return cls(pts, int(data["epochs"]), int(data["seed"]))
 
     def save(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps({"points": self.points, "epochs": self.epochs, "seed": self.seed}, indent=2) + "\n")
+        Path(path).write_text(
+            json.dumps({"points": self.points, "epochs": self.epochs, "seed": self.seed}, indent=2) + "\n"
+        )
 
     def params_for_accuracy(self, accuracy: float) -> int | None:
         """Interpolated parameter count (log-linear in params) reaching ``accuracy``.
@@ -104,7 +106,9 @@ class MorphogeneticAnalytics:
     the `karn calibrate` output (for equivalent_traditional_params).
     """
 
-    def __init__(self, store: TelemetryStore, health: Any = None, reference_curve: ReferenceCurve | None = None) -> None:
+    def __init__(
+        self, store: TelemetryStore, health: Any = None, reference_curve: ReferenceCurve | None = None
+    ) -> None:
         self.store = store
         self.health = health
         self.reference_curve = reference_curve
@@ -147,7 +151,9 @@ class MorphogeneticAnalytics:
             acc = all_off_accuracy(cf)
             if acc is not None:
                 host_only[cf.epoch] = acc
-        return [(h.epoch, h.val_accuracy, host_only[h.epoch]) for h in self.store.host_history() if h.epoch in host_only]
+        return [
+            (h.epoch, h.val_accuracy, host_only[h.epoch]) for h in self.store.host_history() if h.epoch in host_only
+        ]
 
     # === Claim 2: parameter efficiency ===
 
@@ -197,7 +203,6 @@ class MorphogeneticAnalytics:
                     slot_id, s.blueprint_id, s.seed_params, c, None, None, "removal_cost" if c is not None else "none"
                 )
         return out
-
 
     def contribution_onset_epoch(self, slot_id: str, threshold: float = 0.5) -> int | None:
         """First epoch where the slot's Shapley value exceeded ``threshold`` percentage points

@@ -80,7 +80,9 @@ def _run(args: argparse.Namespace) -> int:
         karn_otel.shutdown()
     stats = collector.stats()
     print(f"run dir: {run_dir}")
-    print(f"events: {stats.accepted} accepted, {sum(stats.rejected.values())} rejected, {sum(stats.dropped.values())} dropped")
+    print(
+        f"events: {stats.accepted} accepted, {sum(stats.rejected.values())} rejected, {sum(stats.dropped.values())} dropped"
+    )
     print(f"next:    {_me()} inspect {run_dir}    {_me()} replay {run_dir}")
     return EXIT_OK
 
@@ -107,7 +109,10 @@ def _run_ranks(cfg, kcfg, args: argparse.Namespace) -> int:
     print(f"starting {cfg.nproc} ranks (DDP, gloo) for run {kcfg.run_id} ...", flush=True)
     if kcfg.prometheus_port is not None:
         last = kcfg.prometheus_port + cfg.nproc - 1
-        print(f"metrics: http://{kcfg.prometheus_host}:{kcfg.prometheus_port}..{last}/metrics (one port per rank)", flush=True)
+        print(
+            f"metrics: http://{kcfg.prometheus_host}:{kcfg.prometheus_port}..{last}/metrics (one port per rank)",
+            flush=True,
+        )
     # SIGTERM (a job scheduler, a test harness) takes the same path as Ctrl-C: the launcher
     # then terminates the ranks instead of leaving them orphaned.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -175,7 +180,11 @@ def _inspect(args: argparse.Namespace) -> int:
             )
         if summary is not None:
             host = summary.host_only_accuracy
-            delta = "" if host is None else f" ({100 * (summary.final_val_accuracy - host):+.2f} pts vs host-only {100 * host:.2f}%)"
+            delta = (
+                ""
+                if host is None
+                else f" ({100 * (summary.final_val_accuracy - host):+.2f} pts vs host-only {100 * host:.2f}%)"
+            )
             print(f"  finished: {summary.epochs_completed} epochs in {summary.wall_time_s:.1f}s{delta}")
         else:
             print("  not finished (no episode_ended event: the run was interrupted or is still going)")
@@ -190,7 +199,10 @@ def _inspect(args: argparse.Namespace) -> int:
         alerts = [e.payload for e in events if e.event_type is ET.HEALTH_ALERT]
         if alerts:
             print(f"  alerts: {len(alerts)} (" + ", ".join(sorted({a.check for a in alerts})) + ")")
-    print(f"lines skipped: {len(rec.skipped)}" + (f" (first: line {rec.skipped[0][0]}: {rec.skipped[0][1]})" if rec.skipped else ""))
+    print(
+        f"lines skipped: {len(rec.skipped)}"
+        + (f" (first: line {rec.skipped[0][0]}: {rec.skipped[0][1]})" if rec.skipped else "")
+    )
     return EXIT_OK
 
 
@@ -207,7 +219,9 @@ def _replay(args: argparse.Namespace) -> int:
         print(f"karn replay: error: {args.run_dir}: no episode context recorded", file=sys.stderr)
         return EXIT_USAGE
     if rec.skipped:
-        print(f"note: {len(rec.skipped)} undecodable line(s) skipped (first: line {rec.skipped[0][0]}: {rec.skipped[0][1]})")
+        print(
+            f"note: {len(rec.skipped)} undecodable line(s) skipped (first: line {rec.skipped[0][0]}: {rec.skipped[0][1]})"
+        )
     print(f"replaying {len(rec.episodes)} episode(s) of run {rec.run_id} ...", flush=True)
     try:
         report = replay_run(rec)
@@ -253,10 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--device", default="cpu", help="torch device for the reference system (default cpu)")
     o = r.add_argument_group("OpenTelemetry export (also configurable with the standard OTEL_* variables)")
-    o.add_argument("--otlp-endpoint", metavar="URL", help="send traces and metrics over OTLP, e.g. http://127.0.0.1:4317")
+    o.add_argument(
+        "--otlp-endpoint", metavar="URL", help="send traces and metrics over OTLP, e.g. http://127.0.0.1:4317"
+    )
     o.add_argument("--otlp-protocol", choices=["grpc", "http/protobuf"], help="OTLP protocol (default grpc)")
     o.add_argument(
-        "--prometheus-port", type=int, metavar="PORT", help="serve /metrics on 127.0.0.1:PORT+local_rank (0 = any free port)"
+        "--prometheus-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics on 127.0.0.1:PORT+local_rank (0 = any free port)",
     )
     o.add_argument(
         "--prometheus-host",
@@ -269,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=_run)
 
-    c = sub.add_parser("calibrate", allow_abbrev=False, help="train seedless hosts of several widths: accuracy vs parameter curve")
+    c = sub.add_parser(
+        "calibrate", allow_abbrev=False, help="train seedless hosts of several widths: accuracy vs parameter curve"
+    )
     c.add_argument("--epochs", type=int, default=20)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default="runs", help=f"directory for {CURVE_FILE} (default ./runs)")
@@ -280,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("run_dir", type=Path)
     i.set_defaults(func=_inspect)
 
-    rp = sub.add_parser("replay", allow_abbrev=False, help="re-run a run from its context and compare every recorded value")
+    rp = sub.add_parser(
+        "replay", allow_abbrev=False, help="re-run a run from its context and compare every recorded value"
+    )
     rp.add_argument("run_dir", type=Path)
     rp.set_defaults(func=_replay)
     return p

@@ -102,9 +102,7 @@ def _has_pair_dicts(tp: Any) -> bool:
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         out = any(_has_pair_dicts(h) for h in type_hints(tp).values())
     elif origin is dict:
-        out = (bool(args) and args[0] is not str) or any(
-            _has_pair_dicts(a) for a in args
-        )
+        out = (bool(args) and args[0] is not str) or any(_has_pair_dicts(a) for a in args)
     elif origin in (list, tuple) or _is_union(tp):
         out = any(_has_pair_dicts(a) for a in args if a is not Ellipsis)
     else:
@@ -114,9 +112,7 @@ def _has_pair_dicts(tp: Any) -> bool:
 
 
 # Payload classes msgspec cannot encode in today's on-disk form (non-str dict keys).
-_PY_ENCODED: frozenset[type] = frozenset(
-    c for c in PAYLOAD_TYPES.values() if _has_pair_dicts(c)
-)
+_PY_ENCODED: frozenset[type] = frozenset(c for c in PAYLOAD_TYPES.values() if _has_pair_dicts(c))
 
 
 # --------------------------------------------------------------------------- encoding
@@ -165,15 +161,11 @@ def to_jsonable(obj: Any) -> Any:
     """
     tp = type(obj)
     if tp is float:
-        return (
-            obj if obj - obj == 0 else _encode_float(obj)
-        )  # x - x is NaN exactly for NaN/inf
+        return obj if obj - obj == 0 else _encode_float(obj)  # x - x is NaN exactly for NaN/inf
     if obj is None or tp is str or tp is bool or tp is int:
         return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {
-            f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-        }
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, (bool, str)):
@@ -284,11 +276,7 @@ def _fixer(tp: Any) -> _Fixer | None:
     if _has_pair_dicts(tp):
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            plan = [
-                (n, f)
-                for n, h in type_hints(tp).items()
-                if (f := _fixer(h)) is not None
-            ]
+            plan = [(n, f) for n, h in type_hints(tp).items() if (f := _fixer(h)) is not None]
 
             def fix_obj(d: Any) -> Any:
                 if not isinstance(d, dict):
@@ -304,9 +292,7 @@ def _fixer(tp: Any) -> _Fixer | None:
             vfix = _fixer(args[1]) or (lambda v: v)
 
             def fix_dict(d: Any) -> Any:
-                if isinstance(d, list) and all(
-                    isinstance(p, list) and len(p) == 2 for p in d
-                ):
+                if isinstance(d, list) and all(isinstance(p, list) and len(p) == 2 for p in d):
                     return {_hashable(k): vfix(v) for k, v in d}
                 if isinstance(d, dict):
                     return {k: vfix(v) for k, v in d.items()}
@@ -318,9 +304,7 @@ def _fixer(tp: Any) -> _Fixer | None:
             fix = lambda d: [item(v) for v in d] if isinstance(d, list) else d
         elif _is_union(tp):
             members = [f for a in typing.get_args(tp) if (f := _fixer(a)) is not None]
-            only = members[
-                0
-            ]  # contracts hold at most one such member per union (X | None)
+            only = members[0]  # contracts hold at most one such member per union (X | None)
             fix = lambda d: None if d is None else only(d)
     _FIXERS[tp] = fix
     return fix
@@ -328,9 +312,7 @@ def _fixer(tp: Any) -> _Fixer | None:
 
 def _error(where: str, exc: msgspec.ValidationError) -> ContractDecodeError:
     msg = str(exc)
-    if (
-        "- at `$" in msg
-    ):  # msgspec names the field: "Expected `int`, got `str` - at `$.step`"
+    if "- at `$" in msg:  # msgspec names the field: "Expected `int`, got `str` - at `$.step`"
         return ContractDecodeError(msg.replace("- at `$", f"- at `{where}"))
     return ContractDecodeError(f"{msg} - at `{where}`")
 
@@ -356,9 +338,7 @@ def _tagged(raw: Any) -> bool:
     return b'"$float"' in (raw if isinstance(raw, bytes) else memoryview(raw).tobytes())
 
 
-def decode_payload(
-    tp: Any, raw: Any, where: str = "$", tagged: bool | None = None
-) -> Any:
+def decode_payload(tp: Any, raw: Any, where: str = "$", tagged: bool | None = None) -> Any:
     """Typed decode of one JSON document (str, bytes or msgspec.Raw) as ``tp``; C speed when
     the text holds no tagged float and ``tp`` no non-str-keyed dict."""
     if (_tagged(raw) if tagged is None else tagged) or _has_pair_dicts(tp):
@@ -433,9 +413,7 @@ def event_from_dict(data: dict[str, Any]) -> TelemetryEvent:
         raise ContractDecodeError("event is not a JSON object")
     et = _check_head(data.get("event_type"), data.get("schema_version"))
     payload = from_jsonable(PAYLOAD_TYPES[et], data.get("payload"), "$.payload")
-    head = from_jsonable(
-        _EnvelopeHead, {k: v for k, v in data.items() if k != "payload"}
-    )
+    head = from_jsonable(_EnvelopeHead, {k: v for k, v in data.items() if k != "payload"})
     return _event(head, et, payload)
 
 
@@ -454,9 +432,7 @@ def event_from_json(line: str | bytes) -> TelemetryEvent:
         raise ContractDecodeError(f"not JSON: {exc}") from None
     et = _check_head(env.event_type, env.schema_version)
     tagged = ('"$float"' in line) if isinstance(line, str) else (b'"$float"' in line)
-    return _event(
-        env, et, decode_payload(PAYLOAD_TYPES[et], env.payload, "$.payload", tagged)
-    )
+    return _event(env, et, decode_payload(PAYLOAD_TYPES[et], env.payload, "$.payload", tagged))
 
 
 def from_json(cls: type, text: str | bytes) -> Any:
@@ -507,11 +483,7 @@ def _describe(v: Any) -> str:
 
 def _check_float(v: Any) -> str | None:
     t = type(v)
-    if (
-        t is float
-        or t is int
-        or (isinstance(v, (float, int)) and not isinstance(v, bool))
-    ):
+    if t is float or t is int or (isinstance(v, (float, int)) and not isinstance(v, bool)):
         return None
     return f": expected float, got {_describe(v)}"
 
@@ -542,32 +514,18 @@ def _checker_for(tp: Any) -> _Checker:
         return _check_float
     if tp is int:
         return lambda v: (
-            None
-            if isinstance(v, int) and not isinstance(v, bool)
-            else f": expected int, got {_describe(v)}"
+            None if isinstance(v, int) and not isinstance(v, bool) else f": expected int, got {_describe(v)}"
         )
     if tp is bool:
-        return lambda v: (
-            None if isinstance(v, bool) else f": expected bool, got {_describe(v)}"
-        )
+        return lambda v: None if isinstance(v, bool) else f": expected bool, got {_describe(v)}"
     if tp is str:
-        return lambda v: (
-            None if isinstance(v, str) else f": expected str, got {_describe(v)}"
-        )
+        return lambda v: None if isinstance(v, str) else f": expected str, got {_describe(v)}"
     if tp is type(None):
         return lambda v: None if v is None else f": expected None, got {_describe(v)}"
     if tp in (Path, datetime) or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
-        return lambda v: (
-            None
-            if isinstance(v, tp)
-            else f": expected {tp.__name__}, got {_describe(v)}"
-        )
+        return lambda v: None if isinstance(v, tp) else f": expected {tp.__name__}, got {_describe(v)}"
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return lambda v: (
-            check_types(v)
-            if type(v) is tp
-            else f": expected {tp.__name__}, got {_describe(v)}"
-        )
+        return lambda v: check_types(v) if type(v) is tp else f": expected {tp.__name__}, got {_describe(v)}"
     if origin is Literal:
         return lambda v: None if v in args else f": expected one of {args}, got {v!r}"
     if origin is Union or origin is types.UnionType:
@@ -610,11 +568,7 @@ def _checker_for(tp: Any) -> _Checker:
     if origin is dict and args == (str, float):
         return _check_str_float_dict  # the common case (per-slot and per-head values), kept fast
     if origin is dict:
-        kc, vc = (
-            (_checker_for(args[0]), _checker_for(args[1]))
-            if args
-            else (lambda v: None, lambda v: None)
-        )
+        kc, vc = (_checker_for(args[0]), _checker_for(args[1])) if args else (lambda v: None, lambda v: None)
 
         def check_dict(v: Any) -> str | None:
             if not isinstance(v, dict):

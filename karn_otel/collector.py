@@ -18,8 +18,9 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any
 
 from karn_otel.codec import check_types
 from karn_otel.config import KarnConfig
@@ -77,7 +78,12 @@ class KarnCollector:
             max_recent_events=config.max_recent_events,
         )
         self.pipeline = Pipeline(
-            self.store, run_id=self.run_id, rank=rank, world_size=world, configured_mode=config.mode, strict=config.strict
+            self.store,
+            run_id=self.run_id,
+            rank=rank,
+            world_size=world,
+            configured_mode=config.mode,
+            strict=config.strict,
         )
         for s in sinks:
             self.pipeline.add_sink(s)
@@ -170,7 +176,9 @@ class KarnCollector:
     def _envelope(self, event: Any, epoch: int | None, is_reduced: bool) -> TelemetryEvent:
         if isinstance(event, TelemetryEvent):
             if not isinstance(event.event_type, TelemetryEventType):
-                raise TelemetryValidationError("type_error", f"event_type {event.event_type!r} is not a TelemetryEventType")
+                raise TelemetryValidationError(
+                    "type_error", f"event_type {event.event_type!r} is not a TelemetryEventType"
+                )
             expected = EVENT_TYPE_OF.get(type(event.payload))
             if expected is not event.event_type:
                 raise TelemetryValidationError(
@@ -193,7 +201,15 @@ class KarnCollector:
         else:
             episode_id = self._episode.episode_id if self._episode is not None else ""
         return _make_event(
-            et, self.run_id, episode_id, ep if type(ep) is int else -1, time.time(), event, self.rank, self.world_size, is_reduced
+            et,
+            self.run_id,
+            episode_id,
+            ep if type(ep) is int else -1,
+            time.time(),
+            event,
+            self.rank,
+            self.world_size,
+            is_reduced,
         )
 
     # ------------------------------------------------------------------ validation
@@ -304,6 +320,7 @@ def _make_event(
     )
     return ev
 
+
 _PARAM_FIELDS: dict[type, tuple[str, ...]] = {
     SlotSnapshot: ("seed_params",),
     HostSnapshot: ("host_params", "total_seed_params", "total_params", "fossilized_params"),
@@ -347,7 +364,7 @@ def new_run_id() -> str:
 
 def discover_rank(config: KarnConfig) -> tuple[int, int]:
     """Rank and world size: the config's when set, else torch.distributed's process group,
-    else the launcher's RANK / WORLD_SIZE (karn_otel.distributed.discover)."""
+    else the launcher's RANK / WORLD_SIZE (karn_otel.ranks.discover)."""
     from karn_otel.ranks import discover
 
     rank, world = config.rank, config.world_size

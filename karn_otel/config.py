@@ -110,7 +110,7 @@ class KarnConfig:
     policy_head_sizes: dict[str, int] | None = None
     # `karn calibrate` output: host-only accuracy vs parameters, for equivalent_traditional_params.
     reference_curve: Path | None = None
-    # OpenTelemetry export (sinks/otel.py). OTLP is on when an endpoint is given here or in
+    # OpenTelemetry export (sinks/otel/). OTLP is on when an endpoint is given here or in
     # OTEL_EXPORTER_OTLP_ENDPOINT; the embedded Prometheus endpoint when prometheus_port is set.
     service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "karn"
     otlp_endpoint: str | None = None

@@ -154,7 +154,8 @@ def _mask_to_config(mask: int, n: int) -> tuple[bool, ...]:
 
 def _popcount(masks: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(masks).astype(np.int64)
+        counted: np.ndarray = np.bitwise_count(masks).astype(np.int64)
+        return counted
     counts = np.zeros_like(masks)
     m = masks.copy()
     while np.any(m):
@@ -294,9 +295,9 @@ def interaction_effects(values: GameValues, n: int) -> np.ndarray:
     out = np.full((n, n), np.nan)
     for i in range(n):
         for j in range(i + 1, n):
-            parts = [get(full), get(full ^ (1 << i)), get(full ^ (1 << j)), get(full ^ (1 << i) ^ (1 << j))]
-            if all(p is not None for p in parts):
-                out[i, j] = out[j, i] = parts[0] - parts[1] - parts[2] + parts[3]
+            a, b, c, d = get(full), get(full ^ (1 << i)), get(full ^ (1 << j)), get(full ^ (1 << i) ^ (1 << j))
+            if a is not None and b is not None and c is not None and d is not None:
+                out[i, j] = out[j, i] = a - b - c + d
     return out
 
 
@@ -326,7 +327,7 @@ def _prefix_masks(perm: np.ndarray) -> list[int]:
     return masks
 
 
-def _permutation_marginals(perms: np.ndarray, value_of: Callable[[int], np.ndarray]) -> np.ndarray:
+def _permutation_marginals(perms: np.ndarray, value_of: Callable[[int], np.ndarray | float]) -> np.ndarray:
     """Marginal contribution of every player in every permutation: ``(n_perms, n, *value shape)``."""
     n_perms, n = perms.shape
     first = np.asarray(value_of(0), dtype=float)

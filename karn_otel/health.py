@@ -49,8 +49,9 @@ import math
 import statistics
 import threading
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, cast
+from typing import Any, cast
 
 from karn_otel.contracts import (
     HealthAlert,
@@ -209,28 +210,105 @@ class CheckSpec:
 
 
 CHECKS: tuple[CheckSpec, ...] = (
-    CheckSpec("non_finite_loss", Severity.CRITICAL, "host_snapshot,ppo_update", "", "gt", "count",
-              "a loss (train/val, PPO policy/value) or PPO KL/EV/value variance is NaN or infinite"),
-    CheckSpec("loss_spike", Severity.WARNING, "host_snapshot", "loss_spike_ratio", "gt", "ratio",
-              "train loss above a multiple of its rolling mean over previous epochs"),
-    CheckSpec("gradient_explosion", Severity.CRITICAL, "host_snapshot", "gradient_explosion_ratio", "gt", "ratio",
-              "host gradient norm above a multiple of its rolling median (or non-finite)"),
-    CheckSpec("accuracy_drop", Severity.WARNING, "host_snapshot", "accuracy_drop_points", "gt", "percentage points",
-              "validation accuracy fell epoch over epoch"),
-    CheckSpec("isolation_leakage", Severity.CRITICAL, "host_snapshot", "isolation_leakage_epsilon", "gt", "grad norm",
-              "gradient leaks from a seed into the host"),
-    CheckSpec("kl_too_high", Severity.WARNING, "ppo_update", "kl_too_high", "gt", "nats",
-              "approx KL per PPO update too high: learning rate too high"),
-    CheckSpec("kl_too_low", Severity.WARNING, "ppo_update", "kl_too_low", "lt", "nats",
-              "approx KL per PPO update ~0: learning rate too low or degenerate gradients"),
-    CheckSpec("explained_variance_negative", Severity.WARNING, "ppo_update", "explained_variance_min", "lt", "1",
-              "critic worse than predicting the mean return"),
-    CheckSpec("value_collapse", Severity.WARNING, "ppo_update", "value_collapse_ratio", "lt", "ratio",
-              "critic predicts nearly the same value everywhere"),
-    CheckSpec("entropy_collapse", Severity.WARNING, "ppo_update", "entropy_collapse_nats", "lt", "nats",
-              "a policy head has become (nearly) deterministic"),
-    CheckSpec("lstm_saturation", Severity.WARNING, "ppo_update", "lstm_saturation_fraction", "gt", "fraction",
-              "most LSTM hidden units saturated (|h| > 0.9): vanishing gradients"),
+    CheckSpec(
+        "non_finite_loss",
+        Severity.CRITICAL,
+        "host_snapshot,ppo_update",
+        "",
+        "gt",
+        "count",
+        "a loss (train/val, PPO policy/value) or PPO KL/EV/value variance is NaN or infinite",
+    ),
+    CheckSpec(
+        "loss_spike",
+        Severity.WARNING,
+        "host_snapshot",
+        "loss_spike_ratio",
+        "gt",
+        "ratio",
+        "train loss above a multiple of its rolling mean over previous epochs",
+    ),
+    CheckSpec(
+        "gradient_explosion",
+        Severity.CRITICAL,
+        "host_snapshot",
+        "gradient_explosion_ratio",
+        "gt",
+        "ratio",
+        "host gradient norm above a multiple of its rolling median (or non-finite)",
+    ),
+    CheckSpec(
+        "accuracy_drop",
+        Severity.WARNING,
+        "host_snapshot",
+        "accuracy_drop_points",
+        "gt",
+        "percentage points",
+        "validation accuracy fell epoch over epoch",
+    ),
+    CheckSpec(
+        "isolation_leakage",
+        Severity.CRITICAL,
+        "host_snapshot",
+        "isolation_leakage_epsilon",
+        "gt",
+        "grad norm",
+        "gradient leaks from a seed into the host",
+    ),
+    CheckSpec(
+        "kl_too_high",
+        Severity.WARNING,
+        "ppo_update",
+        "kl_too_high",
+        "gt",
+        "nats",
+        "approx KL per PPO update too high: learning rate too high",
+    ),
+    CheckSpec(
+        "kl_too_low",
+        Severity.WARNING,
+        "ppo_update",
+        "kl_too_low",
+        "lt",
+        "nats",
+        "approx KL per PPO update ~0: learning rate too low or degenerate gradients",
+    ),
+    CheckSpec(
+        "explained_variance_negative",
+        Severity.WARNING,
+        "ppo_update",
+        "explained_variance_min",
+        "lt",
+        "1",
+        "critic worse than predicting the mean return",
+    ),
+    CheckSpec(
+        "value_collapse",
+        Severity.WARNING,
+        "ppo_update",
+        "value_collapse_ratio",
+        "lt",
+        "ratio",
+        "critic predicts nearly the same value everywhere",
+    ),
+    CheckSpec(
+        "entropy_collapse",
+        Severity.WARNING,
+        "ppo_update",
+        "entropy_collapse_nats",
+        "lt",
+        "nats",
+        "a policy head has become (nearly) deterministic",
+    ),
+    CheckSpec(
+        "lstm_saturation",
+        Severity.WARNING,
+        "ppo_update",
+        "lstm_saturation_fraction",
+        "gt",
+        "fraction",
+        "most LSTM hidden units saturated (|h| > 0.9): vanishing gradients",
+    ),
 )
 CHECK_NAMES: tuple[str, ...] = tuple(c.name for c in CHECKS)
 _SPEC = {c.name: c for c in CHECKS}
@@ -302,7 +380,10 @@ def loss_spike_finding(loss: object, previous: Iterable[float], ratio: float) ->
         return None
     value = x / avg
     return Finding(
-        "loss_spike", value > ratio, value, ratio,
+        "loss_spike",
+        value > ratio,
+        value,
+        ratio,
         f"train loss {x:.4g} is {value:.3g}x its rolling mean {avg:.4g} over {len(prev)} epoch(s)",
     )
 
@@ -321,11 +402,13 @@ def gradient_explosion_finding(norm: object, previous: Iterable[float], ratio: f
     if typical <= 0:
         return None
     if not _finite(n):
-        return Finding("gradient_explosion", True, math.inf, ratio,
-                       f"host grad norm is {n} (typical {typical:.4g})")
+        return Finding("gradient_explosion", True, math.inf, ratio, f"host grad norm is {n} (typical {typical:.4g})")
     value = n / typical
     return Finding(
-        "gradient_explosion", value > ratio, value, ratio,
+        "gradient_explosion",
+        value > ratio,
+        value,
+        ratio,
         f"host grad norm {n:.4g} is {value:.3g}x its rolling median {typical:.4g}",
     )
 
@@ -337,7 +420,10 @@ def accuracy_drop_finding(previous: object, current: object, points: float) -> F
         return None
     drop = 100.0 * (prev - cur)
     return Finding(
-        "accuracy_drop", drop > points, drop, points,
+        "accuracy_drop",
+        drop > points,
+        drop,
+        points,
         f"val accuracy {100 * cur:.2f}% is {drop:+.2f} points below the previous epoch's {100 * prev:.2f}%",
     )
 
@@ -364,7 +450,10 @@ def value_collapse_finding(
         return None
     value = vv / var_r
     return Finding(
-        "value_collapse", value < ratio, value, ratio,
+        "value_collapse",
+        value < ratio,
+        value,
+        ratio,
         f"value variance {vv:.4g} is {100 * value:.3g}% of the return variance {var_r:.4g}",
     )
 
@@ -399,7 +488,10 @@ def entropy_collapse_finding(
         return None
     _, head, h, floor = worst
     return Finding(
-        "entropy_collapse", h < floor, h, floor,
+        "entropy_collapse",
+        h < floor,
+        h,
+        floor,
         f"entropy of head {head!r} is {h:.4g} nats (floor {floor:.4g} nats)",
     )
 
@@ -418,8 +510,10 @@ class HostHistory:
         self.last_val_accuracy: float | None = None
 
     def update(self, h: HostSnapshot) -> None:
-        loss, norm, acc = _num(getattr(h, "train_loss", None)), _num(getattr(h, "host_grad_norm", None)), _num(
-            getattr(h, "val_accuracy", None)
+        loss, norm, acc = (
+            _num(getattr(h, "train_loss", None)),
+            _num(getattr(h, "host_grad_norm", None)),
+            _num(getattr(h, "val_accuracy", None)),
         )
         # Only finite values enter the baselines: one NaN epoch must not poison the next five.
         if _finite(loss):
@@ -440,16 +534,23 @@ def host_findings(h: HostSnapshot, history: HostHistory, thresholds: HealthThres
     out: list[Finding] = []
     losses = {"train_loss": _num(getattr(h, "train_loss", None)), "val_loss": _num(getattr(h, "val_loss", None))}
     bad = {k: v for k, v in losses.items() if not _finite(v)}
-    out.append(Finding(
-        "non_finite_loss", bool(bad), float(len(bad)), 0.0,
-        ("non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "losses finite",
-    ))
+    out.append(
+        Finding(
+            "non_finite_loss",
+            bool(bad),
+            float(len(bad)),
+            0.0,
+            ("non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "losses finite",
+        )
+    )
     for f in (
         loss_spike_finding(losses["train_loss"], history.losses, thresholds.loss_spike_ratio),
-        gradient_explosion_finding(getattr(h, "host_grad_norm", None), history.grad_norms,
-                                   thresholds.gradient_explosion_ratio),
-        accuracy_drop_finding(history.last_val_accuracy, getattr(h, "val_accuracy", None),
-                              thresholds.accuracy_drop_points),
+        gradient_explosion_finding(
+            getattr(h, "host_grad_norm", None), history.grad_norms, thresholds.gradient_explosion_ratio
+        ),
+        accuracy_drop_finding(
+            history.last_val_accuracy, getattr(h, "val_accuracy", None), thresholds.accuracy_drop_points
+        ),
     ):
         if f is not None:
             out.append(f)
@@ -458,8 +559,11 @@ def host_findings(h: HostSnapshot, history: HostHistory, thresholds: HealthThres
         leak, eps = _num(leak_raw), thresholds.isolation_leakage_epsilon
         # A NaN leakage measurement cannot vouch for isolation: count it as a leak.
         failing = not _finite(leak) or abs(leak) > eps
-        out.append(Finding("isolation_leakage", failing, leak, eps,
-                           f"gradient isolation leakage {leak:.4g} (epsilon {eps:.2g})"))
+        out.append(
+            Finding(
+                "isolation_leakage", failing, leak, eps, f"gradient isolation leakage {leak:.4g} (epsilon {eps:.2g})"
+            )
+        )
     return out
 
 
@@ -479,25 +583,52 @@ def ppo_findings(
     # reports NaN by contract (karn_otel/torch/ppo.py: "undefined, not zero"). A genuinely
     # diverged policy shows up in policy_loss and the KL anyway.
     bad = {k: v for k, v in scalars.items() if not _finite(v)}
-    out.append(Finding(
-        "non_finite_loss", bool(bad), float(len(bad)), 0.0,
-        ("non-finite PPO " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "PPO statistics finite",
-    ))
+    out.append(
+        Finding(
+            "non_finite_loss",
+            bool(bad),
+            float(len(bad)),
+            0.0,
+            ("non-finite PPO " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "PPO statistics finite",
+        )
+    )
     kl = scalars["kl_divergence"]
     if _finite(kl):
         # Estimators such as mean(-log ratio) can go slightly negative; the magnitude is what
         # says how far the policy moved.
-        out.append(Finding("kl_too_high", abs(kl) > thresholds.kl_too_high, abs(kl), thresholds.kl_too_high,
-                           f"approx KL {kl:.4g} nats per update (limit {thresholds.kl_too_high:.3g})"))
-        out.append(Finding("kl_too_low", abs(kl) < thresholds.kl_too_low, abs(kl), thresholds.kl_too_low,
-                           f"approx KL {kl:.4g} nats per update (floor {thresholds.kl_too_low:.3g})"))
+        out.append(
+            Finding(
+                "kl_too_high",
+                abs(kl) > thresholds.kl_too_high,
+                abs(kl),
+                thresholds.kl_too_high,
+                f"approx KL {kl:.4g} nats per update (limit {thresholds.kl_too_high:.3g})",
+            )
+        )
+        out.append(
+            Finding(
+                "kl_too_low",
+                abs(kl) < thresholds.kl_too_low,
+                abs(kl),
+                thresholds.kl_too_low,
+                f"approx KL {kl:.4g} nats per update (floor {thresholds.kl_too_low:.3g})",
+            )
+        )
     ev = scalars["explained_variance"]
     if _finite(ev):
-        out.append(Finding("explained_variance_negative", ev < thresholds.explained_variance_min, ev,
-                           thresholds.explained_variance_min, f"explained variance {ev:.4g}"))
+        out.append(
+            Finding(
+                "explained_variance_negative",
+                ev < thresholds.explained_variance_min,
+                ev,
+                thresholds.explained_variance_min,
+                f"explained variance {ev:.4g}",
+            )
+        )
     adv = getattr(s, "advantage_stats", None)
-    vc = value_collapse_finding(scalars["value_variance"], getattr(adv, "std", None), ev,
-                                thresholds.value_collapse_ratio)
+    vc = value_collapse_finding(
+        scalars["value_variance"], getattr(adv, "std", None), ev, thresholds.value_collapse_ratio
+    )
     if vc is not None:
         out.append(vc)
     entropy = getattr(s, "entropy", None)
@@ -509,9 +640,15 @@ def ppo_findings(
     if lstm is not None:
         sat = _num(getattr(lstm, "saturation_fraction", None))
         if _finite(sat):
-            out.append(Finding("lstm_saturation", sat > thresholds.lstm_saturation_fraction, sat,
-                               thresholds.lstm_saturation_fraction,
-                               f"{100 * sat:.1f}% of LSTM hidden units saturated (|h| > 0.9)"))
+            out.append(
+                Finding(
+                    "lstm_saturation",
+                    sat > thresholds.lstm_saturation_fraction,
+                    sat,
+                    thresholds.lstm_saturation_fraction,
+                    f"{100 * sat:.1f}% of LSTM hidden units saturated (|h| > 0.9)",
+                )
+            )
     return out
 
 
@@ -718,4 +855,3 @@ class HealthMonitor(GuardedProcessor):
             epoch = self._epoch
         overall = max((r.severity for r in results), key=_SEVERITY_RANK.__getitem__, default=Severity.OK)
         return HealthReport(tuple(results), overall, epoch)
-

@@ -1,7 +1,7 @@
 """The one registry of Karn's metrics: names, instruments, units, labels, Prometheus names.
 
 Every metric Karn exports is one :class:`MetricDef` in :data:`METRICS`. The OTel sink
-(``karn_otel/sinks/otel.py``) builds its instruments from this table and nothing else;
+(``karn_otel/sinks/otel/metrics.py``) builds its instruments from this table and nothing else;
 ``docs/metrics.md`` is generated from it::
 
     python -m karn_otel.metrics_registry --write-docs   # rewrite docs/metrics.md
@@ -80,7 +80,9 @@ class Source:
 _SOURCE_LIST = (
     Source("host", (), "the latest `HostSnapshot`"),
     Source("slot", ("slot", "blueprint"), "each slot's latest `SlotSnapshot`"),
-    Source("slot_stage", ("slot", "stage"), "`SlotSnapshot.stage` as a state set: a series per stage, 1 for the current"),
+    Source(
+        "slot_stage", ("slot", "stage"), "`SlotSnapshot.stage` as a state set: a series per stage, 1 for the current"
+    ),
     Source("counterfactual", (), "the latest `CounterfactualMatrix`"),
     Source("shapley", ("slot",), "`CounterfactualMatrix.shapley_values`, one `ShapleyEstimate` per slot"),
     Source("policy", (), "the latest `PolicySnapshot`"),
@@ -169,7 +171,13 @@ METRICS: tuple[MetricDef, ...] = (
         "counterfactual_contribution",
         "Accuracy with the seed minus accuracy without it (fraction; absent while the slot is inactive).",
     ),
-    _g("karn.slot.total_improvement", "1", "slot", "total_improvement", "Accuracy now minus accuracy at germination (fraction)."),
+    _g(
+        "karn.slot.total_improvement",
+        "1",
+        "slot",
+        "total_improvement",
+        "Accuracy now minus accuracy at germination (fraction).",
+    ),
     _g(
         "karn.slot.improvement_this_epoch",
         "1",
@@ -200,7 +208,13 @@ METRICS: tuple[MetricDef, ...] = (
         "n_evaluations",
         "Configurations evaluated by the latest pass.",
     ),
-    _g("karn.counterfactual.duration", "s", "counterfactual", "elapsed_s", "Wall time of the latest counterfactual pass."),
+    _g(
+        "karn.counterfactual.duration",
+        "s",
+        "counterfactual",
+        "elapsed_s",
+        "Wall time of the latest counterfactual pass.",
+    ),
     _g(
         "karn.counterfactual.partial",
         "1",
@@ -208,8 +222,16 @@ METRICS: tuple[MetricDef, ...] = (
         "partial",
         "1 when the latest pass stopped early (budget or timeout).",
     ),
-    _g("karn.counterfactual.shapley.mean", "1", "shapley", "mean", "Shapley value of the slot's seed (accuracy, fraction)."),
-    _g("karn.counterfactual.shapley.std_error", "1", "shapley", "std", "Standard error of the Shapley mean (fraction)."),
+    _g(
+        "karn.counterfactual.shapley.mean",
+        "1",
+        "shapley",
+        "mean",
+        "Shapley value of the slot's seed (accuracy, fraction).",
+    ),
+    _g(
+        "karn.counterfactual.shapley.std_error", "1", "shapley", "std", "Standard error of the Shapley mean (fraction)."
+    ),
     _g(
         "karn.counterfactual.shapley.ci_low",
         "1",
@@ -224,12 +246,27 @@ METRICS: tuple[MetricDef, ...] = (
         "ci_high",
         "Upper bound of the Shapley confidence interval (fraction).",
     ),
-    _g("karn.counterfactual.shapley.samples", "{permutation}", "shapley", "n_samples", "Permutations behind the Shapley estimate."),
+    _g(
+        "karn.counterfactual.shapley.samples",
+        "{permutation}",
+        "shapley",
+        "n_samples",
+        "Permutations behind the Shapley estimate.",
+    ),
     # --- PolicySnapshot: the controller, once per decision
-    _g("karn.policy.value_estimate", "1", "policy", "value_estimate", "Critic's value estimate at the latest decision."),
+    _g(
+        "karn.policy.value_estimate", "1", "policy", "value_estimate", "Critic's value estimate at the latest decision."
+    ),
     _g("karn.policy.advantage", "1", "policy", "advantage", "Advantage of the latest decision (once computed)."),
     _g("karn.policy.reward", "1", "policy", "reward_total", "Total reward of the latest decision."),
-    _g("karn.policy.reward_component", "1", "policy", "reward_components", "Each named term of the latest reward.", "component"),
+    _g(
+        "karn.policy.reward_component",
+        "1",
+        "policy",
+        "reward_components",
+        "Each named term of the latest reward.",
+        "component",
+    ),
     _g(
         "karn.policy.action_log_prob",
         "1",
@@ -238,16 +275,34 @@ METRICS: tuple[MetricDef, ...] = (
         "Log-probability of the chosen action, per head (nats).",
         "head",
     ),
-    _g("karn.policy.action_masked", "1", "policy", "action_was_masked", "1 when the masks left the policy no choice (the action was forced)."),
+    _g(
+        "karn.policy.action_masked",
+        "1",
+        "policy",
+        "action_was_masked",
+        "1 when the masks left the policy no choice (the action was forced).",
+    ),
     # --- PPOUpdateStats: policy training, once per update
     _g("karn.ppo.update_index", "{update}", "ppo", "update_index", "Index of the latest PPO update."),
     _g("karn.ppo.policy_loss", "1", "ppo", "policy_loss", "Clipped surrogate policy loss."),
     _g("karn.ppo.value_loss", "1", "ppo", "value_loss", "Value-function loss."),
     _g("karn.ppo.kl_divergence", "1", "ppo", "kl_divergence", "Approximate KL(old || new) of the update (nats)."),
     _g("karn.ppo.head_kl_divergence", "1", "ppo", "per_head_kl", "Approximate KL per action head (nats).", "head"),
-    _g("karn.ppo.explained_variance", "1", "ppo", "explained_variance", "Explained variance of the value function (1 = perfect)."),
+    _g(
+        "karn.ppo.explained_variance",
+        "1",
+        "ppo",
+        "explained_variance",
+        "Explained variance of the value function (1 = perfect).",
+    ),
     _g("karn.ppo.entropy", "1", "ppo", "entropy", "Policy entropy per action head (nats).", "head"),
-    _g("karn.ppo.value_variance", "1", "ppo", "value_variance", "Variance of the value predictions (collapse when near 0)."),
+    _g(
+        "karn.ppo.value_variance",
+        "1",
+        "ppo",
+        "value_variance",
+        "Variance of the value predictions (collapse when near 0).",
+    ),
     _g("karn.ppo.advantage.mean", "1", "ppo", "advantage_stats.mean", "Mean advantage over the update's batch."),
     _g("karn.ppo.advantage.std", "1", "ppo", "advantage_stats.std", "Standard deviation of the advantages."),
     _g("karn.ppo.advantage.min", "1", "ppo", "advantage_stats.min", "Smallest advantage."),
@@ -267,10 +322,25 @@ METRICS: tuple[MetricDef, ...] = (
         "ratio_stats.fraction_clipped_high",
         "Fraction of ratios above 1 + epsilon.",
     ),
-    _g("karn.ppo.ratio.clip_fraction_low", "1", "ppo", "ratio_stats.fraction_clipped_low", "Fraction of ratios below 1 - epsilon."),
-    _g("karn.ppo.ratio.head_clip_rate", "1", "ppo", "ratio_stats.per_head_clip_rates", "Clip rate per action head.", "head"),
+    _g(
+        "karn.ppo.ratio.clip_fraction_low",
+        "1",
+        "ppo",
+        "ratio_stats.fraction_clipped_low",
+        "Fraction of ratios below 1 - epsilon.",
+    ),
+    _g(
+        "karn.ppo.ratio.head_clip_rate",
+        "1",
+        "ppo",
+        "ratio_stats.per_head_clip_rates",
+        "Clip rate per action head.",
+        "head",
+    ),
     _g("karn.ppo.lstm.hidden_mean", "1", "ppo", "lstm_health.hidden_mean", "Mean of the LSTM hidden state."),
-    _g("karn.ppo.lstm.hidden_std", "1", "ppo", "lstm_health.hidden_std", "Standard deviation of the LSTM hidden state."),
+    _g(
+        "karn.ppo.lstm.hidden_std", "1", "ppo", "lstm_health.hidden_std", "Standard deviation of the LSTM hidden state."
+    ),
     _g("karn.ppo.lstm.cell_mean", "1", "ppo", "lstm_health.cell_mean", "Mean of the LSTM cell state."),
     _g("karn.ppo.lstm.cell_std", "1", "ppo", "lstm_health.cell_std", "Standard deviation of the LSTM cell state."),
     _g(
@@ -281,8 +351,20 @@ METRICS: tuple[MetricDef, ...] = (
         "Fraction of hidden units with |h| > 0.9.",
     ),
     # --- HostBaseline and the episode
-    _g("karn.baseline.initial_loss", "1", "baseline", "initial_loss", "Validation loss of the host before training (nats)."),
-    _g("karn.baseline.initial_accuracy", "1", "baseline", "initial_accuracy", "Validation accuracy before training. " + FRACTION),
+    _g(
+        "karn.baseline.initial_loss",
+        "1",
+        "baseline",
+        "initial_loss",
+        "Validation loss of the host before training (nats).",
+    ),
+    _g(
+        "karn.baseline.initial_accuracy",
+        "1",
+        "baseline",
+        "initial_accuracy",
+        "Validation accuracy before training. " + FRACTION,
+    ),
     _g(
         "karn.baseline.final_host_only_loss",
         "1",
@@ -298,7 +380,13 @@ METRICS: tuple[MetricDef, ...] = (
         "Validation accuracy at episode end with every seed removed. " + FRACTION,
     ),
     _g("karn.episode.max_epochs", "{epoch}", "context", "max_epochs", "Epochs the episode is configured to run."),
-    _g("karn.episode.epochs_completed", "{epoch}", "summary", "epochs_completed", "Epochs completed by the finished episode."),
+    _g(
+        "karn.episode.epochs_completed",
+        "{epoch}",
+        "summary",
+        "epochs_completed",
+        "Epochs completed by the finished episode.",
+    ),
     _g("karn.episode.duration", "s", "summary", "wall_time_s", "Wall time of the finished episode."),
     # --- MorphogeneticAnalytics: is morphogenesis winning?
     _g(
@@ -331,14 +419,33 @@ METRICS: tuple[MetricDef, ...] = (
         "Fraction of recent decisions where the controller chose what the shadow heuristic would have.",
     ),
     # --- Health
-    _g("karn.health.status", "1", "health", "severity", "Current severity of each check: 0 ok, 1 info, 2 warning, 3 critical."),
-    _g("karn.health.value", "1", "health", "value", "The check's latest measured value, in its own unit (absent before the first)."),
+    _g(
+        "karn.health.status",
+        "1",
+        "health",
+        "severity",
+        "Current severity of each check: 0 ok, 1 info, 2 warning, 3 critical.",
+    ),
+    _g(
+        "karn.health.value",
+        "1",
+        "health",
+        "value",
+        "The check's latest measured value, in its own unit (absent before the first).",
+    ),
     _g("karn.health.threshold", "1", "health", "threshold", "The threshold the check compares its value against."),
     _c("karn.health.alerts", "{alert}", "alerts", "", "Health alerts raised, by check and severity."),
     _c("karn.controller.decisions", "{decision}", "decisions", "", "Controller decisions, by operation."),
     # --- Karn itself
     _c("karn.telemetry.events.accepted", "{event}", "collector", "accepted", "Events accepted by the collector."),
-    _c("karn.telemetry.events.rejected", "{event}", "collector", "rejected", "Events rejected by validation, by reason.", "reason"),
+    _c(
+        "karn.telemetry.events.rejected",
+        "{event}",
+        "collector",
+        "rejected",
+        "Events rejected by validation, by reason.",
+        "reason",
+    ),
     _c(
         "karn.telemetry.events.dropped",
         "{event}",
@@ -346,8 +453,21 @@ METRICS: tuple[MetricDef, ...] = (
         "",
         "Events or spans lost by a sink (queue full, write or export failure).",
     ),
-    _c("karn.telemetry.export.failures", "{export}", "otel", "export_failures", "Failed OTLP export calls, by signal.", "signal"),
-    _g("karn.telemetry.queue.depth", "{item}", "queues", "", "Items waiting in a sink's queue for its background thread."),
+    _c(
+        "karn.telemetry.export.failures",
+        "{export}",
+        "otel",
+        "export_failures",
+        "Failed OTLP export calls, by signal.",
+        "signal",
+    ),
+    _g(
+        "karn.telemetry.queue.depth",
+        "{item}",
+        "queues",
+        "",
+        "Items waiting in a sink's queue for its background thread.",
+    ),
     _c(
         "karn.telemetry.dense_windows",
         "{window}",
@@ -390,7 +510,9 @@ def prometheus_name(name: str, unit: str, kind: Kind) -> str:
     elif unit in _UNIT_SUFFIX:
         suffix = _UNIT_SUFFIX[unit]
     else:
-        raise ValueError(f"unit {unit!r} of {name}: no known Prometheus suffix (check the exporter, then extend _UNIT_SUFFIX)")
+        raise ValueError(
+            f"unit {unit!r} of {name}: no known Prometheus suffix (check the exporter, then extend _UNIT_SUFFIX)"
+        )
     if suffix and not base.endswith("_" + suffix):
         base += "_" + suffix
     if kind == "counter":
@@ -483,7 +605,7 @@ def render_markdown() -> str:
     out += [
         "",
         "A value that was not measured (None in the event) produces no series, and neither does a NaN or",
-        "infinite one (the OTel SDK drops them; a diverged loss shows as `karn_health_status{check=\"non_finite_loss\"}`).",
+        'infinite one (the OTel SDK drops them; a diverged loss shows as `karn_health_status{check="non_finite_loss"}`).',
         "Booleans are 0/1.",
         "Resource attributes (`service.name`, `service.instance.id` = `<run_id>-rank<k>`, `karn.run_id`,",
         "`karn.rank`, `karn.world_size`, `host.name`) appear in Prometheus as `target_info`.",
@@ -500,7 +622,15 @@ def render_markdown() -> str:
         ]
         for m in metrics:
             labels = ", ".join(f"`{lb}`" for lb in m.labels) or "-"
-            cells = [f"`{m.prometheus_name}`", f"`{m.name}`", m.kind, f"`{m.unit}`", labels, _source_text(m), m.description]
+            cells = [
+                f"`{m.prometheus_name}`",
+                f"`{m.name}`",
+                m.kind,
+                f"`{m.unit}`",
+                labels,
+                _source_text(m),
+                m.description,
+            ]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -521,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         check=args.check,
         regenerate="python -m karn_otel.metrics_registry --write-docs",
     )
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -401,9 +401,7 @@ class Pipeline:
 
     def _watching_of(self, event_type: TelemetryEventType) -> tuple[Processor, ...]:
         """The processors that watch ``event_type`` (a processor without ``WATCHED`` sees all)."""
-        procs = tuple(
-            p for p in self._processors if event_type in getattr(p, "WATCHED", (event_type,))
-        )
+        procs = tuple(p for p in self._processors if event_type in getattr(p, "WATCHED", (event_type,)))
         self._watching[event_type] = procs
         return procs
 
@@ -446,9 +444,7 @@ class Pipeline:
         return out
 
     def stats(self) -> TelemetryStats:
-        return TelemetryStats(
-            accepted=self.accepted, rejected=_snapshot(lambda: self.rejected), dropped=self.dropped()
-        )
+        return TelemetryStats(accepted=self.accepted, rejected=_snapshot(lambda: self.rejected), dropped=self.dropped())
 
     def report_once(self, key: str, message: str) -> None:
         if key not in self._reported:

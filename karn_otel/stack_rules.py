@@ -43,9 +43,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from karn_otel.contracts import Severity
 from karn_otel.health import CHECKS, DEFAULT_THRESHOLDS, CheckSpec, HealthThresholds, entropy_floors
@@ -137,7 +137,9 @@ def _fallback(check: str, t: HealthThresholds, head_sizes: Mapping[str, int] | N
         "kl_too_low": lambda: f"abs({kl}) < {_n(t.kl_too_low)}",
         "explained_variance_negative": lambda: f"{_m('karn.ppo.explained_variance')} < {_n(t.explained_variance_min)}",
         "lstm_saturation": lambda: f"{_m('karn.ppo.lstm.saturation_fraction')} > {_n(t.lstm_saturation_fraction)}",
-        "isolation_leakage": lambda: f"abs({_m('karn.host.grad_isolation_leakage')}) > {_n(t.isolation_leakage_epsilon)}",
+        "isolation_leakage": lambda: (
+            f"abs({_m('karn.host.grad_isolation_leakage')}) > {_n(t.isolation_leakage_epsilon)}"
+        ),
     }
     if check == "value_collapse":
         return _value_collapse_expr(t)
@@ -178,7 +180,9 @@ def _where() -> str:
     return "run {{ $labels.run_id }} rank {{ $labels.rank }}"
 
 
-def health_rule(spec: CheckSpec, t: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mapping[str, int] | None = None) -> Rule:
+def health_rule(
+    spec: CheckSpec, t: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mapping[str, int] | None = None
+) -> Rule:
     """The alert of one HealthMonitor check: its verdict, else the raw-metric fallback."""
     status = _m("karn.health.status")
     value = _m("karn.health.value")
@@ -192,11 +196,13 @@ def health_rule(spec: CheckSpec, t: HealthThresholds = DEFAULT_THRESHOLDS, head_
         else:
             expr += ["  label_replace("] + [f"    {line}" for line in raw] + [f'  , "check", "{spec.name}", "", "")']
         expr += [f"  unless on (run_id, rank) {sel}", ")"]
-    dashboard = _DASHBOARD.get(spec.name) or (_PPO_DASHBOARD if "ppo_update" in spec.source.split(",") else "karn-training")
+    dashboard = _DASHBOARD.get(spec.name) or (
+        _PPO_DASHBOARD if "ppo_update" in spec.source.split(",") else "karn-training"
+    )
     query = f'printf "{value}{{check=%q,run_id=%q,rank=%q}}" "{spec.name}" $labels.run_id $labels.rank | query'
     latest = (
-        f"{{{{ with {query} }}}}Latest value: {{{{ . | first | value | printf \"%.4g\" }}}}."
-        "{{ else }}No finite value from a HealthMonitor on this rank; alert value {{ $value | printf \"%.4g\" }}.{{ end }}"
+        f'{{{{ with {query} }}}}Latest value: {{{{ . | first | value | printf "%.4g" }}}}.'
+        '{{ else }}No finite value from a HealthMonitor on this rank; alert value {{ $value | printf "%.4g" }}.{{ end }}'
     )
     return Rule(
         alert=alert_name(spec.name),
@@ -286,7 +292,7 @@ def telemetry_dropping_rule() -> Rule:
         annotations={
             "summary": f"Karn telemetry is being lost on {_where()}",
             "description": (
-                f"{{{{ $value | printf \"%.0f\" }}}} telemetry items lost in the last {w} on {_where()} "
+                f'{{{{ $value | printf "%.0f" }}}} telemetry items lost in the last {w} on {_where()} '
                 "(events dropped by a sink: queue full or write failure; or failed OTLP exports). "
                 "Training is unaffected; the run log is the source of truth."
             ),
@@ -295,7 +301,9 @@ def telemetry_dropping_rule() -> Rule:
     )
 
 
-def rules(thresholds: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mapping[str, int] | None = None) -> dict[str, list[Rule]]:
+def rules(
+    thresholds: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mapping[str, int] | None = None
+) -> dict[str, list[Rule]]:
     """``{group name: rules}``: one alert per HealthMonitor check, then Karn's own."""
     return {
         "karn-health": [health_rule(spec, thresholds, head_sizes) for spec in CHECKS],
@@ -350,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m karn_otel.stack_rules", description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="write the rules file")
     ap.add_argument("--check", action="store_true", help="exit 1 when the rules file differs from the generator")
-    ap.add_argument("--path", type=Path, default=RULES_PATH, help="the rules file (default: stack/prometheus/rules/karn-alerts.yml)")
+    ap.add_argument(
+        "--path", type=Path, default=RULES_PATH, help="the rules file (default: stack/prometheus/rules/karn-alerts.yml)"
+    )
     ap.add_argument(
         "--head-sizes",
         type=_head_sizes,
@@ -368,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         check=args.check,
         regenerate="python -m karn_otel.stack_rules --write",
     )
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping
 
 from karn_otel.config import DenseTraceTrigger
 from karn_otel.contracts import HostSnapshot, ModeChange, OperatingMode, TelemetryEvent, TelemetryEventType
@@ -59,9 +59,7 @@ ANOMALY_REASONS: tuple[str, ...] = (
 """Every reason a window can open for (DenseTraceTrigger field order): a bounded label set."""
 
 _POLICY_REASONS = ("value_collapse", "entropy_collapse")
-_WATCHED = frozenset(
-    {ET.EPISODE_STARTED, ET.HOST_SNAPSHOT, ET.PPO_UPDATE, ET.STAGE_TRANSITION, ET.GATE_EVALUATION}
-)
+_WATCHED = frozenset({ET.EPISODE_STARTED, ET.HOST_SNAPSHOT, ET.PPO_UPDATE, ET.STAGE_TRANSITION, ET.GATE_EVALUATION})
 
 
 @dataclass(frozen=True)
@@ -181,20 +179,25 @@ class DenseTriggerEngine(GuardedProcessor):
             spike = loss_spike_finding(loss, hist.losses, th.loss_spike_ratio)
             if (spike is not None and spike.failing) or _non_finite(loss):
                 out.append("loss_spike")
-            drop = accuracy_drop_finding(hist.last_val_accuracy, getattr(p, "val_accuracy", None),
-                                         th.accuracy_drop_points)
+            drop = accuracy_drop_finding(
+                hist.last_val_accuracy, getattr(p, "val_accuracy", None), th.accuracy_drop_points
+            )
             if drop is not None and drop.failing:
                 out.append("accuracy_drop")
-            grad = gradient_explosion_finding(getattr(p, "host_grad_norm", None), hist.grad_norms,
-                                              th.gradient_explosion_ratio)
+            grad = gradient_explosion_finding(
+                getattr(p, "host_grad_norm", None), hist.grad_norms, th.gradient_explosion_ratio
+            )
             if grad is not None and grad.failing:
                 out.append("gradient_explosion")
         elif et is ET.PPO_UPDATE:
             th = self.thresholds
             if t.value_collapse:
-                vc = value_collapse_finding(getattr(p, "value_variance", None),
-                                            getattr(getattr(p, "advantage_stats", None), "std", None),
-                                            getattr(p, "explained_variance", None), th.value_collapse_ratio)
+                vc = value_collapse_finding(
+                    getattr(p, "value_variance", None),
+                    getattr(getattr(p, "advantage_stats", None), "std", None),
+                    getattr(p, "explained_variance", None),
+                    th.value_collapse_ratio,
+                )
                 if vc is not None and vc.failing:
                     out.append("value_collapse")
             entropy = getattr(p, "entropy", None)

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import math
 import dataclasses
 import enum
+import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
@@ -82,7 +83,7 @@ class OTLPReceiver:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "OTLPReceiver":
+    def start(self) -> OTLPReceiver:
         if self.protocol == "grpc":
             self._start_grpc()
         else:
@@ -96,7 +97,7 @@ class OTLPReceiver:
             self._http.shutdown()
             self._http.server_close()
 
-    def __enter__(self) -> "OTLPReceiver":
+    def __enter__(self) -> OTLPReceiver:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -204,7 +205,9 @@ class OTLPReceiver:
                         kind = m.WhichOneof("data")
                         for p in getattr(m, kind).data_points:
                             value = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
-                            out.append(MetricPoint(m.name, m.unit, m.description, kind, attributes(p.attributes), value, res))
+                            out.append(
+                                MetricPoint(m.name, m.unit, m.description, kind, attributes(p.attributes), value, res)
+                            )
         return out
 
     def resources(self) -> list[dict[str, Any]]:

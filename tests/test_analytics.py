@@ -26,7 +26,10 @@ def cf(epoch, on_acc, off_acc, shapley=None, marginal=None):
     return CounterfactualMatrix(
         epoch=epoch,
         slot_ids=("mid",),
-        configs=(CounterfactualResult((True,), {"mid": 1.0}, 0.3, on_acc), CounterfactualResult((False,), {"mid": 0.0}, 0.4, off_acc)),
+        configs=(
+            CounterfactualResult((True,), {"mid": 1.0}, 0.3, on_acc),
+            CounterfactualResult((False,), {"mid": 0.0}, 0.4, off_acc),
+        ),
         marginal_contributions=marginal or {"mid": on_acc - off_acc},
         interaction_effects={},
         shapley_values=shapley,
@@ -44,7 +47,9 @@ def test_accuracy_delta_and_efficiency(setup):
     c, a = setup
     c.emit(cf(1, 0.80, 0.75))
     c.emit(slot("mid", seed_params=250))
-    c.emit(host(epoch=1, val_accuracy=0.80, host_params=1000, total_seed_params=250, total_params=1250, seed_grad_norms={}))
+    c.emit(
+        host(epoch=1, val_accuracy=0.80, host_params=1000, total_seed_params=250, total_params=1250, seed_grad_norms={})
+    )
     assert a.accuracy_delta() == pytest.approx(0.05)
     assert a.param_ratio() == pytest.approx(1.25)
     # (0.80 / 1250e-6) / (0.75 / 1000e-6) = 640 / 750

@@ -28,8 +28,15 @@ st.register_type_strategy(Path, st.text(max_size=20).map(Path))
 ALL_CONTRACTS = sorted(
     set(C.PAYLOAD_TYPES.values())
     | {
-        C.FactoredAction, C.RewardComponentsTelemetry, C.AdvantageStats, C.RatioStats, C.LSTMHealth,
-        C.CounterfactualResult, C.ShapleyEstimate, C.BatchMetrics, C.GateEvaluationTrace,
+        C.FactoredAction,
+        C.RewardComponentsTelemetry,
+        C.AdvantageStats,
+        C.RatioStats,
+        C.LSTMHealth,
+        C.CounterfactualResult,
+        C.ShapleyEstimate,
+        C.BatchMetrics,
+        C.GateEvaluationTrace,
     },
     key=lambda c: c.__name__,
 )
@@ -166,7 +173,12 @@ def test_non_finite_floats_are_tagged_in_fast_and_slow_paths():
     ok = C.TelemetryEvent(C.TelemetryEventType.SCALARS, "r", "e", 0, 1.0, C.Scalars(2, {"d": 1.5}))
     for line in (K.event_to_json(ev), K.encode_lines([ok, ev, ok]).splitlines()[1].decode()):
         data = json.loads(line)
-        assert data["payload"]["values"] == {"a": {"$float": "nan"}, "b": {"$float": "inf"}, "c": {"$float": "-inf"}, "d": 1.5}
+        assert data["payload"]["values"] == {
+            "a": {"$float": "nan"},
+            "b": {"$float": "inf"},
+            "c": {"$float": "-inf"},
+            "d": 1.5,
+        }
         assert "null" not in line
     # A genuine None next to finite floats keeps the fast path's output (null is None).
     snap = C.BatchMetrics(1, 2, 0.5, 0.5, 1.0, {}, None)
@@ -182,17 +194,26 @@ def test_numpy_and_str_subclass_values_encode_as_plain_values():
     s = C.Scalars(1, {"x": np.float64(0.25), "y": np.float64("nan")})
     assert json.loads(K.to_json(s)) == {"step": 1, "values": {"x": 0.25, "y": {"$float": "nan"}}}
     ctx_sw = {"torch": Version("2.5")}
-    assert json.loads(K.encode_event(C.TelemetryEvent(
-        C.TelemetryEventType.SCALARS, "r", "e", 0, 1.0, C.Scalars(0, {})
-    )))["payload"] == {"step": 0, "values": {}}
+    assert json.loads(
+        K.encode_event(C.TelemetryEvent(C.TelemetryEventType.SCALARS, "r", "e", 0, 1.0, C.Scalars(0, {})))
+    )["payload"] == {"step": 0, "values": {}}
     assert json.loads(K._JSON.encode(ctx_sw)) == {"torch": "2.5"}
 
 
 def test_non_finite_floats_are_tagged_never_null():
     snap = C.HostSnapshot(
-        epoch=3, train_loss=float("nan"), train_accuracy=0.1, val_loss=float("inf"), val_accuracy=0.0,
-        host_params=10, total_seed_params=0, total_params=10, fossilized_params=0,
-        host_grad_norm=float("-inf"), seed_grad_norms={"early": float("nan")}, grad_isolation_leakage=None,
+        epoch=3,
+        train_loss=float("nan"),
+        train_accuracy=0.1,
+        val_loss=float("inf"),
+        val_accuracy=0.0,
+        host_params=10,
+        total_seed_params=0,
+        total_params=10,
+        fossilized_params=0,
+        host_grad_norm=float("-inf"),
+        seed_grad_norms={"early": float("nan")},
+        grad_isolation_leakage=None,
     )
     data = json.loads(K.to_json(snap))
     assert data["train_loss"] == {"$float": "nan"}
@@ -205,8 +226,12 @@ def test_non_finite_floats_are_tagged_never_null():
 
 def test_non_string_dict_keys_survive():
     m = C.CounterfactualMatrix(
-        epoch=1, slot_ids=("a", "b"), configs=(), marginal_contributions={"a": 0.1},
-        interaction_effects={("a", "b"): -0.02}, shapley_values=None,
+        epoch=1,
+        slot_ids=("a", "b"),
+        configs=(),
+        marginal_contributions={"a": 0.1},
+        interaction_effects={("a", "b"): -0.02},
+        shapley_values=None,
     )
     back = K.from_json(C.CounterfactualMatrix, K.to_json(m))
     assert back.interaction_effects == {("a", "b"): -0.02}
@@ -220,8 +245,14 @@ def test_non_string_dict_keys_survive():
         ("{", "not JSON"),
         ('{"event_type": "nope"}', "unknown event_type"),
         ('{"event_type": "mode_change", "schema_version": 99, "payload": {}}', "schema_version 99"),
-        ('{"event_type": "mode_change", "schema_version": 1, "payload": {"mode": "turbo", "reason": "x"}}', "Invalid enum value 'turbo' - at `$.payload.mode`"),
-        ('{"event_type": "mode_change", "schema_version": 1, "payload": {"mode": "research"}}', "missing required field `reason`"),
+        (
+            '{"event_type": "mode_change", "schema_version": 1, "payload": {"mode": "turbo", "reason": "x"}}',
+            "Invalid enum value 'turbo' - at `$.payload.mode`",
+        ),
+        (
+            '{"event_type": "mode_change", "schema_version": 1, "payload": {"mode": "research"}}',
+            "missing required field `reason`",
+        ),
     ],
 )
 def test_decode_errors_are_specific(line, fragment):
@@ -233,8 +264,14 @@ def test_decode_errors_are_specific(line, fragment):
 
 
 def _line(**payload_changes: Any) -> str:
-    ev = C.TelemetryEvent(C.TelemetryEventType.HOST_SNAPSHOT, "r", "e", 1, 1.0, C.HostSnapshot(
-        1, 0.5, 0.5, 0.5, 0.5, 10, 0, 10, 0, 1.0, {"a": 1.0}, None))
+    ev = C.TelemetryEvent(
+        C.TelemetryEventType.HOST_SNAPSHOT,
+        "r",
+        "e",
+        1,
+        1.0,
+        C.HostSnapshot(1, 0.5, 0.5, 0.5, 0.5, 10, 0, 10, 0, 1.0, {"a": 1.0}, None),
+    )
     data = json.loads(K.event_to_json(ev))
     data["payload"].update(payload_changes)
     return json.dumps(data)
@@ -242,8 +279,11 @@ def _line(**payload_changes: Any) -> str:
 
 def test_unknown_schema_version_is_rejected_clearly():
     data = json.loads(_line())
-    for version, fragment in ((2, "schema_version 2 is not supported (this Karn reads 1; a newer Karn"),
-                              (0, "schema_version 0 is not supported"), ("1", "schema_version '1'")):
+    for version, fragment in (
+        (2, "schema_version 2 is not supported (this Karn reads 1; a newer Karn"),
+        (0, "schema_version 0 is not supported"),
+        ("1", "schema_version '1'"),
+    ):
         data["schema_version"] = version
         with pytest.raises(K.ContractDecodeError, match=re.escape(fragment)):
             K.event_from_json(json.dumps(data))

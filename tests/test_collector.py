@@ -28,9 +28,19 @@ from tests.conftest import make_context
 
 def slot(slot_id="early", alpha=0.5, seed_params=10, **kw):
     base = dict(
-        slot_id=slot_id, stage=SeedStage.BLENDING, epochs_in_stage=1, seed_id="s1", blueprint_id="norm",
-        seed_params=seed_params, alpha=alpha, counterfactual_contribution=None, total_improvement=None,
-        improvement_this_epoch=0.0, last_gate_attempted=None, last_gate_passed=None, last_gate_reason=None,
+        slot_id=slot_id,
+        stage=SeedStage.BLENDING,
+        epochs_in_stage=1,
+        seed_id="s1",
+        blueprint_id="norm",
+        seed_params=seed_params,
+        alpha=alpha,
+        counterfactual_contribution=None,
+        total_improvement=None,
+        improvement_this_epoch=0.0,
+        last_gate_attempted=None,
+        last_gate_passed=None,
+        last_gate_reason=None,
     )
     base.update(kw)
     return SlotSnapshot(**base)
@@ -38,9 +48,18 @@ def slot(slot_id="early", alpha=0.5, seed_params=10, **kw):
 
 def host(epoch=1, **kw):
     base = dict(
-        epoch=epoch, train_loss=1.0, train_accuracy=0.5, val_loss=1.0, val_accuracy=0.5, host_params=100,
-        total_seed_params=10, total_params=110, fossilized_params=0, host_grad_norm=1.0,
-        seed_grad_norms={"early": 0.1}, grad_isolation_leakage=None,
+        epoch=epoch,
+        train_loss=1.0,
+        train_accuracy=0.5,
+        val_loss=1.0,
+        val_accuracy=0.5,
+        host_params=100,
+        total_seed_params=10,
+        total_params=110,
+        fossilized_params=0,
+        host_grad_norm=1.0,
+        seed_grad_norms={"early": 0.1},
+        grad_isolation_leakage=None,
     )
     base.update(kw)
     return HostSnapshot(**base)

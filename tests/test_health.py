@@ -47,9 +47,15 @@ def ev(payload, epoch=1):
 def ppo(update_index=0, lstm_saturation=0.1, adv_std=1.0, **kw):
     """A healthy PPO update: KL 0.01 nats, EV 0.5, Var(V)/Var(R) = 0.5 * 0.5 = 0.25."""
     base = dict(
-        update_index=update_index, policy_loss=-0.01, value_loss=0.2, kl_divergence=0.01,
-        per_head_kl={"op": 0.005}, explained_variance=0.5, entropy={"op": 1.0, "slot": 0.9},
-        value_variance=0.5, advantage_stats=AdvantageStats(0.0, adv_std, -2.0, 2.0, 0.05),
+        update_index=update_index,
+        policy_loss=-0.01,
+        value_loss=0.2,
+        kl_divergence=0.01,
+        per_head_kl={"op": 0.005},
+        explained_variance=0.5,
+        entropy={"op": 1.0, "slot": 0.9},
+        value_variance=0.5,
+        advantage_stats=AdvantageStats(0.0, adv_std, -2.0, 2.0, 0.05),
         ratio_stats=RatioStats(1.0, 0.05, 0.05, {"op": 0.05}),
         lstm_health=LSTMHealth(0.0, 0.3, 0.0, 0.5, lstm_saturation) if lstm_saturation is not None else None,
     )
@@ -59,8 +65,16 @@ def ppo(update_index=0, lstm_saturation=0.1, adv_std=1.0, **kw):
 
 def calm_hosts(n=4, start=1):
     """Slowly improving epochs: loss falls 5%/epoch, accuracy rises 1 point."""
-    return [host(epoch=start + i, train_loss=1.0 * 0.95**i, val_accuracy=0.5 + 0.01 * i,
-                 host_grad_norm=1.0 + 0.1 * i, grad_isolation_leakage=0.0) for i in range(n)]
+    return [
+        host(
+            epoch=start + i,
+            train_loss=1.0 * 0.95**i,
+            val_accuracy=0.5 + 0.01 * i,
+            host_grad_norm=1.0 + 0.1 * i,
+            grad_isolation_leakage=0.0,
+        )
+        for i in range(n)
+    ]
 
 
 def run(monitor, payloads, start_epoch=1):
@@ -102,12 +116,22 @@ def test_entropy_floors_relative_to_head_size():
     assert DEFAULT_THRESHOLDS.entropy_floor(None) == 0.1
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(loss_spike_ratio=1.0), dict(gradient_explosion_ratio=0.5), dict(accuracy_drop_points=0),
-    dict(kl_too_low=0.2), dict(kl_too_high=-1), dict(lstm_saturation_fraction=1.5),
-    dict(entropy_collapse_fraction=-0.1), dict(rolling_window_epochs=0), dict(value_collapse_ratio=NAN),
-    dict(isolation_leakage_epsilon=-1e-6), dict(explained_variance_min=NAN),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(loss_spike_ratio=1.0),
+        dict(gradient_explosion_ratio=0.5),
+        dict(accuracy_drop_points=0),
+        dict(kl_too_low=0.2),
+        dict(kl_too_high=-1),
+        dict(lstm_saturation_fraction=1.5),
+        dict(entropy_collapse_fraction=-0.1),
+        dict(rolling_window_epochs=0),
+        dict(value_collapse_ratio=NAN),
+        dict(isolation_leakage_epsilon=-1e-6),
+        dict(explained_variance_min=NAN),
+    ],
+)
 def test_invalid_thresholds_raise_at_construction(kwargs):
     with pytest.raises(ValueError):
         HealthThresholds(**kwargs)
@@ -130,16 +154,25 @@ SCENARIOS = {
     "loss_spike": (H + [host(epoch=5, train_loss=1.5)], H + [host(epoch=5, train_loss=2.5)], None),
     "gradient_explosion": (H + [host(epoch=5, host_grad_norm=50.0)], H + [host(epoch=5, host_grad_norm=500.0)], None),
     "accuracy_drop": (H + [host(epoch=5, val_accuracy=0.50)], H + [host(epoch=5, val_accuracy=0.47)], None),
-    "isolation_leakage": (H + [host(epoch=5, grad_isolation_leakage=1e-9)],
-                          H + [host(epoch=5, grad_isolation_leakage=1e-3)], None),
+    "isolation_leakage": (
+        H + [host(epoch=5, grad_isolation_leakage=1e-9)],
+        H + [host(epoch=5, grad_isolation_leakage=1e-3)],
+        None,
+    ),
     "kl_too_high": ([ppo(kl_divergence=0.05)], [ppo(), ppo(1, kl_divergence=0.2)], None),
     "kl_too_low": ([ppo(kl_divergence=1e-3)], [ppo(), ppo(1, kl_divergence=1e-6)], None),
     "explained_variance_negative": ([ppo(explained_variance=0.01)], [ppo(), ppo(1, explained_variance=-0.3)], None),
     # Var(R) = Var(A) / (1 - EV) = 1.0: Var(V) = 0.05 is 5% (healthy), 1e-4 is 0.01% (collapsed).
-    "value_collapse": ([ppo(value_variance=0.05, explained_variance=0.0)],
-                       [ppo(), ppo(1, value_variance=1e-4, explained_variance=0.0)], None),
-    "entropy_collapse": ([ppo(entropy={"op": 0.5, "slot": 0.2})], [ppo(), ppo(1, entropy={"op": 0.5, "slot": 0.02})],
-                         None),
+    "value_collapse": (
+        [ppo(value_variance=0.05, explained_variance=0.0)],
+        [ppo(), ppo(1, value_variance=1e-4, explained_variance=0.0)],
+        None,
+    ),
+    "entropy_collapse": (
+        [ppo(entropy={"op": 0.5, "slot": 0.2})],
+        [ppo(), ppo(1, entropy={"op": 0.5, "slot": 0.02})],
+        None,
+    ),
     "lstm_saturation": ([ppo(lstm_saturation=0.4)], [ppo(), ppo(1, lstm_saturation=0.8)], None),
 }
 
@@ -316,23 +349,35 @@ def test_other_event_types_are_ignored():
 def test_all_nan_host_is_a_finding_not_a_crash():
     m = HealthMonitor(strict=True)
     run(m, calm_hosts(3))
-    weird = host(epoch=4, train_loss=NAN, val_loss=INF, val_accuracy=NAN, host_grad_norm=NAN,
-                 grad_isolation_leakage=NAN)
+    weird = host(
+        epoch=4, train_loss=NAN, val_loss=INF, val_accuracy=NAN, host_grad_norm=NAN, grad_isolation_leakage=NAN
+    )
     checks = {a.check for a in m(ev(weird, 4))}
     assert "non_finite_loss" in checks
     assert "loss_spike" not in checks, "a NaN loss is non_finite_loss's finding, not a spike"
     nf = m.report().check("non_finite_loss")
     assert nf.value == 2.0 and "train_loss=nan" in nf.message and "val_loss=inf" in nf.message
     # The NaN epoch did not poison the baselines: a normal epoch afterwards is healthy.
-    assert {a.check for a in m(ev(host(epoch=5, train_loss=0.9, val_accuracy=0.53, host_grad_norm=1.2,
-                                       grad_isolation_leakage=0.0), 5))} == set()
+    assert {
+        a.check
+        for a in m(
+            ev(host(epoch=5, train_loss=0.9, val_accuracy=0.53, host_grad_norm=1.2, grad_isolation_leakage=0.0), 5)
+        )
+    } == set()
 
 
 def test_all_nan_ppo_is_a_finding_not_a_crash():
     m = HealthMonitor(strict=True)
-    stats = ppo(policy_loss=NAN, value_loss=NAN, kl_divergence=NAN, explained_variance=NAN, value_variance=NAN,
-                entropy={"op": NAN}, advantage_stats=AdvantageStats(NAN, NAN, NAN, NAN, NAN),
-                lstm_health=LSTMHealth(NAN, NAN, NAN, NAN, NAN))
+    stats = ppo(
+        policy_loss=NAN,
+        value_loss=NAN,
+        kl_divergence=NAN,
+        explained_variance=NAN,
+        value_variance=NAN,
+        entropy={"op": NAN},
+        advantage_stats=AdvantageStats(NAN, NAN, NAN, NAN, NAN),
+        lstm_health=LSTMHealth(NAN, NAN, NAN, NAN, NAN),
+    )
     (a,) = m(ev(stats))
     assert a.check == "non_finite_loss" and a.severity is Severity.CRITICAL and a.value == 5.0
 
@@ -363,19 +408,46 @@ finite_or_not = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(finite_or_not, finite_or_not, finite_or_not, finite_or_not,
-                          st.one_of(st.none(), finite_or_not), st.booleans(), finite_or_not), max_size=12))
+@given(
+    st.lists(
+        st.tuples(
+            finite_or_not,
+            finite_or_not,
+            finite_or_not,
+            finite_or_not,
+            st.one_of(st.none(), finite_or_not),
+            st.booleans(),
+            finite_or_not,
+        ),
+        max_size=12,
+    )
+)
 def test_never_raises_and_non_finite_loss_tracks_the_inputs(rows):
     m = HealthMonitor(strict=True)  # strict: an internal error would fail the test, not hide
     host_bad = ppo_bad = False
     for epoch, (tl, vl, acc, norm, leak, is_ppo, kl) in enumerate(rows, start=1):
         if is_ppo:
-            m(ev(ppo(epoch, kl_divergence=kl, explained_variance=acc, value_variance=abs(norm),
-                     entropy={"op": tl}), epoch))
+            m(
+                ev(
+                    ppo(epoch, kl_divergence=kl, explained_variance=acc, value_variance=abs(norm), entropy={"op": tl}),
+                    epoch,
+                )
+            )
             ppo_bad = not all(math.isfinite(x) for x in (kl, acc, abs(norm)))
         else:
-            m(ev(host(epoch=epoch, train_loss=tl, val_loss=vl, val_accuracy=acc, host_grad_norm=norm,
-                      grad_isolation_leakage=leak), epoch))
+            m(
+                ev(
+                    host(
+                        epoch=epoch,
+                        train_loss=tl,
+                        val_loss=vl,
+                        val_accuracy=acc,
+                        host_grad_norm=norm,
+                        grad_isolation_leakage=leak,
+                    ),
+                    epoch,
+                )
+            )
             host_bad = not (math.isfinite(tl) and math.isfinite(vl))
         failing = m.status()["non_finite_loss"] is Severity.CRITICAL
         assert failing == (host_bad or ppo_bad)

@@ -14,7 +14,9 @@ def dense(i: int) -> DenseTrace:
 
 
 def test_rings_are_bounded():
-    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True, max_dense_traces=3, max_epoch_snapshots=5))
+    c = kc.KarnCollector(
+        KarnConfig(out_dir=None, console="off", strict=True, max_dense_traces=3, max_epoch_snapshots=5)
+    )
     c.emit(make_context())
     for e in range(1, 50):
         c.emit(host(epoch=e))

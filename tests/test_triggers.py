@@ -33,9 +33,15 @@ ET = TelemetryEventType
 
 def gate(passed: bool, slot_id="early"):
     return GateEvaluationTrace(
-        gate="G2", slot_id=slot_id, seed_id="s1", passed=passed, reason="improvement 0.01 >= 0.005" if passed else
-        "improvement 0.001 < 0.005", from_stage=SeedStage.TRAINING, to_stage=SeedStage.BLENDING if passed else None,
-        measurements={"improvement": 0.01}, thresholds={"improvement": 0.005},
+        gate="G2",
+        slot_id=slot_id,
+        seed_id="s1",
+        passed=passed,
+        reason="improvement 0.01 >= 0.005" if passed else "improvement 0.001 < 0.005",
+        from_stage=SeedStage.TRAINING,
+        to_stage=SeedStage.BLENDING if passed else None,
+        measurements={"improvement": 0.01},
+        thresholds={"improvement": 0.005},
     )
 
 
@@ -75,8 +81,12 @@ ANOMALOUS = {
     "entropy_collapse": ppo(9, entropy={"op": 0.01, "slot": 0.9}),
 }
 # the DenseTraceTrigger switch that disables each (boolean) condition
-SWITCH = {"stage_transition": "stage_transition", "gate_failure": "gate_failure",
-          "value_collapse": "value_collapse", "entropy_collapse": "entropy_collapse"}
+SWITCH = {
+    "stage_transition": "stage_transition",
+    "gate_failure": "gate_failure",
+    "value_collapse": "value_collapse",
+    "entropy_collapse": "entropy_collapse",
+}
 
 
 def test_reasons_are_the_bounded_set_in_trigger_order():
@@ -329,8 +339,9 @@ def test_both_processors_on_a_real_collector():
     c.emit(host(epoch=5, train_loss=1.0, grad_isolation_leakage=1e-3))  # calm for the trigger; leak persists
     c.emit(host(epoch=6, train_loss=0.9, grad_isolation_leakage=1e-3))
 
-    derived = [(e.epoch, e.event_type, e.payload) for e in sink.events
-               if e.event_type in (ET.HEALTH_ALERT, ET.MODE_CHANGE)]
+    derived = [
+        (e.epoch, e.event_type, e.payload) for e in sink.events if e.event_type in (ET.HEALTH_ALERT, ET.MODE_CHANGE)
+    ]
     summary = [(epoch, p.mode if et is ET.MODE_CHANGE else p.check) for epoch, et, p in derived]
     assert summary == [
         (4, RESEARCH),
@@ -344,7 +355,9 @@ def test_both_processors_on_a_real_collector():
     assert alerts["loss_spike"].value > 2.0 and alerts["loss_spike"].threshold == 2.0
     assert eng.mode is STANDARD and c.view.mode is STANDARD
     assert [(ep, a.check) for ep, a in c.store.recent_alerts()] == [
-        (4, "loss_spike"), (4, "isolation_leakage"), (4, "kl_too_high")
+        (4, "loss_spike"),
+        (4, "isolation_leakage"),
+        (4, "kl_too_high"),
     ]
     assert monitor.status()["isolation_leakage"] is Severity.CRITICAL, "the leak persists: status, not a re-alert"
     assert monitor.report().overall is Severity.CRITICAL

@@ -71,9 +71,7 @@ class HeuristicController:
                 return FactoredAction(ActionOp.CULL, s.slot_id), (
                     f"{s.slot_id} failed its gate {s.consecutive_gate_failures} times in a row"
                 )
-        growing = any(
-            s.stage in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING) for s in obs.slots
-        )
+        growing = any(s.stage in (SeedStage.GERMINATED, SeedStage.TRAINING, SeedStage.BLENDING) for s in obs.slots)
         if obs.epoch < cfg.warmup_epochs or growing:
             return FactoredAction(ActionOp.WAIT), "warming up" if obs.epoch < cfg.warmup_epochs else "a seed is growing"
         hist = obs.accuracy_history

@@ -15,7 +15,7 @@ class DigitsData:
     x_val: torch.Tensor
     y_val: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "DigitsData":
+    def to(self, device: torch.device | str) -> DigitsData:
         return DigitsData(*(t.to(device) for t in (self.x_train, self.y_train, self.x_val, self.y_val)))
 
 

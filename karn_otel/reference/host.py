@@ -13,7 +13,9 @@ SLOT_IDS = ("early", "mid", "late")
 class HostCNN(nn.Module):
     """conv-relu [early] conv-relu-pool [mid] conv-relu-pool [late] avgpool-linear."""
 
-    def __init__(self, widths: tuple[int, int, int] = (4, 8, 16), lifecycle: LifecycleConfig | None = None, n_classes: int = 10) -> None:
+    def __init__(
+        self, widths: tuple[int, int, int] = (4, 8, 16), lifecycle: LifecycleConfig | None = None, n_classes: int = 10
+    ) -> None:
         super().__init__()
         lc = lifecycle or LifecycleConfig()
         w1, w2, w3 = widths
@@ -22,9 +24,7 @@ class HostCNN(nn.Module):
         self.block2 = nn.Sequential(nn.Conv2d(w1, w2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         self.block3 = nn.Sequential(nn.Conv2d(w2, w3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         self.head = nn.Linear(w3, n_classes)
-        self.slots = nn.ModuleDict(
-            {sid: SeedSlot(sid, w, lc) for sid, w in zip(SLOT_IDS, widths)}
-        )
+        self.slots = nn.ModuleDict({sid: SeedSlot(sid, w, lc) for sid, w in zip(SLOT_IDS, widths)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.slots["early"](self.block1(x))

@@ -38,8 +38,8 @@ global torch RNG — and therefore the host's training — is the same with or w
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -298,7 +298,9 @@ class SeedSlot(nn.Module):
             with torch.no_grad():
                 out = self.seed(probe)  # type: ignore[misc]
             ok = out.shape == probe.shape and bool(torch.isfinite(out).all())
-            if self._gate("G1", ok, "seed output finite and shape-preserving" if ok else "bad seed output", SeedStage.TRAINING):
+            if self._gate(
+                "G1", ok, "seed output finite and shape-preserving" if ok else "bad seed output", SeedStage.TRAINING
+            ):
                 self._transition(SeedStage.TRAINING, "G1 passed")
         elif self.stage is SeedStage.TRAINING and self.epochs_in_stage >= lc.min_training_epochs:
             # Gates are attempted only once their time is served, so a failure is a real failure.

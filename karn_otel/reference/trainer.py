@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from karn_otel import emit
 from karn_otel.collector import dense_requested
+from karn_otel.config import CounterfactualConfig
 from karn_otel.contracts import (
     ActionOp,
     ControllerDecision,
@@ -37,6 +38,11 @@ from karn_otel.contracts import (
     SeedStage,
     SlotSnapshot,
 )
+from karn_otel.counterfactual import ConfigEvaluation, attribute
+from karn_otel.distributed.evaluation import distributed_attribute, make_distributed_evaluate, shard_indices
+from karn_otel.distributed.liveness import RankHeartbeat
+from karn_otel.distributed.reduction import reduce_host_snapshot
+from karn_otel.ranks import discover
 from karn_otel.reference.controller import (
     ControllerObservation,
     HeuristicConfig,
@@ -45,19 +51,12 @@ from karn_otel.reference.controller import (
     SlotView,
 )
 from karn_otel.reference.data import DigitsData, load_digits_data
-from karn_otel.reference.ppo import compute_reward
 from karn_otel.reference.host import HostCNN
+from karn_otel.reference.ppo import compute_reward
 from karn_otel.reference.slots import LifecycleConfig
-from karn_otel.config import CounterfactualConfig
-from karn_otel.counterfactual import ConfigEvaluation, attribute
-from karn_otel.distributed.evaluation import distributed_attribute, make_distributed_evaluate, shard_indices
-from karn_otel.distributed.liveness import RankHeartbeat
-from karn_otel.distributed.reduction import reduce_host_snapshot
-from karn_otel.ranks import discover
 from karn_otel.torch.ablation import evaluate_shared_prefix
 from karn_otel.torch.accumulate import EpochAccumulator
 from karn_otel.torch.diagnostics import DenseCollector
-
 
 CONTROLLERS = ("heuristic", "none", "ppo")  # "none": never grows a seed (host-only reference)
 
@@ -115,7 +114,7 @@ class RunConfig:
         return out
 
     @classmethod
-    def from_hyperparameters(cls, hp: dict[str, bool | int | float | str]) -> "RunConfig":
+    def from_hyperparameters(cls, hp: dict[str, bool | int | float | str]) -> RunConfig:
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for k, v in hp.items():
@@ -236,7 +235,8 @@ class ReferenceTrainer:
             # Rebuilt at every epoch start (DDP registers parameters when built, and seeds come
             # and go). A germinated or culled seed has parameters the forward pass skips.
             unused = any(
-                s.seed is not None and s.stage in (SeedStage.GERMINATED, SeedStage.CULLED) for s in self.model.slots.values()
+                s.seed is not None and s.stage in (SeedStage.GERMINATED, SeedStage.CULLED)
+                for s in self.model.slots.values()
             )
             return DistributedDataParallel(self.model, find_unused_parameters=unused, gradient_as_bucket_view=True)
         # torch.compile is optional; telemetry hooks run under torch.compiler.disable.
@@ -312,7 +312,9 @@ class ReferenceTrainer:
         y_train = d.y_train
         if epoch == self.cfg.inject_loss_spike_epoch:
             # Fault injection: one epoch of shuffled labels, a real loss spike that resolves.
-            y_train = y_train[torch.randperm(y_train.shape[0], generator=torch.Generator().manual_seed(epoch)).to(self.device)]
+            y_train = y_train[
+                torch.randperm(y_train.shape[0], generator=torch.Generator().manual_seed(epoch)).to(self.device)
+            ]
         if self.cfg.nproc > 1:
             self.forward = self._wrap_model()
         dense = self.dense
@@ -421,7 +423,9 @@ class ReferenceTrainer:
     def close_dense_window(self, end_epoch: int) -> None:
         if self.dense is None:
             return
-        failed = [s.last_gate_trace for s in self.model.slots.values() if s.last_gate_trace and not s.last_gate_trace.passed]
+        failed = [
+            s.last_gate_trace for s in self.model.slots.values() if s.last_gate_trace and not s.last_gate_trace.passed
+        ]
         trace = self.dense.finish(self.dense_reason, self.dense_start, end_epoch, failed[-1] if failed else None)
         self.dense = None
         emit(trace)
@@ -586,19 +590,19 @@ class ReferenceTrainer:
                 seed_norms[sid] = m["seed_grad_norms"][sid]
                 total_seed += s.seed_params
         local = HostSnapshot(
-                epoch=epoch,
-                train_loss=m["loss"],
-                train_accuracy=m["accuracy"],
-                val_loss=val_loss,
-                val_accuracy=val_acc,
-                host_params=self.host_params,
-                total_seed_params=total_seed,
-                total_params=self.host_params + total_seed,
-                fossilized_params=self.fossilized_params,
-                host_grad_norm=m["host_grad_norm"],
-                seed_grad_norms=seed_norms,
-                grad_isolation_leakage=m["leakage"],
-            )
+            epoch=epoch,
+            train_loss=m["loss"],
+            train_accuracy=m["accuracy"],
+            val_loss=val_loss,
+            val_accuracy=val_acc,
+            host_params=self.host_params,
+            total_seed_params=total_seed,
+            total_params=self.host_params + total_seed,
+            fossilized_params=self.fossilized_params,
+            host_grad_norm=m["host_grad_norm"],
+            seed_grad_norms=seed_norms,
+            grad_isolation_leakage=m["leakage"],
+        )
         emit(local)
         if self.cfg.nproc > 1:
             # One fixed-schema collective: every rank's numbers, reduced honestly (sample-

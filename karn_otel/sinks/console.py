@@ -223,7 +223,7 @@ class ConsoleSink:
 
 
 def _verdict_word(a: AnalyticsView, check: str, good: str, bad: str) -> str:
-    """" (healthy)" / " (COLLAPSED)" from the health monitor's current status of ``check``."""
+    """ " (healthy)" / " (COLLAPSED)" from the health monitor's current status of ``check``."""
     report = a.training_health()
     if report is None:
         return ""

@@ -31,7 +31,10 @@ def build_pipeline(
 
         health = HealthMonitor(head_sizes=config.policy_head_sizes, strict=config.strict)
         triggers = DenseTriggerEngine(
-            config.dense_trigger, mode=config.mode, head_sizes=config.policy_head_sizes, strict=config.strict,
+            config.dense_trigger,
+            mode=config.mode,
+            head_sizes=config.policy_head_sizes,
+            strict=config.strict,
             health=health,
         )
         pipeline.health = health

@@ -55,9 +55,7 @@ _BATCH = 512  # events per C encode call (GIL held throughout; ~0.5-2 ms)
 _BUDGET_S = 0.004  # encode batches for up to this long per write call
 _MAX_PER_WRITE = 16_384  # events per write call at most (bounds the writer's memory)
 RUN_FILE = "run.json"
-_SIDE_FILE_TYPES = frozenset(
-    {TelemetryEventType.EPISODE_STARTED, TelemetryEventType.HOST_BASELINE}
-)
+_SIDE_FILE_TYPES = frozenset({TelemetryEventType.EPISODE_STARTED, TelemetryEventType.HOST_BASELINE})
 _event_type_of = operator.attrgetter("event_type")
 
 
@@ -94,9 +92,7 @@ class RunLogSink:
         self._dropped: Counter[str] = Counter()
         self._baselines: list[HostBaseline] = []
         self._stop = False
-        self._thread = threading.Thread(
-            target=self._run, name="karn-runlog", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="karn-runlog", daemon=True)
         self._thread.start()
 
     # -- training thread -------------------------------------------------------------
@@ -109,8 +105,7 @@ class RunLogSink:
         q.append(event)
         self._enqueued += 1
         if (
-            len(q) >= self._wake_batch
-            or event.event_type is TelemetryEventType.EPISODE_ENDED
+            len(q) >= self._wake_batch or event.event_type is TelemetryEventType.EPISODE_ENDED
         ) and not self._wake.is_set():
             self._wake.set()
 
@@ -128,9 +123,7 @@ class RunLogSink:
             self._sync_target = max(self._sync_target, target)
         self._wake.set()
         with self._cv:
-            self._cv.wait_for(
-                lambda: self._synced >= target or not self._thread.is_alive(), timeout
-            )
+            self._cv.wait_for(lambda: self._synced >= target or not self._thread.is_alive(), timeout)
         self._wake.set()
 
     def close(self) -> None:
@@ -165,9 +158,7 @@ class RunLogSink:
             n = n_lines = 0
             deadline = time.perf_counter() + _BUDGET_S
             while q and n < _MAX_PER_WRITE:
-                batch = list(
-                    map(operator.call, repeat(popleft, min(len(q), _BATCH)))
-                )  # C loop
+                batch = list(map(operator.call, repeat(popleft, min(len(q), _BATCH))))  # C loop
                 data, k = self._encode(batch)
                 parts.append(data)
                 n += len(batch)
@@ -184,16 +175,11 @@ class RunLogSink:
             self._maybe_sync()
 
     def _side_files_of(self, batch: list[TelemetryEvent]) -> None:
-        if _SIDE_FILE_TYPES.isdisjoint(
-            map(_event_type_of, batch)
-        ):  # the common case, a C loop
+        if _SIDE_FILE_TYPES.isdisjoint(map(_event_type_of, batch)):  # the common case, a C loop
             return
         for event in batch:
             et = event.event_type
-            if (
-                et is TelemetryEventType.EPISODE_STARTED
-                or et is TelemetryEventType.HOST_BASELINE
-            ):
+            if et is TelemetryEventType.EPISODE_STARTED or et is TelemetryEventType.HOST_BASELINE:
                 try:
                     self._side_files(event)
                 except Exception as exc:  # noqa: BLE001 (must not kill the writer)
@@ -206,22 +192,16 @@ class RunLogSink:
     def _encode(self, batch: list[TelemetryEvent]) -> tuple[bytes, int]:
         """The batch as JSON lines, and how many lines that is."""
         try:
-            return encode_lines(batch), len(
-                batch
-            )  # one C call for the batch in the common case
+            return encode_lines(batch), len(batch)  # one C call for the batch in the common case
         except Exception as exc:  # noqa: BLE001 (retried one by one below, to drop only the culprit)
             log.debug("Karn run log batch encode failed (%r); encoding one by one", exc)
         parts = []
-        for (
-            event
-        ) in batch:  # an unencodable event must not kill the writer nor its batch
+        for event in batch:  # an unencodable event must not kill the writer nor its batch
             try:
                 parts.append(encode_event(event) + b"\n")
             except Exception as exc:  # noqa: BLE001
                 self._dropped["encode_error"] += 1
-                log.warning(
-                    "Karn run log could not encode %s: %r", event.event_type.value, exc
-                )
+                log.warning("Karn run log could not encode %s: %r", event.event_type.value, exc)
         return b"".join(parts), len(parts)
 
     def _write(self, parts: list[bytes], n_lines: int) -> None:
@@ -310,11 +290,7 @@ def read_events(path: Path) -> tuple[list[TelemetryEvent], list[tuple[int, str]]
         try:
             events.append(event_from_json(line))
         except ContractDecodeError as exc:
-            why = (
-                "torn last line (process killed mid-write?)"
-                if (torn_tail and i == len(lines))
-                else str(exc)
-            )
+            why = "torn last line (process killed mid-write?)" if (torn_tail and i == len(lines)) else str(exc)
             skipped.append((i, why))
     return events, skipped
 
@@ -346,11 +322,7 @@ def read_run(run_dir: Path | str) -> RunRecord:
     except OSError as exc:
         raise RunDirError(f"{events_path}: {exc.strerror or exc}") from None
     if not events:
-        why = (
-            f"; {len(skipped)} undecodable line(s), first at line {skipped[0][0]}: {skipped[0][1]}"
-            if skipped
-            else ""
-        )
+        why = f"; {len(skipped)} undecodable line(s), first at line {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise RunDirError(f"{events_path}: no readable events{why}")
     episodes: dict[str, EpisodeContext] = {}
     for ev in events:

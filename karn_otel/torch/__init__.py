@@ -6,5 +6,7 @@ sync) to an explicit flush, so the per-batch path never blocks on the accelerato
 * ``accumulate``: per-batch training metrics (EpochAccumulator), one sync per epoch;
 * ``diagnostics``: dense-trace collection (gradient histograms, flow, activations);
 * ``ablation``: counterfactual evaluators (generic and shared-prefix);
-* ``ppo``: PPO update statistics, one sync per update.
+* ``ppo``: PPO update statistics, one sync per update;
+* ``collectives``: every torch.distributed call (all-gathers, process groups, spawn context);
+* ``checkpoints``: state-dict comparison for ``karn replay``.
 """

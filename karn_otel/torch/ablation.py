@@ -17,7 +17,8 @@ The caller memoises: each configuration is asked for at most once per epoch.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch

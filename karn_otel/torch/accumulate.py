@@ -79,7 +79,9 @@ class EpochAccumulator:
         if self._matrix is None:
             width = _SEEDS + len(self.slot_ids)
             self._matrix = (
-                torch.stack(self._rows) if self._rows else torch.zeros((0, width), dtype=torch.float64, device=self.device)
+                torch.stack(self._rows)
+                if self._rows
+                else torch.zeros((0, width), dtype=torch.float64, device=self.device)
             )
         return self._matrix
 

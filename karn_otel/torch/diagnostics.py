@@ -109,7 +109,9 @@ class DenseCollector:
                 # Batch dim first (a contiguous outer reduction), then the spatial dims: several
                 # times faster on CPU than one amax over (0, 2, 3), and no copy.
                 per_unit = out.amax(dim=0).flatten(1).amax(dim=1) if out.dim() > 2 else out.amax(dim=0)
-                stats.sums += torch.stack([flat.sum(), torch.dot(flat, flat), (per_unit <= thr).sum()]).to(torch.float64)
+                stats.sums += torch.stack([flat.sum(), torch.dot(flat, flat), (per_unit <= thr).sum()]).to(
+                    torch.float64
+                )
                 stats.count += out.numel()
                 stats.batches += 1
 
@@ -128,7 +130,7 @@ class DenseCollector:
         """
         c = self.cfg
         grads, names, group_of = [], [], []
-        for gi, (group, params) in enumerate(self.groups.items()):
+        for gi, params in enumerate(self.groups.values()):
             for name, p in params:
                 if p.grad is not None:
                     grads.append(p.grad)
@@ -157,13 +159,9 @@ class DenseCollector:
         """(Re)build the per-element group offsets and flow indices: once per parameter layout."""
         width = self.cfg.hist_max_log10 - self.cfg.hist_min_log10
         sizes = [min(g.numel(), self.cfg.max_hist_elements) for g in grads]
-        self._offsets = torch.cat(
-            [torch.full((n,), gi * width, device=self.device) for n, gi in zip(sizes, group_of)]
-        )
+        self._offsets = torch.cat([torch.full((n,), gi * width, device=self.device) for n, gi in zip(sizes, group_of)])
         flow_pos = {n: i for i, n in enumerate(self._flow_names)}
-        self._flow_index = torch.cat(
-            [torch.full((1,), flow_pos[n], dtype=torch.long, device=self.device) for n in key]
-        )
+        self._flow_index = torch.cat([torch.full((1,), flow_pos[n], dtype=torch.long, device=self.device) for n in key])
         self._layout_key = key
 
     def _sample(self, g: torch.Tensor) -> torch.Tensor:

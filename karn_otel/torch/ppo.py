@@ -69,7 +69,8 @@ This module needs nothing but torch and :mod:`karn_otel.contracts`.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -90,12 +91,30 @@ a mapping ``head -> [batch]`` tensor."""
 # Every entry is a sum over samples (or minibatches), so accumulation is elementwise `+`.
 _SCALARS = (
     "n",  # samples
-    "adv", "adv_sq", "adv_clipped",
-    "ratio", "ratio_high", "ratio_low", "kl",
-    "value", "value_sq",
-    "ret", "ret_sq", "err", "err_sq",  # err = returns - values
-    "policy_loss_n", "policy_loss", "value_loss_n", "value_loss",  # per minibatch that passed one
-    "h_n", "h", "h_sq", "h_sat", "c_n", "c", "c_sq",
+    "adv",
+    "adv_sq",
+    "adv_clipped",
+    "ratio",
+    "ratio_high",
+    "ratio_low",
+    "kl",
+    "value",
+    "value_sq",
+    "ret",
+    "ret_sq",
+    "err",
+    "err_sq",  # err = returns - values
+    "policy_loss_n",
+    "policy_loss",
+    "value_loss_n",
+    "value_loss",  # per minibatch that passed one
+    "h_n",
+    "h",
+    "h_sq",
+    "h_sat",
+    "c_n",
+    "c",
+    "c_sq",
 )
 _I = {name: i for i, name in enumerate(_SCALARS)}
 _HEAD_BLOCKS = ("head_n", "head_entropy", "head_kl", "head_clipped")
@@ -152,11 +171,19 @@ def _ppo_stats_update(
     per_sample = torch.stack(
         [
             torch.ones_like(a),
-            a, a * a, (a.abs() > adv_clip).to(f64),
-            ratio, (ratio > 1.0 + clip_eps).to(f64), (ratio < 1.0 - clip_eps).to(f64),
+            a,
+            a * a,
+            (a.abs() > adv_clip).to(f64),
+            ratio,
+            (ratio > 1.0 + clip_eps).to(f64),
+            (ratio < 1.0 - clip_eps).to(f64),
             (ratio - 1.0) - logratio,
-            v, v * v,
-            y, y * y, err, err * err,
+            v,
+            v * v,
+            y,
+            y * y,
+            err,
+            err * err,
         ],
         dim=1,
     ).sum(dim=0)
@@ -196,7 +223,7 @@ def _ppo_stats_compute(values: Sequence[float], heads: Sequence[str], update_ind
     s = {name: values[i] for name, i in _I.items()}
     nh = len(heads)
     base = len(_SCALARS)
-    block = {name: values[base + k * nh: base + (k + 1) * nh] for k, name in enumerate(_HEAD_BLOCKS)}
+    block = {name: values[base + k * nh : base + (k + 1) * nh] for k, name in enumerate(_HEAD_BLOCKS)}
     adv_min, neg_adv_max = values[base + 4 * nh], values[base + 4 * nh + 1]
     n = s["n"]
 
@@ -350,14 +377,25 @@ class PPOStatsAccumulator:
             if t.shape != (b,):
                 raise ValueError(f"{name}: expected shape ({b},), got {tuple(t.shape)}")
         sums, extrema = _ppo_stats_update(
-            new, old, advantages, values, returns, ent, mask, self.clip_eps, self.adv_clip,
-            policy_loss, value_loss, hidden, cell,
+            new,
+            old,
+            advantages,
+            values,
+            returns,
+            ent,
+            mask,
+            self.clip_eps,
+            self.adv_clip,
+            policy_loss,
+            value_loss,
+            hidden,
+            cell,
         )
         self.sums.add_(sums)
         torch.minimum(self.extrema, extrema, out=self.extrema)
         self.minibatches += 1
 
-    def merge(self, other: "PPOStatsAccumulator") -> None:
+    def merge(self, other: PPOStatsAccumulator) -> None:
         """Fold another accumulator (another rank, another shard) into this one.
 
         The same reduction ``torch.distributed`` would do: SUM of ``sums``, MIN of ``extrema``.

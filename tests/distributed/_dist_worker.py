@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from karn_otel.config import CounterfactualConfig
 from karn_otel.codec import to_jsonable
+from karn_otel.config import CounterfactualConfig
 from karn_otel.contracts import HostSnapshot
 from karn_otel.counterfactual import ConfigEvaluation
 from karn_otel.distributed.evaluation import DistributedEvaluationError, distributed_attribute, shard_indices

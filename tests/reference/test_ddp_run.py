@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from karn_otel.sinks.runlog import read_run
 from karn_otel.reference.data import load_digits_data
+from karn_otel.sinks.runlog import read_run
 from tests.test_cli import karn
 
 N_TRAIN = load_digits_data(0).x_train.shape[0]

@@ -128,7 +128,9 @@ def random_observation(rng: random.Random) -> ControllerObservation:
         stage = rng.choice(list(SeedStage))
         bp = None if stage is SeedStage.DORMANT else rng.choice(BPS)
         contribution = rng.uniform(-0.02, 0.03) if stage in ACTIVE and rng.random() < 0.8 else None
-        slots.append(SlotView(sid, stage, rng.randrange(6), rng.random(), contribution, rng.randrange(3), PARAMS.get(bp, 0)))
+        slots.append(
+            SlotView(sid, stage, rng.randrange(6), rng.random(), contribution, rng.randrange(3), PARAMS.get(bp, 0))
+        )
     hist = tuple(rng.uniform(0.3, 0.9) for _ in range(rng.randrange(1, 6)))
     return ControllerObservation(len(hist), 20, hist[-1], rng.uniform(0.2, 2.0), hist, tuple(slots), 2000)
 
@@ -162,9 +164,7 @@ def test_masks_are_respected_over_many_random_observations():
         assert legal_under(action, obs), (action, obs)
         info = ppo.last_decision
         ops_seen.add(action.op)
-        only_wait = not any(
-            s.stage in (SeedStage.DORMANT, SeedStage.PROBATIONARY) + LIVE_STAGES for s in obs.slots
-        )
+        only_wait = not any(s.stage in (SeedStage.DORMANT, SeedStage.PROBATIONARY) + LIVE_STAGES for s in obs.slots)
         if only_wait:
             assert action.op is ActionOp.WAIT and info.action_was_masked and "forced" in reason
             assert info.action_log_probs == {"op": 0.0} and info.entropy == {"op": 0.0}
@@ -311,7 +311,9 @@ def test_call_order_is_enforced():
         ppo.decide(env.obs())
     ppo.reset_episode()  # drops the decision that never got its reward
     ppo.decide(env.obs())
-    assert ppo.record_reward(RewardComponentsTelemetry(accuracy_gain=0.5, parameter_cost=-0.2), done=False) == pytest.approx(0.3)
+    assert ppo.record_reward(
+        RewardComponentsTelemetry(accuracy_gain=0.5, parameter_cost=-0.2), done=False
+    ) == pytest.approx(0.3)
     with pytest.raises(ValueError):
         PPOConfig(minibatch_size=0)
     with pytest.raises(ValueError):
@@ -343,7 +345,8 @@ def test_reward_components():
     assert bad.invalid_action_penalty == -cfg.invalid_penalty and bad.lifecycle_bonus == 0.0
     # Fossilizing a contributor earns the bonus; a refused fossilization is penalised instead.
     prob = dataclasses.replace(
-        prev, slots=(dataclasses.replace(prev.slots[0], stage=SeedStage.PROBATIONARY, contribution=0.02),) + prev.slots[1:]
+        prev,
+        slots=(dataclasses.replace(prev.slots[0], stage=SeedStage.PROBATIONARY, contribution=0.02),) + prev.slots[1:],
     )
     fossil = dataclasses.replace(
         prev, slots=(dataclasses.replace(prev.slots[0], stage=SeedStage.FOSSILIZED, seed_params=300),) + prev.slots[1:]

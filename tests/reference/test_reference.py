@@ -7,14 +7,17 @@ import dataclasses
 import pytest
 import torch
 
-from karn_otel.contracts import SeedStage, TelemetryEventType as ET
+from karn_otel.contracts import SeedStage
+from karn_otel.contracts import TelemetryEventType as ET
 from karn_otel.reference.host import HostCNN
 from karn_otel.reference.slots import BLUEPRINTS, LifecycleConfig, build_seed, count_params
 from karn_otel.reference.trainer import ReferenceTrainer, RunConfig, run_episode
 from karn_otel.replay import compare_events
 
 # Grows a seed whenever none is growing, so a short run walks the whole lifecycle.
-FAST = RunConfig(epochs=12, warmup_epochs=1, min_training_epochs=1, blend_epochs=2, probation_epochs=1, plateau_threshold=1.0)
+FAST = RunConfig(
+    epochs=12, warmup_epochs=1, min_training_epochs=1, blend_epochs=2, probation_epochs=1, plateau_threshold=1.0
+)
 
 
 def _events(memory_collector, cfg=FAST):

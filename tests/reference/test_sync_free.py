@@ -17,7 +17,8 @@ import torch
 
 import karn_otel
 from karn_otel.config import KarnConfig
-from karn_otel.contracts import OperatingMode, SeedStage, TelemetryEventType as ET
+from karn_otel.contracts import OperatingMode, SeedStage
+from karn_otel.contracts import TelemetryEventType as ET
 from karn_otel.reference.trainer import ReferenceTrainer, RunConfig
 from karn_otel.sinks import MemorySink
 
@@ -53,7 +54,9 @@ def _trainer(research: bool, **kw) -> ReferenceTrainer:
     # mode is the mode (the engine is its only other owner).
     mode = OperatingMode.RESEARCH if research else OperatingMode.STANDARD
     karn_otel.configure(KarnConfig(out_dir=None, console="off", strict=True, mode=mode), sinks=[sink], processors=False)
-    cfg = RunConfig(epochs=kw.pop("epochs", 6), warmup_epochs=0, min_training_epochs=1, blend_epochs=1, plateau_threshold=1.0, **kw)
+    cfg = RunConfig(
+        epochs=kw.pop("epochs", 6), warmup_epochs=0, min_training_epochs=1, blend_epochs=1, plateau_threshold=1.0, **kw
+    )
     t = ReferenceTrainer(cfg)
     t.sink = sink  # type: ignore[attr-defined]
     return t

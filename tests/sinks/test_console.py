@@ -42,7 +42,16 @@ def _feed(c):
     c.emit(ControllerDecision("heuristic", FactoredAction(ActionOp.GERMINATE, "mid", "attention"), "plateau"))
     c.emit(slot("mid", alpha=1.0, seed_params=2000, blueprint_id="attention"))
     c.emit(HealthAlert("loss_spike", Severity.WARNING, "loss 3.1x rolling mean", 3.1, 2.0))
-    c.emit(host(epoch=4, val_accuracy=0.672, host_params=10_000, total_seed_params=2000, total_params=12_000, seed_grad_norms={}))
+    c.emit(
+        host(
+            epoch=4,
+            val_accuracy=0.672,
+            host_params=10_000,
+            total_seed_params=2000,
+            total_params=12_000,
+            seed_grad_norms={},
+        )
+    )
 
 
 def test_live_dashboard_renders_every_block(memory_collector):
@@ -89,10 +98,17 @@ def test_policy_health_block_judges_collapse():
 
     def update(i, entropy):
         return PPOUpdateStats(
-            update_index=i, policy_loss=0.1, value_loss=0.2, kl_divergence=0.01, per_head_kl={"op": 0.01},
-            explained_variance=0.5, entropy={"op": entropy}, value_variance=0.5,
+            update_index=i,
+            policy_loss=0.1,
+            value_loss=0.2,
+            kl_divergence=0.01,
+            per_head_kl={"op": 0.01},
+            explained_variance=0.5,
+            entropy={"op": entropy},
+            value_variance=0.5,
             advantage_stats=AdvantageStats(0.0, 1.0, -2.0, 2.0, 0.0),
-            ratio_stats=RatioStats(1.0, 0.05, 0.05, {"op": 0.1}), lstm_health=LSTMHealth(0.0, 0.3, 0.0, 0.5, 0.01),
+            ratio_stats=RatioStats(1.0, 0.05, 0.05, {"op": 0.1}),
+            lstm_health=LSTMHealth(0.0, 0.3, 0.0, 0.5, 0.01),
         )
 
     c.emit(update(1, 1.2), epoch=1)

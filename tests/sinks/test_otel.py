@@ -193,7 +193,9 @@ def test_resource_merges_standard_env(monkeypatch):
 def test_reference_episode_over_otlp(tmp_path, protocol):
     with OTLPReceiver(protocol) as rx:
         try:
-            c, episode_id = run_reference(tmp_path, otlp_endpoint=rx.endpoint, otlp_protocol=protocol, prometheus_port=0)
+            c, episode_id = run_reference(
+                tmp_path, otlp_endpoint=rx.endpoint, otlp_protocol=protocol, prometheus_port=0
+            )
             sink = otel_sink(c)
             assert sink.otlp_protocol == protocol
             assert trace.get_tracer_provider() is not sink._tracer_provider, "Karn never sets the global provider"
@@ -363,15 +365,27 @@ def full_episode(c: kc.KarnCollector) -> None:
         seeded = sid == "mid"
         c.emit(
             SlotSnapshot(
-                sid, stage, 1, "mid-attention-1" if seeded else None, "attention" if seeded else None,
-                76 if seeded else 0, 0.3 if seeded else 0.0, 0.02 if seeded else None, 0.01 if seeded else None, 0.0,
-                "G0" if seeded else None, True if seeded else None, "ok" if seeded else None,
+                sid,
+                stage,
+                1,
+                "mid-attention-1" if seeded else None,
+                "attention" if seeded else None,
+                76 if seeded else 0,
+                0.3 if seeded else 0.0,
+                0.02 if seeded else None,
+                0.01 if seeded else None,
+                0.0,
+                "G0" if seeded else None,
+                True if seeded else None,
+                "ok" if seeded else None,
             ),
             epoch=1,
         )
     c.emit(HostSnapshot(1, 1.9, 0.4, 1.8, 0.82, 1674, 76, 1750, 0, 0.5, {"mid": 0.2}, 0.001))
     c.emit(dense_trace(1), epoch=1)
-    c.emit(SlotSnapshot("nowhere", SeedStage.DORMANT, 0, None, None, 0, 0.0, None, None, 0.0, None, None, None), epoch=1)
+    c.emit(
+        SlotSnapshot("nowhere", SeedStage.DORMANT, 0, None, None, 0, 0.0, None, None, 0.0, None, None, None), epoch=1
+    )
     c.emit(HostBaseline(2.3, 0.1, Path("ckpt.pt"), final_host_only_loss=1.9, final_host_only_accuracy=0.8))
     c.emit(EpisodeSummary(1, 1.8, 0.82, 0.80, 1674, 1750, 0, 3.5))
 
@@ -554,7 +568,9 @@ def test_unreachable_endpoint_loses_counted_data_and_nothing_else(tmp_path, prot
     # ... and visible as metrics.
     failed = {lb["signal"]: v for lb, v in scraped["karn_telemetry_export_failures_total"]}
     assert failed["traces"] >= 1
-    dropped = {lb["reason"]: v for lb, v in scraped["karn_telemetry_events_dropped_total"] if lb["component"] == "OTelSink"}
+    dropped = {
+        lb["reason"]: v for lb, v in scraped["karn_telemetry_events_dropped_total"] if lb["component"] == "OTelSink"
+    }
     assert dropped["spans_export_failed"] >= 4
 
     # The run log, the source of truth, is complete.
@@ -602,7 +618,11 @@ def test_close_is_bounded_even_when_exporters_hang(monkeypatch):
     monkeypatch.setattr(otel_resource, "otlp_span_exporter", lambda *a: HangingSpanExporter())
     monkeypatch.setattr(otel_resource, "otlp_metric_exporter", lambda *a: HangingMetricExporter())
     cfg = KarnConfig(
-        out_dir=None, console="off", otlp_endpoint="127.0.0.1:1", otel_export_interval_s=0.05, otel_shutdown_timeout_s=0.5
+        out_dir=None,
+        console="off",
+        otlp_endpoint="127.0.0.1:1",
+        otel_export_interval_s=0.05,
+        otel_shutdown_timeout_s=0.5,
     )
     c = kc.KarnCollector(cfg)
     sink = OTelSink(cfg, c.view)

@@ -17,7 +17,9 @@ from tests.test_collector import host
 
 def _collector(tmp_path: Path, **kw) -> kc.KarnCollector:
     c = kc.KarnCollector(KarnConfig(out_dir=tmp_path, console="off", strict=True, **kw))
-    c.add_sink(RunLogSink(tmp_path, c.run_id, **({"max_queue": kw["runlog_queue_size"]} if "runlog_queue_size" in kw else {})))
+    c.add_sink(
+        RunLogSink(tmp_path, c.run_id, **({"max_queue": kw["runlog_queue_size"]} if "runlog_queue_size" in kw else {}))
+    )
     return c
 
 
@@ -29,7 +31,10 @@ def test_everything_is_on_disk_at_episode_end(tmp_path):
     c.emit(EpisodeSummary(3, 0.3, 0.9, 0.8, 100, 110, 0, 1.0))
     # No close(): EPISODE_ENDED itself must have flushed to disk.
     rec = read_run(tmp_path / c.run_id)
-    assert [e.event_type for e in rec.events][-2:] == [TelemetryEventType.TELEMETRY_STATS, TelemetryEventType.EPISODE_ENDED]
+    assert [e.event_type for e in rec.events][-2:] == [
+        TelemetryEventType.TELEMETRY_STATS,
+        TelemetryEventType.EPISODE_ENDED,
+    ]
     hosts = [e.payload for e in rec.events if e.event_type is TelemetryEventType.HOST_SNAPSHOT]
     assert [h.epoch for h in hosts] == [1, 2, 3]
     assert canon(hosts[1].val_loss) == canon(float("nan")), "a diverged loss is recorded as NaN, not null"
@@ -108,7 +113,9 @@ def test_full_disk_costs_no_training_step(tmp_path):
     c.close()
 
 
-@pytest.mark.parametrize("policy, kept", [("keep_all", [True, True]), ("keep_last", [False, True]), ("delete_after_run", [False, False])])
+@pytest.mark.parametrize(
+    "policy, kept", [("keep_all", [True, True]), ("keep_last", [False, True]), ("delete_after_run", [False, False])]
+)
 def test_checkpoint_retention_policy(tmp_path, policy, kept):
     c = _collector(tmp_path)
     ckpts = []

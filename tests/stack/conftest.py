@@ -17,10 +17,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -85,7 +86,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         except Exception as exc:  # noqa: BLE001 - a service still starting answers with errors
             last_exc = exc
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+    pytest.fail(
+        f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
 @dataclass
@@ -171,7 +174,8 @@ class Prometheus(Service):
 
     def firing(self, **labels: str) -> list[dict]:
         return [
-            a for a in self.alerts()
+            a
+            for a in self.alerts()
             if a["state"] == "firing" and all(a["labels"].get(k) == v for k, v in labels.items())
         ]
 
@@ -250,7 +254,9 @@ class Webhook:
         """Every alert delivered so far whose labels include ``labels``."""
         with self.lock:
             return [
-                a for p in self.payloads for a in p.get("alerts", [])
+                a
+                for p in self.payloads
+                for a in p.get("alerts", [])
                 if all(a.get("labels", {}).get(k) == v for k, v in labels.items())
             ]
 
@@ -292,7 +298,12 @@ def rules_for_tests(src: Path, dest: Path, for_: str = "1s") -> Path:
                 rule["for"] = for_
 
     def without_for(doc: dict) -> dict:
-        return {**doc, "groups": [{**g, "rules": [{k: v for k, v in r.items() if k != "for"} for r in g["rules"]]} for g in doc["groups"]]}
+        return {
+            **doc,
+            "groups": [
+                {**g, "rules": [{k: v for k, v in r.items() if k != "for"} for r in g["rules"]]} for g in doc["groups"]
+            ],
+        }
 
     assert without_for(copy) == without_for(original), "only the for: durations may differ from the real rules"
     dest.write_text(yaml.safe_dump(copy, sort_keys=False))
@@ -302,7 +313,12 @@ def rules_for_tests(src: Path, dest: Path, for_: str = "1s") -> Path:
 def prometheus_config_for_tests(rules: Path, karn_targets: list[str], alertmanager: str) -> dict:
     """stack/prometheus/prometheus.yml, pointed at loopback: 1 s intervals, the given Karn targets, this Alertmanager."""
     cfg = yaml.safe_load((STACK / "prometheus" / "prometheus.yml").read_text())
-    cfg["global"] = {**cfg.get("global", {}), "scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+    cfg["global"] = {
+        **cfg.get("global", {}),
+        "scrape_interval": "1s",
+        "scrape_timeout": "1s",
+        "evaluation_interval": "1s",
+    }
     cfg["rule_files"] = [str(rules)]
     cfg["alerting"]["alertmanagers"] = [{"static_configs": [{"targets": [alertmanager]}]}]
     jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}

@@ -75,9 +75,7 @@ def main() -> int:
     deadline = time.monotonic() + args.timeout
 
     collector = karn_otel.configure(
-        KarnConfig(
-            run_id=args.run_id, out_dir=args.out, console="off", prometheus_port=args.port, rank=0, world_size=1
-        )
+        KarnConfig(run_id=args.run_id, out_dir=args.out, console="off", prometheus_port=args.port, rank=0, world_size=1)
     )
     port = next(s.prometheus_port for s in collector.sinks if getattr(s, "prometheus_port", None) is not None)
     say(event="port", port=port, run_id=collector.run_id)
@@ -99,7 +97,9 @@ def main() -> int:
         if cmd == "faults":
             collector.add_sink(FailingSink())
             karn_otel.emit(Scalars(step=0, values={"stack_test_probe": 1.0}))
-            karn_otel.emit(SlotSnapshot("nowhere", SeedStage.DORMANT, 0, None, None, 0, 0.0, None, None, 0.0, None, None, None))
+            karn_otel.emit(
+                SlotSnapshot("nowhere", SeedStage.DORMANT, 0, None, None, 0, 0.0, None, None, 0.0, None, None, None)
+            )
         elif cmd == "midepisode":
             karn_otel.emit(
                 EpisodeContext(

@@ -35,11 +35,27 @@ def test_prometheus_scrapes_every_rank(start_prometheus, tmp_path):
             "scrape_configs": [{"job_name": "karn", "honor_labels": True, "static_configs": [{"targets": targets}]}],
         }
     )
-    cmd = [sys.executable, "-m", "karn_otel.cli", "run", "--nproc", "2", "--epochs", "4", "--no-live",
-           "--out", str(tmp_path), "--prometheus-port", str(base), "--serve-after", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "karn_otel.cli",
+        "run",
+        "--nproc",
+        "2",
+        "--epochs",
+        "4",
+        "--no-live",
+        "--out",
+        str(tmp_path),
+        "--prometheus-port",
+        str(base),
+        "--serve-after",
+        "60",
+    ]
     log = open(tmp_path / "karn-run.log", "w")  # a file, not a pipe nobody drains
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
+
         def both_ranks():
             res = prom.query('karn_host_epoch{world_size="2"}')
             ranks = {r["metric"]["rank"] for r in res if float(r["value"][1]) >= 4}

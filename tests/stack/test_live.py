@@ -60,7 +60,10 @@ PROCESS_TIMEOUT_S = 240  # both Karn processes exit by themselves after this, wh
 # Panels whose query legitimately returns nothing while the run is healthy and complete, and why.
 # Everything else must return data for one of the two runs.
 EXPECTED_EMPTY = {
-    ("karn-ranks", "Missing ranks"): "only while a rank is gone; test_rank_killed_mid_episode checks it returns data then",
+    (
+        "karn-ranks",
+        "Missing ranks",
+    ): "only while a rank is gone; test_rank_killed_mid_episode checks it returns data then",
 }
 
 # Grafana's built-in variables, as Grafana would substitute them for a 1 h dashboard.
@@ -74,7 +77,11 @@ class KarnProcess:
         self.name = name
         self.lines: queue.Queue[str] = queue.Queue()
         self.all_lines: list[str] = []
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OTEL_EXPORTER_OTLP_ENDPOINT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OTEL_EXPORTER_OTLP_ENDPOINT")
+        }
         env["PYTHONUNBUFFERED"] = "1"
         self.stderr = open(log, "wb")
         self.proc = subprocess.Popen(
@@ -103,13 +110,15 @@ class KarnProcess:
                 return m
         pytest.fail(
             f"{self.name}: no line matching {pattern!r} (exit code {self.proc.poll()})\nstdout:\n"
-            + "\n".join(self.all_lines[-20:]) + "\nstderr:\n" + self.log.read_text(errors="replace")[-3000:]
+            + "\n".join(self.all_lines[-20:])
+            + "\nstderr:\n"
+            + self.log.read_text(errors="replace")[-3000:]
         )
 
     def send(self, cmd: str) -> None:
         self.proc.stdin.write(cmd + "\n")
         self.proc.stdin.flush()
-        self.expect(r'"event": "done", "cmd": "%s"' % cmd, timeout=30)
+        self.expect(rf'"event": "done", "cmd": "{cmd}"', timeout=30)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -130,21 +139,53 @@ class LiveStack:
         self.am = start_alertmanager(alertmanager_config_for_tests(webhook.url))
         rules = rules_for_tests(RULES, tmp / "karn-alerts.yml")
         self.prom: Prometheus = start_prometheus(
-            prometheus_config_for_tests(rules, [f"127.0.0.1:{driver_port}", f"127.0.0.1:{ppo_port}"], self.am.url.split("//")[1])
+            prometheus_config_for_tests(
+                rules, [f"127.0.0.1:{driver_port}", f"127.0.0.1:{ppo_port}"], self.am.url.split("//")[1]
+            )
         )
         self.processes: list[KarnProcess] = []
         try:
             self.driver = self._spawn(
                 "driver",
-                [sys.executable, str(DRIVER), "--out", str(tmp / "runs"), "--run-id", self.driver_run_id,
-                 "--port", str(driver_port), "--epochs", str(DRIVER_EPOCHS), "--report", str(self.report_path),
-                 "--timeout", str(PROCESS_TIMEOUT_S), "--inject-loss-spike-epoch", str(DRIVER_EPOCHS)],
+                [
+                    sys.executable,
+                    str(DRIVER),
+                    "--out",
+                    str(tmp / "runs"),
+                    "--run-id",
+                    self.driver_run_id,
+                    "--port",
+                    str(driver_port),
+                    "--epochs",
+                    str(DRIVER_EPOCHS),
+                    "--report",
+                    str(self.report_path),
+                    "--timeout",
+                    str(PROCESS_TIMEOUT_S),
+                    "--inject-loss-spike-epoch",
+                    str(DRIVER_EPOCHS),
+                ],
             )
             self.ppo = self._spawn(
                 "karn run (ppo)",
-                [sys.executable, "-m", "karn_otel.cli", "run", "--controller", "ppo", "--inject-entropy-collapse",
-                 "--epochs", str(PPO_EPOCHS), "--no-live", "--out", str(tmp / "ppo-runs"),
-                 "--prometheus-port", str(ppo_port), "--serve-after", str(PROCESS_TIMEOUT_S)],
+                [
+                    sys.executable,
+                    "-m",
+                    "karn_otel.cli",
+                    "run",
+                    "--controller",
+                    "ppo",
+                    "--inject-entropy-collapse",
+                    "--epochs",
+                    str(PPO_EPOCHS),
+                    "--no-live",
+                    "--out",
+                    str(tmp / "ppo-runs"),
+                    "--prometheus-port",
+                    str(ppo_port),
+                    "--serve-after",
+                    str(PROCESS_TIMEOUT_S),
+                ],
             )
             self.ppo.expect(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", timeout=60)
             self.driver.expect(r'"event": "port"', timeout=60)
@@ -173,8 +214,11 @@ class LiveStack:
         self.driver_run_dir = self.tmp / "runs" / self.driver_run_id
         self.report = json.loads(self.report_path.read_text())
         for run_id, epochs in ((self.driver_run_id, DRIVER_EPOCHS), (self.ppo_run_id, PPO_EPOCHS)):
-            wait_until(lambda: self.prom.query(f'karn_episode_epochs_completed{{run_id="{run_id}"}} == {epochs}'),
-                       30, f"Prometheus to scrape the end of run {run_id}")
+            wait_until(
+                lambda: self.prom.query(f'karn_episode_epochs_completed{{run_id="{run_id}"}} == {epochs}'),
+                30,
+                f"Prometheus to scrape the end of run {run_id}",
+            )
         # A few rule evaluations (every 1 s) over the final values.
         time.sleep(3)
         self._ready = True
@@ -185,16 +229,22 @@ class LiveStack:
             assert not self.killed
             self.driver.send("faults")
             self.faults_injected = True
-            wait_until(lambda: self.prom.query(f'karn_telemetry_events_dropped_total{{run_id="{self.driver_run_id}"}}'),
-                       20, "the dropped-events counter in Prometheus")
+            wait_until(
+                lambda: self.prom.query(f'karn_telemetry_events_dropped_total{{run_id="{self.driver_run_id}"}}'),
+                20,
+                "the dropped-events counter in Prometheus",
+            )
 
     def kill_driver_mid_episode(self) -> None:
         self.ready()
         if self.killed:
             return
         self.driver.send("midepisode")
-        wait_until(lambda: self.prom.query(f'karn_host_epoch{{run_id="{self.driver_run_id}"}} == 1'), 20,
-                   "Prometheus to see the driver's new episode")
+        wait_until(
+            lambda: self.prom.query(f'karn_host_epoch{{run_id="{self.driver_run_id}"}} == 1'),
+            20,
+            "Prometheus to see the driver's new episode",
+        )
         self.driver.proc.kill()  # SIGKILL: no goodbye, as in a crash or an OOM kill
         self.driver.proc.wait(timeout=10)
         self.ppo.stop()  # the PPO run finished its episode: a clean exit, never "missing"
@@ -233,15 +283,26 @@ def test_health_alerts_agree_with_the_runs_health_monitor(live):
     assert "loss_spike" in expected, expected
 
     def firing_checks() -> list[str]:
-        return sorted({a["labels"]["check"] for a in karn_alerts(live.prom, live.driver_run_id, "firing") if "check" in a["labels"]})
+        return sorted(
+            {
+                a["labels"]["check"]
+                for a in karn_alerts(live.prom, live.driver_run_id, "firing")
+                if "check" in a["labels"]
+            }
+        )
 
     wait_until(lambda: firing_checks() == expected, 20, f"Prometheus to fire {expected}")
     time.sleep(2)  # and nothing more, over a couple of evaluations
     assert firing_checks() == expected
     if not live.faults_injected:  # no other Karn alert either (pending or firing)
-        assert {a["labels"]["alertname"] for a in karn_alerts(live.prom, live.driver_run_id)} == {alert_name(c) for c in expected}
-    spike = wait_until(lambda: live.webhook.alerts(alertname="KarnLossSpike", run_id=live.driver_run_id), 20,
-                       "KarnLossSpike at the webhook")[0]
+        assert {a["labels"]["alertname"] for a in karn_alerts(live.prom, live.driver_run_id)} == {
+            alert_name(c) for c in expected
+        }
+    spike = wait_until(
+        lambda: live.webhook.alerts(alertname="KarnLossSpike", run_id=live.driver_run_id),
+        20,
+        "KarnLossSpike at the webhook",
+    )[0]
     assert spike["labels"]["check"] == "loss_spike" and spike["labels"]["severity"] == "warning"
     assert "Latest value: " in spike["annotations"]["description"]
 
@@ -251,7 +312,8 @@ def test_entropy_collapse_is_delivered_by_alertmanager(live):
     live.ready()
     delivered = wait_until(
         lambda: live.webhook.alerts(alertname="KarnEntropyCollapse", run_id=live.ppo_run_id),
-        30, "KarnEntropyCollapse at the webhook",
+        30,
+        "KarnEntropyCollapse at the webhook",
     )
     alert = delivered[0]
     assert alert["status"] == "firing"
@@ -273,13 +335,27 @@ def test_entropy_collapse_is_delivered_by_alertmanager(live):
 
 def test_telemetry_dropping_fires_when_a_sink_fails(live):
     live.inject_faults()
-    wait_until(lambda: live.prom.firing(alertname="KarnTelemetryDropping", run_id=live.driver_run_id), 20,
-               "KarnTelemetryDropping firing in Prometheus")
-    delivered = wait_until(lambda: live.webhook.alerts(alertname="KarnTelemetryDropping", run_id=live.driver_run_id), 20,
-                           "KarnTelemetryDropping at the webhook")
+    wait_until(
+        lambda: live.prom.firing(alertname="KarnTelemetryDropping", run_id=live.driver_run_id),
+        20,
+        "KarnTelemetryDropping firing in Prometheus",
+    )
+    delivered = wait_until(
+        lambda: live.webhook.alerts(alertname="KarnTelemetryDropping", run_id=live.driver_run_id),
+        20,
+        "KarnTelemetryDropping at the webhook",
+    )
     assert delivered[0]["labels"]["rank"] == "0"
-    assert live.prom.value(f'karn_telemetry_events_dropped_total{{run_id="{live.driver_run_id}", component="FailingSink"}}') >= 1
-    assert live.prom.value(f'karn_telemetry_events_rejected_total{{run_id="{live.driver_run_id}", reason="unknown_slot"}}') == 1
+    assert (
+        live.prom.value(
+            f'karn_telemetry_events_dropped_total{{run_id="{live.driver_run_id}", component="FailingSink"}}'
+        )
+        >= 1
+    )
+    assert (
+        live.prom.value(f'karn_telemetry_events_rejected_total{{run_id="{live.driver_run_id}", reason="unknown_slot"}}')
+        == 1
+    )
 
 
 # --------------------------------------------------------------------------- dashboards
@@ -319,6 +395,7 @@ def test_every_dashboard_query_returns_data(live):
     empty = []
     end = time.time()
     for uid, title, expr, instant in queries:
+
         def has_data(run_id: str) -> bool:
             q = substitute(expr, run_id=run_id, rank="0")
             return bool(live.prom.query(q) if instant else live.prom.query_range(q, live.t0, end))
@@ -369,8 +446,12 @@ def test_prometheus_holds_the_run_logs_last_values(live):
         assert v(f'karn_slot_stage{{{sel}, slot="{sid}", stage="{s.stage.value}"}}') == 1, sid
     assert cf.shapley_values, "the driver's run must end with attributed seeds"
     for sid, est in cf.shapley_values.items():
-        assert v(f'karn_counterfactual_shapley_mean{{{sel}, slot="{sid}"}}') == pytest.approx(est.mean, rel=1e-12, abs=1e-15)
-        assert v(f'karn_counterfactual_shapley_ci_low{{{sel}, slot="{sid}"}}') == pytest.approx(est.ci_low, rel=1e-12, abs=1e-15)
+        assert v(f'karn_counterfactual_shapley_mean{{{sel}, slot="{sid}"}}') == pytest.approx(
+            est.mean, rel=1e-12, abs=1e-15
+        )
+        assert v(f'karn_counterfactual_shapley_ci_low{{{sel}, slot="{sid}"}}') == pytest.approx(
+            est.ci_low, rel=1e-12, abs=1e-15
+        )
 
     # The PPO run: its last update's statistics.
     ppo = [e.payload for e in read_run(live.ppo_run_dir).events if e.event_type is ET.PPO_UPDATE][-1]
@@ -388,17 +469,29 @@ def test_prometheus_holds_the_run_logs_last_values(live):
 def test_rank_killed_mid_episode_is_reported_missing(live):
     """SIGKILL the driver in its second episode: KarnRankMissing fires for it, and not for the run that ended cleanly."""
     live.kill_driver_mid_episode()
-    alert = wait_until(lambda: live.prom.firing(alertname="KarnRankMissing", run_id=live.driver_run_id), 30,
-                       "KarnRankMissing for the killed rank")[0]
+    alert = wait_until(
+        lambda: live.prom.firing(alertname="KarnRankMissing", run_id=live.driver_run_id),
+        30,
+        "KarnRankMissing for the killed rank",
+    )[0]
     assert alert["labels"]["rank"] == "0" and alert["labels"]["world_size"] == "1"
-    assert wait_until(lambda: live.webhook.alerts(alertname="KarnRankMissing", run_id=live.driver_run_id), 20,
-                      "KarnRankMissing at the webhook")
+    assert wait_until(
+        lambda: live.webhook.alerts(alertname="KarnRankMissing", run_id=live.driver_run_id),
+        20,
+        "KarnRankMissing at the webhook",
+    )
     # The PPO run stopped too, after completing its episode: gone, but not missing.
-    wait_until(lambda: not live.prom.query(f'karn_telemetry_events_accepted_total{{run_id="{live.ppo_run_id}"}}'), 20,
-               "the PPO run's series to go stale")
+    wait_until(
+        lambda: not live.prom.query(f'karn_telemetry_events_accepted_total{{run_id="{live.ppo_run_id}"}}'),
+        20,
+        "the PPO run's series to go stale",
+    )
     time.sleep(3)  # several evaluations
-    assert not [a for a in live.prom.alerts() if a["labels"]["alertname"] == "KarnRankMissing"
-                and a["labels"].get("run_id") == live.ppo_run_id]
+    assert not [
+        a
+        for a in live.prom.alerts()
+        if a["labels"]["alertname"] == "KarnRankMissing" and a["labels"].get("run_id") == live.ppo_run_id
+    ]
     # The ranks dashboard's "Missing ranks" panel now has data.
     [expr] = [e for uid, title, e, _ in dashboard_queries() if (uid, title) == ("karn-ranks", "Missing ranks")]
     missing = live.prom.query(substitute(expr, run_id=live.driver_run_id, rank="0"))

@@ -26,7 +26,8 @@ import yaml
 from karn_otel import metrics_registry as reg
 from karn_otel import stack_rules
 from karn_otel.contracts import SeedStage
-from karn_otel.health import CHECKS, DEFAULT_THRESHOLDS as T, entropy_floors
+from karn_otel.health import CHECKS, entropy_floors
+from karn_otel.health import DEFAULT_THRESHOLDS as T
 from tests.stack.conftest import AMTOOL, PROMTOOL, REPO, STACK, require
 
 pytestmark = pytest.mark.stack
@@ -46,8 +47,15 @@ PROM_NAMES = {m.prometheus_name for m in reg.METRICS}
 # Series Prometheus makes itself; dashboards and rules may use them besides Karn's.
 PROMETHEUS_BUILTINS = {"ALERTS", "ALERTS_FOR_STATE", "up"}
 REQUIRED_ALERTS = {
-    "KarnEntropyCollapse", "KarnValueCollapse", "KarnKLTooHigh", "KarnExplainedVarianceNegative", "KarnLossSpike",
-    "KarnGradientExplosion", "KarnAccuracyDrop", "KarnRankMissing", "KarnTelemetryDropping",
+    "KarnEntropyCollapse",
+    "KarnValueCollapse",
+    "KarnKLTooHigh",
+    "KarnExplainedVarianceNegative",
+    "KarnLossSpike",
+    "KarnGradientExplosion",
+    "KarnAccuracyDrop",
+    "KarnRankMissing",
+    "KarnTelemetryDropping",
 }
 DASHBOARD_VARIABLES = {"run_id", "rank", "__rate_interval", "__interval", "__range"}
 REQUIRED_DASHBOARDS = {"karn-training", "karn-policy", "karn-gradients", "karn-ranks"}
@@ -55,11 +63,55 @@ REQUIRED_SERVICES = {"otel-collector", "prometheus", "tempo", "grafana", "alertm
 
 # PromQL words that look like metric names but are not.
 _PROMQL_WORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
-    "sum", "min", "max", "avg", "count", "group", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values",
-    "abs", "rate", "increase", "irate", "delta", "idelta", "changes", "resets", "label_replace", "label_join",
-    "present_over_time", "last_over_time", "max_over_time", "min_over_time", "avg_over_time", "count_over_time",
-    "absent", "absent_over_time", "clamp_min", "clamp_max", "time", "timestamp", "vector", "scalar", "Inf", "NaN",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "group",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "abs",
+    "rate",
+    "increase",
+    "irate",
+    "delta",
+    "idelta",
+    "changes",
+    "resets",
+    "label_replace",
+    "label_join",
+    "present_over_time",
+    "last_over_time",
+    "max_over_time",
+    "min_over_time",
+    "avg_over_time",
+    "count_over_time",
+    "absent",
+    "absent_over_time",
+    "clamp_min",
+    "clamp_max",
+    "time",
+    "timestamp",
+    "vector",
+    "scalar",
+    "Inf",
+    "NaN",
 }
 
 
@@ -117,7 +169,10 @@ def test_one_alert_per_health_check_plus_karns_own():
         assert re.fullmatch(r"\d+[smh]", r["for"]), r["alert"]
         assert r["labels"]["severity"] in ("warning", "critical")
         for key in ("summary", "description"):
-            assert "$labels.run_id" in r["annotations"][key] and "$labels.rank" in r["annotations"][key], (r["alert"], key)
+            assert "$labels.run_id" in r["annotations"][key] and "$labels.rank" in r["annotations"][key], (
+                r["alert"],
+                key,
+            )
 
 
 def test_rule_thresholds_are_the_health_monitors():
@@ -262,7 +317,9 @@ def test_dashboards_exist_and_are_well_formed():
             assert g["x"] + g["w"] <= 24, (uid, p["title"])
             if p["type"] != "row":
                 assert p["targets"], (uid, p["title"])
-                assert {t["refId"] for t in p["targets"]} and len({t["refId"] for t in p["targets"]}) == len(p["targets"])
+                assert {t["refId"] for t in p["targets"]} and len({t["refId"] for t in p["targets"]}) == len(
+                    p["targets"]
+                )
 
 
 def test_every_dashboard_has_run_and_rank_variables():
@@ -300,7 +357,10 @@ def test_alerts_link_to_existing_dashboards():
     boards = dashboards()
     grafana_port = load_yaml(COMPOSE)["services"]["grafana"]["ports"][0].split(":")[1]
     for r in rules():
-        m = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/d/([\w-]+)\?var-run_id=\{\{ \$labels\.run_id \}\}.*", r["annotations"]["dashboard"])
+        m = re.fullmatch(
+            r"http://127\.0\.0\.1:(\d+)/d/([\w-]+)\?var-run_id=\{\{ \$labels\.run_id \}\}.*",
+            r["annotations"]["dashboard"],
+        )
         assert m and m.group(1) == grafana_port and m.group(2) in boards, (r["alert"], r["annotations"]["dashboard"])
 
 
@@ -359,7 +419,9 @@ def test_dense_windows_link_to_their_tempo_traces():
     import urllib.parse
 
     [link] = [lk for p in board["panels"] for lk in p.get("links", []) if "/explore" in lk["url"]]
-    panes = json.loads(urllib.parse.unquote(urllib.parse.parse_qs(urllib.parse.urlsplit(link["url"]).query)["panes"][0]))
+    panes = json.loads(
+        urllib.parse.unquote(urllib.parse.parse_qs(urllib.parse.urlsplit(link["url"]).query)["panes"][0])
+    )
     [pane] = panes.values()
     assert pane["datasource"] in provisioned() and provisioned()[pane["datasource"]]["type"] == "tempo"
     assert [q["query"].replace("${run_id}", "$run_id") for q in pane["queries"]] == dense
@@ -373,7 +435,10 @@ def test_datasources_have_fixed_uids_and_linked_traces():
     assert {"karn-prometheus", "karn-tempo", "karn-alertmanager"} <= set(ds)
     assert ds["karn-prometheus"]["type"] == "prometheus" and ds["karn-prometheus"]["url"] == "http://prometheus:9090"
     assert ds["karn-tempo"]["type"] == "tempo"
-    assert ds["karn-alertmanager"]["type"] == "alertmanager" and ds["karn-alertmanager"]["url"] == "http://alertmanager:9093"
+    assert (
+        ds["karn-alertmanager"]["type"] == "alertmanager"
+        and ds["karn-alertmanager"]["url"] == "http://alertmanager:9093"
+    )
     prom = ds["karn-prometheus"]["jsonData"]
     assert prom["exemplarTraceIdDestinations"][0]["datasourceUid"] == "karn-tempo"
     assert prom["alertmanagerUid"] == "karn-alertmanager"
@@ -429,8 +494,14 @@ def test_compose_mounts_exist_and_configs_are_read_only():
                 assert (REPO / parts[0]).exists(), f"{name}: {parts[0]} does not exist"
                 assert parts[-1] == "ro", f"{name}: {volume} should be read-only"
     mounted = {v.split(":")[0] for s in services.values() for v in s.get("volumes", [])}
-    for path in ("./collector-config/otel-collector.yaml", "./stack/prometheus", "./stack/alertmanager",
-                 "./stack/tempo/tempo.yaml", "./stack/grafana/provisioning", "./dashboards"):
+    for path in (
+        "./collector-config/otel-collector.yaml",
+        "./stack/prometheus",
+        "./stack/alertmanager",
+        "./stack/tempo/tempo.yaml",
+        "./stack/grafana/provisioning",
+        "./dashboards",
+    ):
         assert path in mounted, path
 
 
@@ -457,8 +528,20 @@ COLLECTOR_VERSION = "0.111.0"
 # Component types of otelcol-contrib 0.111.0 that a Karn stack may use (a subset of the distribution).
 KNOWN_COMPONENTS = {
     "receivers": {"otlp", "prometheus", "hostmetrics"},
-    "processors": {"batch", "memory_limiter", "transform", "filter", "attributes", "resource", "resourcedetection",
-                   "metricstransform", "cumulativetodelta", "deltatocumulative", "groupbyattrs", "k8sattributes"},
+    "processors": {
+        "batch",
+        "memory_limiter",
+        "transform",
+        "filter",
+        "attributes",
+        "resource",
+        "resourcedetection",
+        "metricstransform",
+        "cumulativetodelta",
+        "deltatocumulative",
+        "groupbyattrs",
+        "k8sattributes",
+    },
     "exporters": {"otlp", "otlphttp", "prometheus", "prometheusremotewrite", "debug", "file"},
     "extensions": {"health_check", "pprof", "zpages"},
     "connectors": {"spanmetrics", "servicegraph", "forward", "count"},
@@ -549,6 +632,12 @@ def test_tempo_config():
 
 def test_docs_describe_the_stack():
     text = (REPO / "docs" / "stack.md").read_text()
-    for needle in ("docker compose up", "GRAFANA_ADMIN_PASSWORD", "--otlp-endpoint", "--prometheus-port",
-                   "stack_rules", *sorted(REQUIRED_ALERTS)):
+    for needle in (
+        "docker compose up",
+        "GRAFANA_ADMIN_PASSWORD",
+        "--otlp-endpoint",
+        "--prometheus-port",
+        "stack_rules",
+        *sorted(REQUIRED_ALERTS),
+    ):
         assert needle in text, needle

@@ -48,7 +48,15 @@ def test_shared_prefix_equals_generic(model_and_data, active, batch_leaves):
         slots = [model.slots[s] for s in model.slots]
         branching = [s in active for s in model.slots]
         shared = evaluate_shared_prefix(
-            model, model.segments(), slots, branching, configs, d.x_val, d.y_val, batch_size=100, batch_leaves=batch_leaves
+            model,
+            model.segments(),
+            slots,
+            branching,
+            configs,
+            d.x_val,
+            d.y_val,
+            batch_size=100,
+            batch_leaves=batch_leaves,
         )
     finally:
         model.slots["mid"].stage = SeedStage.TRAINING
@@ -83,7 +91,13 @@ def test_training_state_restored_exactly(model_and_data, fn):
         evaluate_configurations(model, model.slots, ["early", "late"], configs, d.x_val, d.y_val)
     else:
         evaluate_shared_prefix(
-            model, model.segments(), [model.slots[s] for s in model.slots], [True, False, True], configs, d.x_val, d.y_val
+            model,
+            model.segments(),
+            [model.slots[s] for s in model.slots],
+            [True, False, True],
+            configs,
+            d.x_val,
+            d.y_val,
         )
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -95,7 +109,13 @@ def test_bad_configuration_length_is_a_clear_error(model_and_data):
     model, d = model_and_data
     with pytest.raises(ValueError, match="has 1 entries for 2 switched slots"):
         evaluate_shared_prefix(
-            model, model.segments(), [model.slots[s] for s in model.slots], [True, False, True], [(True,)], d.x_val, d.y_val
+            model,
+            model.segments(),
+            [model.slots[s] for s in model.slots],
+            [True, False, True],
+            [(True,)],
+            d.x_val,
+            d.y_val,
         )
     with pytest.raises(ValueError, match="has 1 entries for 2 slots"):
         evaluate_configurations(model, model.slots, ["early", "late"], [(True,)], d.x_val, d.y_val)

@@ -226,7 +226,9 @@ def test_repeated_epochs_leave_rollout_statistics_unchanged():
             acc.update(**{k: (v[idx] if v.dim() > 0 else v) for k, v in batch.items()})
     thrice = acc.compute(0)
     for f in ("mean", "std", "min", "max", "fraction_clipped"):
-        assert getattr(thrice.advantage_stats, f) == pytest.approx(getattr(once.advantage_stats, f), rel=1e-9, abs=1e-12)
+        assert getattr(thrice.advantage_stats, f) == pytest.approx(
+            getattr(once.advantage_stats, f), rel=1e-9, abs=1e-12
+        )
     assert thrice.explained_variance == pytest.approx(once.explained_variance, rel=1e-9)
     assert thrice.value_variance == pytest.approx(once.value_variance, rel=1e-9)
 

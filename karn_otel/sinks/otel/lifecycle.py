@@ -216,7 +216,9 @@ class ExportLifecycle:
         unfinished = run_all_bounded(jobs, deadline)
         if unfinished:
             bound = self.shutdown_timeout_s
-            log.warning("Karn OTel sink: %d shutdown step(s) still busy at the %.1f s bound, left behind", unfinished, bound)
+            log.warning(
+                "Karn OTel sink: %d shutdown step(s) still busy at the %.1f s bound, left behind", unfinished, bound
+            )
         self.ledger.settle_unsent()
 
     def _await_flush(self, deadline: float) -> None:
@@ -224,7 +226,9 @@ class ExportLifecycle:
         but stop waiting as soon as an export fails: then nothing is getting through anyway."""
         thread = self._flush_thread
         limit = min(deadline, time.monotonic() + self.export_timeout_s)
-        while thread is not None and thread.is_alive() and not self.ledger.endpoint_failing and time.monotonic() < limit:
+        while (
+            thread is not None and thread.is_alive() and not self.ledger.endpoint_failing and time.monotonic() < limit
+        ):
             thread.join(0.02)
 
     def _flush_exporters(self) -> None:

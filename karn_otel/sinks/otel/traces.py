@@ -176,7 +176,9 @@ class EpisodeTraces:
         end = _ns(event.timestamp)
         start = min(self._epoch_starts.get(d.window_start_epoch, self._epoch_start), end)
         attrs = {"karn.episode_id": self._episode_id, **_dense_attributes(d)}
-        span = self._tracer.start_span("karn.dense_window", context=self._episode_ctx, attributes=attrs, start_time=start)
+        span = self._tracer.start_span(
+            "karn.dense_window", context=self._episode_ctx, attributes=attrs, start_time=start
+        )
         batches = d.batch_metrics
         picked = _spread(len(batches), MAX_BATCH_EVENTS)
         # Batches carry no timestamps: the events are spread evenly over the window, in batch order.
@@ -297,7 +299,12 @@ def _dense_attributes(d: Any) -> dict[str, Any]:
     g = d.gate_evaluation_details
     if g is not None:
         attrs.update(
-            {"karn.gate": g.gate, "karn.gate.slot": g.slot_id, "karn.gate.passed": g.passed, "karn.gate.reason": g.reason}
+            {
+                "karn.gate": g.gate,
+                "karn.gate.slot": g.slot_id,
+                "karn.gate.passed": g.passed,
+                "karn.gate.reason": g.reason,
+            }
         )
     return attrs
 
