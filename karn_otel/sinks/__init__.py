@@ -1,25 +1,17 @@
-"""Output backends. A sink is anything with ``handle(event)``, ``flush()`` and ``close()``.
+"""Output backends. A sink is anything with ``handle(event)``, ``flush()`` and ``close()``
+(the :class:`~karn_otel.pipeline.Sink` protocol, defined beside its consumer, the pipeline).
 
 ``handle`` runs on the emitting (training) thread under the collector's lock, so it must be
 cheap and must not block: enqueue and return. Slow work (disk, network, rendering) belongs
-on the sink's own thread. A sink may expose ``dropped() -> dict[str, int]`` so the
-collector can report what it lost.
+on the sink's own thread. A sink may expose ``dropped() -> dict[str, int]`` and
+``queue_depth() -> int``; the pipeline sums them into Karn's accounting. Sinks read state
+through the read-only :class:`~karn_otel.pipeline.StoreView` they are built with.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 from karn_otel.contracts import TelemetryEvent
-
-
-@runtime_checkable
-class Sink(Protocol):
-    def handle(self, event: TelemetryEvent) -> None: ...
-
-    def flush(self, timeout: float | None = None) -> None: ...
-
-    def close(self) -> None: ...
+from karn_otel.pipeline import Sink
 
 
 class MemorySink:
