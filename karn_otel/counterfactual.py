@@ -78,6 +78,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from karn_otel.config import CounterfactualConfig
 from karn_otel.contracts import CounterfactualMatrix, CounterfactualResult, ShapleyEstimate
@@ -152,10 +153,15 @@ def _mask_to_config(mask: int, n: int) -> tuple[bool, ...]:
     return tuple(bool((mask >> i) & 1) for i in range(n))
 
 
-def _popcount(masks: np.ndarray) -> np.ndarray:
+FloatArray = npt.NDArray[np.float64]
+"""A float64 array: game values, Shapley estimates, bootstrap accuracies."""
+IntArray = npt.NDArray[np.int64]
+"""An int64 array: bitmasks, popcounts, permutations."""
+
+
+def _popcount(masks: IntArray) -> IntArray:
     if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        counted: np.ndarray = np.bitwise_count(masks).astype(np.int64)
-        return counted
+        return np.bitwise_count(masks).astype(np.int64)
     counts = np.zeros_like(masks)
     m = masks.copy()
     while np.any(m):
@@ -169,7 +175,7 @@ GameValues = Mapping[tuple[bool, ...], float] | np.ndarray
 (shape ``(2**n,)``, or ``(2**n, k)`` to evaluate k games at once, e.g. bootstrap replicates)."""
 
 
-def _dense_values(values: GameValues, n: int) -> np.ndarray:
+def _dense_values(values: GameValues, n: int) -> FloatArray:
     """All ``2**n`` values as a float array indexed by bitmask; ValueError if any is missing."""
     n = _check_n(n)
     if isinstance(values, Mapping):
@@ -210,7 +216,7 @@ def _value_getter(values: GameValues, n: int) -> Callable[[int], float | None]:
     return lambda mask: float(table[mask])
 
 
-def shapley_exact(values: GameValues, n: int) -> np.ndarray:
+def shapley_exact(values: GameValues, n: int) -> FloatArray:
     """Exact Shapley values by enumerating all ``2**n`` coalitions.
 
     ``phi_i = sum over S not containing i of |S|! (n-|S|-1)! / n! * (v(S + i) - v(S))``.
@@ -232,7 +238,7 @@ def shapley_exact(values: GameValues, n: int) -> np.ndarray:
     return phi
 
 
-def shapley_interaction_index(values: GameValues, n: int) -> np.ndarray:
+def shapley_interaction_index(values: GameValues, n: int) -> FloatArray:
     """Exact pairwise Shapley interaction index (Grabisch & Roubens 1999), shape ``(n, n)``.
 
     ``I_ij = sum over S in N minus {i, j} of |S|! (n-|S|-2)! / (n-1)! * D_ij(S)`` with
@@ -259,7 +265,7 @@ def shapley_interaction_index(values: GameValues, n: int) -> np.ndarray:
     return out
 
 
-def marginal_contributions(values: GameValues, n: int) -> np.ndarray:
+def marginal_contributions(values: GameValues, n: int) -> FloatArray:
     """Removal cost of each player: ``v(all on) - v(all on except i)``, shape ``(n,)``.
 
     This is the spec's "marginal contribution" as Karn measures it (review P0 #3: removal
@@ -279,7 +285,7 @@ def marginal_contributions(values: GameValues, n: int) -> np.ndarray:
     return out
 
 
-def interaction_effects(values: GameValues, n: int) -> np.ndarray:
+def interaction_effects(values: GameValues, n: int) -> FloatArray:
     """Pairwise interaction relative to the full configuration, shape ``(n, n)``.
 
     ``E_ij = v(N) - v(N-i) - v(N-j) + v(N-i-j)`` (inclusion-exclusion with all other slots
@@ -304,7 +310,7 @@ def interaction_effects(values: GameValues, n: int) -> np.ndarray:
 # =========================================================================== permutation sampling
 
 
-def _draw_antithetic_permutations(n: int, n_pairs: int, rng: np.random.Generator) -> np.ndarray:
+def _draw_antithetic_permutations(n: int, n_pairs: int, rng: np.random.Generator) -> IntArray:
     """Shape ``(2 * n_pairs, n)``: row 2k is a uniform permutation, row 2k + 1 its reverse.
 
     Each row is marginally uniform, so averaging over rows is unbiased; a permutation and its
@@ -319,7 +325,7 @@ def _draw_antithetic_permutations(n: int, n_pairs: int, rng: np.random.Generator
     return perms
 
 
-def _prefix_masks(perm: np.ndarray) -> list[int]:
+def _prefix_masks(perm: IntArray) -> list[int]:
     """The n + 1 coalitions a permutation walks through: empty, {p0}, {p0, p1}, ..., all."""
     masks = [0]
     for player in perm:
@@ -327,7 +333,7 @@ def _prefix_masks(perm: np.ndarray) -> list[int]:
     return masks
 
 
-def _permutation_marginals(perms: np.ndarray, value_of: Callable[[int], np.ndarray | float]) -> np.ndarray:
+def _permutation_marginals(perms: IntArray, value_of: Callable[[int], FloatArray | float]) -> FloatArray:
     """Marginal contribution of every player in every permutation: ``(n_perms, n, *value shape)``."""
     n_perms, n = perms.shape
     first = np.asarray(value_of(0), dtype=float)
@@ -347,7 +353,7 @@ def shapley_permutation_antithetic(
     n: int,
     n_permutations: int,
     rng: np.random.Generator | int | None = None,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[FloatArray, FloatArray, int]:
     """Monte Carlo Shapley values by permutation sampling with antithetic pairs.
 
     ``value_fn(config)`` returns the game value of a configuration (a tuple of n bools); it
@@ -380,7 +386,7 @@ def shapley_permutation_antithetic(
     return means, std_errors, 2 * n_pairs
 
 
-def _pair_mean_and_se(marginals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pair_mean_and_se(marginals: FloatArray) -> tuple[FloatArray, FloatArray]:
     """Mean and standard error over antithetic pairs of ``marginals`` (rows 2k, 2k+1 paired).
 
     The pair mean is the sampling unit: the two halves of a pair are dependent by design,
@@ -540,8 +546,8 @@ class _BudgetedMemo:
         self._max = config.max_configurations
         self._timeout = config.timeout_seconds
         self._started = started
-        self.correct: dict[int, np.ndarray] = {}  # bitmask -> per-example correctness
-        self.loss: dict[int, np.ndarray | None] = {}
+        self.correct: dict[int, FloatArray] = {}  # bitmask -> per-example correctness
+        self.loss: dict[int, FloatArray | None] = {}
         self.n_examples: int | None = None
         self.stopped_by: str | None = None  # "max_configurations" | "timeout_seconds"
 
@@ -610,7 +616,7 @@ class _BudgetedMemo:
         self.loss[mask] = loss
 
 
-def _as_example_array(x: object, what: str, *, allow_nonfinite: bool = False) -> np.ndarray:
+def _as_example_array(x: object, what: str, *, allow_nonfinite: bool = False) -> FloatArray:
     arr = np.asarray(x)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ValueError(f"{what} must be a numeric array, got dtype {arr.dtype}")
@@ -637,7 +643,7 @@ def _check_slot_ids(slot_ids: Sequence[str]) -> tuple[str, ...]:
     return slots
 
 
-def _bootstrap_accuracies(correct: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def _bootstrap_accuracies(correct: FloatArray, n_boot: int, rng: np.random.Generator) -> FloatArray:
     """Accuracy of every configuration under ``n_boot`` resamples of the validation examples.
 
     ``correct`` is ``(n_configs, n_examples)``; returns ``(n_configs, n_boot)``. Resample b
