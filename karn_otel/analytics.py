@@ -14,10 +14,19 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from karn_otel.contracts import ActionOp, CounterfactualMatrix, ShapleyEstimate
 from karn_otel.store import TelemetryStore
+
+if TYPE_CHECKING:  # health.py is not imported at run time here
+    from karn_otel.health import HealthReport
+
+
+class HealthSource(Protocol):
+    """What training_health reads: a HealthMonitor, or the pipeline's view of one."""
+
+    def report(self) -> HealthReport: ...
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ class MorphogeneticAnalytics:
     """
 
     def __init__(
-        self, store: TelemetryStore, health: Any = None, reference_curve: ReferenceCurve | None = None
+        self, store: TelemetryStore, health: HealthSource | None = None, reference_curve: ReferenceCurve | None = None
     ) -> None:
         self.store = store
         self.health = health
@@ -240,7 +249,7 @@ class MorphogeneticAnalytics:
 
     # === Health ===
 
-    def training_health(self) -> Any:
+    def training_health(self) -> HealthReport | None:
         """The HealthMonitor's HealthReport (named checks with severities), or None if no
         monitor is attached (Karn configured with processors=False)."""
         return None if self.health is None else self.health.report()
