@@ -5,7 +5,8 @@ Layout of ``<out>/<run_id>/``::
     run.json                          run id, schema version, creation time
     events.jsonl                      one TelemetryEvent envelope per line, append-only
     episodes/<episode_id>/context.json  each episode's EpisodeContext (a run may hold several)
-    checkpoints/                      initial host checkpoints (written by the trainer)
+    checkpoints/                      initial host checkpoints (written, and pruned by its
+                                      checkpoint_retention, by the trainer)
 
 ``RunLogSink.handle`` only appends to a bounded in-memory queue (O(1)); a writer thread
 encodes in batches with the C encoder of :mod:`karn_otel.codec` and writes each batch with
@@ -44,7 +45,6 @@ from karn_otel.codec import (
 from karn_otel.contracts import (
     SCHEMA_VERSION,
     EpisodeContext,
-    HostBaseline,
     TelemetryEvent,
     TelemetryEventType,
 )
@@ -55,7 +55,7 @@ _BATCH = 512  # events per C encode call (GIL held throughout; ~0.5-2 ms)
 _BUDGET_S = 0.004  # encode batches for up to this long per write call
 _MAX_PER_WRITE = 16_384  # events per write call at most (bounds the writer's memory)
 RUN_FILE = "run.json"
-_SIDE_FILE_TYPES = frozenset({TelemetryEventType.EPISODE_STARTED, TelemetryEventType.HOST_BASELINE})
+_SIDE_FILE_TYPES = frozenset({TelemetryEventType.EPISODE_STARTED})
 _event_type_of = operator.attrgetter("event_type")
 
 
@@ -90,7 +90,6 @@ class RunLogSink:
         self._sync_target = 0  # fsync requested once _written reaches this (flush)
         self._synced = 0  # the flush watermark: written (or dropped) and fsynced
         self._dropped: Counter[str] = Counter()
-        self._baselines: list[HostBaseline] = []
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="karn-runlog", daemon=True)
         self._thread.start()
@@ -131,7 +130,6 @@ class RunLogSink:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10.0)
-        self._apply_retention()
         try:
             self._file.close()
         except OSError:
@@ -179,7 +177,7 @@ class RunLogSink:
             return
         for event in batch:
             et = event.event_type
-            if et is TelemetryEventType.EPISODE_STARTED or et is TelemetryEventType.HOST_BASELINE:
+            if et is TelemetryEventType.EPISODE_STARTED:
                 try:
                     self._side_files(event)
                 except Exception as exc:  # noqa: BLE001 (must not kill the writer)
@@ -242,20 +240,6 @@ class RunLogSink:
             ep_dir = self.run_dir / "episodes" / p.episode_id
             ep_dir.mkdir(parents=True, exist_ok=True)
             (ep_dir / "context.json").write_text(to_json(p) + "\n")
-        elif isinstance(p, HostBaseline) and p.final_host_only_accuracy is None:
-            self._baselines.append(p)
-
-    def _apply_retention(self) -> None:
-        """Apply each baseline's checkpoint_retention_policy once the run is over."""
-        for i, b in enumerate(self._baselines):
-            last = i == len(self._baselines) - 1
-            if b.checkpoint_retention_policy == "delete_after_run" or (
-                b.checkpoint_retention_policy == "keep_last" and not last
-            ):
-                try:
-                    Path(b.initial_checkpoint).unlink(missing_ok=True)
-                except OSError:
-                    pass
 
 
 # ---------------------------------------------------------------------- reading
