@@ -9,7 +9,7 @@ import pytest
 
 from karn_otel import collector as kc
 from karn_otel.config import KarnConfig
-from karn_otel.contracts import EpisodeSummary, TelemetryEventType
+from karn_otel.contracts import EpisodeSummary, HostBaseline, TelemetryEventType
 from karn_otel.sinks.runlog import RunDirError, RunLogSink, read_events, read_run
 from tests.conftest import canon, make_context
 from tests.test_collector import host
