@@ -24,9 +24,17 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import cast
 
 from karn_otel.config import DenseTraceTrigger
-from karn_otel.contracts import HostSnapshot, ModeChange, OperatingMode, TelemetryEvent, TelemetryEventType
+from karn_otel.contracts import (
+    HostSnapshot,
+    ModeChange,
+    OperatingMode,
+    PPOUpdateStats,
+    TelemetryEvent,
+    TelemetryEventType,
+)
 from karn_otel.health import (
     DEFAULT_THRESHOLDS,
     Finding,
@@ -34,11 +42,8 @@ from karn_otel.health import (
     HealthMonitor,
     HealthThresholds,
     HostHistory,
-    accuracy_drop_finding,
-    entropy_collapse_finding,
-    gradient_explosion_finding,
-    loss_spike_finding,
-    value_collapse_finding,
+    host_findings,
+    ppo_findings,
 )
 
 __all__ = ["ANOMALY_REASONS", "DenseTriggerEngine", "DenseWindow"]
@@ -164,51 +169,26 @@ class DenseTriggerEngine(GuardedProcessor):
         """
         et, p, t = getattr(event, "event_type", None), getattr(event, "payload", None), self.trigger
         out: list[str] = []
-        shared = self.health.last_findings_for(event) if self.health is not None else None
-        if shared is not None and et in (ET.HOST_SNAPSHOT, ET.PPO_UPDATE):
-            return self._anomalies_from(shared, p)
+        if et is ET.HOST_SNAPSHOT or et is ET.PPO_UPDATE:
+            # One evaluation of the shared checks: the pipeline's health monitor (which runs
+            # first) has the findings; a standalone engine evaluates them with its own history.
+            findings = self.health.last_findings_for(event) if self.health is not None else None
+            if findings is None:
+                if et is ET.HOST_SNAPSHOT:
+                    findings = tuple(host_findings(cast(HostSnapshot, p), self._history, self.thresholds))
+                else:
+                    findings = tuple(ppo_findings(cast(PPOUpdateStats, p), self.thresholds, self.head_sizes))
+            return self._anomalies_from(findings, p)
         if et is ET.STAGE_TRANSITION:
             if t.stage_transition:
                 out.append("stage_transition")
-        elif et is ET.GATE_EVALUATION:
-            if t.gate_failure and getattr(p, "passed", True) is False:
-                out.append("gate_failure")
-        elif et is ET.HOST_SNAPSHOT:
-            th, hist = self.thresholds, self._history
-            loss = getattr(p, "train_loss", None)
-            spike = loss_spike_finding(loss, hist.losses, th.loss_spike_ratio)
-            if (spike is not None and spike.failing) or _non_finite(loss):
-                out.append("loss_spike")
-            drop = accuracy_drop_finding(
-                hist.last_val_accuracy, getattr(p, "val_accuracy", None), th.accuracy_drop_points
-            )
-            if drop is not None and drop.failing:
-                out.append("accuracy_drop")
-            grad = gradient_explosion_finding(
-                getattr(p, "host_grad_norm", None), hist.grad_norms, th.gradient_explosion_ratio
-            )
-            if grad is not None and grad.failing:
-                out.append("gradient_explosion")
-        elif et is ET.PPO_UPDATE:
-            th = self.thresholds
-            if t.value_collapse:
-                vc = value_collapse_finding(
-                    getattr(p, "value_variance", None),
-                    getattr(getattr(p, "advantage_stats", None), "std", None),
-                    getattr(p, "explained_variance", None),
-                    th.value_collapse_ratio,
-                )
-                if vc is not None and vc.failing:
-                    out.append("value_collapse")
-            entropy = getattr(p, "entropy", None)
-            if t.entropy_collapse and isinstance(entropy, Mapping):
-                ec = entropy_collapse_finding(entropy, th, self.head_sizes)
-                if ec is not None and ec.failing:
-                    out.append("entropy_collapse")
+        elif et is ET.GATE_EVALUATION and t.gate_failure and getattr(p, "passed", True) is False:
+            out.append("gate_failure")
         return out
 
     def _anomalies_from(self, findings: tuple[Finding, ...], p: object) -> list[str]:
-        """The host/PPO anomalies from the health monitor's findings, at this engine's limits."""
+        """The host/PPO anomalies from the checks' findings, at this engine's limits (the
+        findings' own ``failing`` uses the health thresholds; the trigger's may differ)."""
         th, t = self.thresholds, self.trigger
         by = {f.check: f for f in findings}
         out: list[str] = []
