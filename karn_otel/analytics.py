@@ -14,19 +14,14 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from karn_otel.contracts import ActionOp, CounterfactualMatrix, ShapleyEstimate
+from karn_otel.pipeline import HealthSource
 from karn_otel.store import TelemetryStore
 
 if TYPE_CHECKING:  # health.py is not imported at run time here
     from karn_otel.health import HealthReport
-
-
-class HealthSource(Protocol):
-    """What training_health reads: a HealthMonitor, or the pipeline's view of one."""
-
-    def report(self) -> HealthReport: ...
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from karn_otel.contracts import (
 )
 
 if TYPE_CHECKING:
+    from karn_otel.health import HealthReport
     from karn_otel.store import TelemetryStore
 
 log = logging.getLogger("karn")
@@ -88,7 +89,7 @@ class Processor(Protocol):
 class HealthSource(Protocol):
     """What the view needs of the health monitor: its report, computed on demand."""
 
-    def report(self) -> Any: ...
+    def report(self) -> HealthReport: ...
 
 
 class ModeOwner(Protocol):
@@ -110,7 +111,7 @@ class AnalyticsView(Protocol):
 
     def seed_contributions(self) -> Mapping[str, Any]: ...
 
-    def training_health(self) -> Any: ...
+    def training_health(self) -> HealthReport | None: ...
 
     def params_efficiency_ratio(self) -> float | None: ...
 
@@ -187,7 +188,7 @@ class StoreView(Protocol):
 
     def queue_depths(self) -> dict[str, int]: ...
 
-    def health_report(self) -> Any: ...
+    def health_report(self) -> HealthReport | None: ...
 
 
 # ---------------------------------------------------------------------- the view
@@ -208,7 +209,7 @@ class PipelineView:
         self.world_size = pipeline.world_size
         self._report_lock = threading.Lock()
         self._report_key = -1
-        self._report: Any = None
+        self._report: HealthReport | None = None
 
     # store state
     @property
@@ -290,7 +291,7 @@ class PipelineView:
         return self._store.counts()
 
     def scalars(self) -> dict[str, float]:
-        return dict(self._store.scalars)
+        return self._store.latest_scalars()
 
     # accounting
     def stats(self) -> TelemetryStats:
@@ -302,11 +303,15 @@ class PipelineView:
     def queue_depths(self) -> dict[str, int]:
         return self._p.queue_depths()
 
-    def report(self) -> Any:
-        """:class:`HealthSource`: the cached health report (so analytics shares the cache)."""
-        return self.health_report()
+    def report(self) -> HealthReport:
+        """:class:`HealthSource`: the cached health report (so analytics shares the cache).
+        Only handed to analytics when a monitor is attached (see build_pipeline)."""
+        report = self.health_report()
+        if report is None:
+            raise RuntimeError("this pipeline has no health monitor")
+        return report
 
-    def health_report(self) -> Any:
+    def health_report(self) -> HealthReport | None:
         health = self._p.health
         if health is None:
             return None

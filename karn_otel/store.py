@@ -205,6 +205,11 @@ class TelemetryStore:
         with self._lock:
             return list(self.dense_traces)
 
+    def latest_scalars(self) -> dict[str, float]:
+        """Latest value of every named scalar (a copy, taken under the lock)."""
+        with self._lock:
+            return dict(self.scalars)
+
     def counts(self) -> dict[str, int]:
         """Accepted events per event type (its string value)."""
         with self._lock:
