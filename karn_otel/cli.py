@@ -237,6 +237,27 @@ def _replay(args: argparse.Namespace) -> int:
     return EXIT_DIFFERENT
 
 
+def _export(args: argparse.Namespace) -> int:
+    from karn_otel.export import ExportError, ExportOptions, export
+    from karn_otel.sinks.runlog import RunDirError
+
+    default_out = {"parquet": "export", "openmetrics": "export.om"}
+    out = Path(args.out or (Path(args.source) / default_out[args.to]))
+    progress = (lambda msg: print(f"karn export: {msg}", file=sys.stderr)) if not args.quiet else (lambda _m: None)
+    try:
+        report = export(args.to, args.source, out, ExportOptions(progress=progress))
+    except (RunDirError, ExportError) as exc:
+        print(f"karn export: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"karn export: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {len(report.written)} file(s), {report.total:,} rows/samples, to {out}")
+    for note in report.notes:
+        print(note)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="karn", description="Karn: research telemetry for morphogenetic training", allow_abbrev=False
@@ -306,6 +327,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("run_dir", type=Path)
     rp.set_defaults(func=_replay)
+
+    ex = sub.add_parser(
+        "export", allow_abbrev=False, help="write a run (or an experiment's runs) as Parquet or OpenMetrics"
+    )
+    ex.add_argument("source", type=Path, help="a run directory, or a directory of run directories")
+    ex.add_argument("--to", required=True, choices=["parquet", "openmetrics"], help="output format (docs/export.md)")
+    ex.add_argument(
+        "--out", type=Path, help="output directory (parquet) or file (openmetrics); default SOURCE/export[.om]"
+    )
+    ex.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    ex.set_defaults(func=_export)
     return p
 
 
