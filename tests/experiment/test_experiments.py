@@ -1,0 +1,178 @@
+"""Control twins, experiments, `karn compare` and `karn report` as a user runs them, and the
+report opened in a real headless Chromium."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from karn_otel import collector as kc
+from karn_otel.config import KarnConfig
+from karn_otel.contracts import EpisodeContext, HostSnapshot, Scalars
+from karn_otel.experiment.report import SECTIONS_RUN
+from karn_otel.experiment.runner import MANIFEST
+from karn_otel.reference.trainer import ReferenceTrainer, RunConfig
+from karn_otel.sinks import MemorySink
+from karn_otel.sinks.runlog import read_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def karn(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "karn_otel.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_control_twin_starts_from_the_same_weights_and_batches():
+    morph = ReferenceTrainer(RunConfig(epochs=3, seed=4))
+    twin = ReferenceTrainer(RunConfig(epochs=3, seed=4, controller="none"))
+    a, b = morph.model.state_dict(), twin.model.state_dict()
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert bool((morph.data.x_train == twin.data.x_train).all()) and bool(
+        (morph.data.y_train == twin.data.y_train).all()
+    )
+
+
+def _losses(cfg: RunConfig) -> list[tuple[float, float]]:
+    sink = MemorySink()
+    kc.configure(KarnConfig(out_dir=None, console="off"), sinks=[sink], processors=False)
+    try:
+        ReferenceTrainer(cfg).run()
+    finally:
+        kc.shutdown()
+    return [(e.payload.train_loss, e.payload.val_accuracy) for e in sink.events if isinstance(e.payload, HostSnapshot)]
+
+
+def test_without_germination_morph_and_control_are_identical():
+    """Warm-up keeps the heuristic from germinating in the first epochs: every loss (which
+    depends on the weights and on the order of every batch) must then be equal, bit for bit."""
+    cfg = RunConfig(epochs=2, seed=5, warmup_epochs=5)
+    assert _losses(cfg) == _losses(dataclasses.replace(cfg, controller="none"))
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exp")
+    p = karn("run", "--seeds", "0,1", "--control", "--epochs", "3", "--out", str(out), "--experiment", "e", "--no-live")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "experiment dir:" in p.stdout
+    return out / "e"
+
+
+def test_experiment_dir_manifest_and_links(experiment):
+    manifest = json.loads((experiment / MANIFEST).read_text())
+    assert [(r["seed"], r["arm"], r["status"]) for r in manifest["runs"]] == [
+        (0, "control", "done"), (0, "morph", "done"), (1, "control", "done"), (1, "morph", "done"),
+    ]  # fmt: skip
+    for r in manifest["runs"]:
+        rec = read_run(experiment / r["run_id"])
+        ctx = next(e.payload for e in rec.events if isinstance(e.payload, EpisodeContext))
+        assert ctx.experiment_id == "e" and ctx.experiment_arm == r["arm"]
+        assert ctx.hyperparameters["controller"] == ("none" if r["arm"] == "control" else "heuristic")
+    # the morph run records its twin's accuracy epoch by epoch, beside its own
+    morph, twin = read_run(experiment / "e-s1-morph"), read_run(experiment / "e-s1-control")
+    twin_acc = [e.payload.val_accuracy for e in twin.events if isinstance(e.payload, HostSnapshot)]
+    recorded = [e.payload.values["control_val_accuracy"] for e in morph.events if isinstance(e.payload, Scalars)]
+    assert recorded == twin_acc and len(recorded) == 3
+
+
+def test_resume_reruns_only_what_did_not_finish(experiment, tmp_path):
+    exp = tmp_path / "e"
+    shutil.copytree(experiment, exp)
+    manifest = json.loads((exp / MANIFEST).read_text())
+    manifest["runs"][-1]["status"] = "running"  # as a kill during the last run leaves it
+    (exp / MANIFEST).write_text(json.dumps(manifest))
+    p = karn(
+        "run", "--seeds", "0,1", "--control", "--epochs", "3", "--out", str(tmp_path), "--experiment", "e", "--no-live"
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("done earlier") == 3 and "resuming" in p.stdout
+    after = json.loads((exp / MANIFEST).read_text())["runs"][-1]
+    assert after["status"] == "done" and after["attempts"] == ["e-s1-morph"] and after["run_id"] == "e-s1-morph-r1"
+    p = karn("run", "--seeds", "0,1,2", "--control", "--epochs", "3", "--out", str(tmp_path), "--experiment", "e")
+    assert p.returncode == 2 and "resume it with the same options" in p.stderr
+
+
+def test_compare_json_and_table(experiment):
+    p = karn("compare", str(experiment), "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["a"]["label"] == "morph" and len(res["a"]["runs"]) == 2 and len(res["b"]["runs"]) == 2
+    kinds = {r["quantity"]: r["kind"] for r in res["results"]}
+    assert kinds["final val accuracy"] == "Comparison"
+    assert "accuracy delta vs control (causal), paired by seed" in kinds
+    assert "accuracy delta vs host-only removal (not causal)" in kinds
+    p = karn("compare", str(experiment))
+    assert "Welch p" in p.stdout and "Hedges' g" in p.stdout and "IQM" in p.stdout
+    p = karn("compare", str(experiment / "e-s0-morph"))
+    assert "not enough runs" in p.stdout and "no control runs" in p.stdout
+
+
+def _chromium(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    assert CHROMIUM
+    return subprocess.run(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+         f"--user-data-dir={tmp / 'profile'}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
+         *extra, url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def _open_in_browser(report: Path, tmp: Path) -> tuple[str, list[str]]:
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed; scripts/install-system-deps.sh installs it (Debian package chromium)")
+    p = _chromium(report.as_uri(), tmp, "--dump-dom")
+    assert p.returncode == 0, p.stderr[-2000:]
+    console = [ln for ln in p.stderr.splitlines() if ":CONSOLE" in ln]
+    shot = Path(__file__).resolve().parents[2] / "test-artifacts" / f"{report.stem}.png"
+    shot.parent.mkdir(exist_ok=True)
+    _chromium(report.as_uri(), tmp, f"--screenshot={shot}", "--window-size=1000,4000")
+    assert shot.stat().st_size > 10_000
+    return p.stdout, console
+
+
+def test_report_of_a_run_renders_every_section(tmp_path, experiment):
+    run = experiment / "e-s0-morph"
+    out = tmp_path / "run-report.html"
+    p = karn("report", str(run), "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    html = out.read_text()
+    assert "http://" not in html and "https://" not in html  # self-contained: nothing to fetch
+    dom, console = _open_in_browser(out, tmp_path)
+    assert console == [], console
+    expected = [s for s in SECTIONS_RUN if s != "ppo"]  # the heuristic controller: no PPO section
+    for sid in expected:
+        assert re.search(rf'<section id="{sid}" data-rendered="yes"', dom), f"section {sid} missing or not rendered"
+    assert 'id="ppo"' not in dom
+
+
+def test_report_of_a_ppo_run_has_ppo_health(tmp_path):
+    p = karn("run", "--epochs", "3", "--controller", "ppo", "--out", str(tmp_path), "--no-live")
+    assert p.returncode == 0, p.stderr
+    run = next(d for d in tmp_path.iterdir() if d.is_dir())
+    out = tmp_path / "ppo.html"
+    assert karn("report", str(run), "-o", str(out)).returncode == 0
+    dom, console = _open_in_browser(out, tmp_path)
+    assert console == []
+    for sid in SECTIONS_RUN:
+        assert re.search(rf'<section id="{sid}" data-rendered="yes"', dom), sid
+
+
+def test_report_of_an_experiment_overlays_runs_and_compares(tmp_path, experiment):
+    out = tmp_path / "exp-report.html"
+    p = karn("report", str(experiment), "-o", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "read 4/4 runs" in p.stderr  # progress on long work
+    dom, console = _open_in_browser(out, tmp_path)
+    assert console == []
+    for sid in ("runs", "compare", "run-1", "run-4"):
+        assert re.search(rf'<section id="{sid}" data-rendered="yes"', dom), sid
+    assert "Welch p" in dom
