@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from karn_otel.claims import ALPHA, Claim, final_verdict, live_claim
 from karn_otel.contracts import ActionOp, CounterfactualMatrix, ShapleyEstimate
 from karn_otel.pipeline import HealthSource
 from karn_otel.store import TelemetryStore
@@ -30,9 +31,12 @@ class SeedContributionSummary:
     blueprint_id: str | None
     seed_params: int
     contribution: float | None  # Shapley mean if available, else removal cost (fraction)
-    ci_low: float | None
+    ci_low: float | None  # descriptive per-epoch interval (not a claim)
     ci_high: float | None
     source: str  # "shapley" | "removal_cost" | "none"
+    # The claim rule's outcome (karn_otel.claims): the live alpha-spending rule during the
+    # episode, the final-epoch Holm verdict once it has ended; None without an interval.
+    claim: Claim | None = None
 
     @property
     def efficiency(self) -> float | None:
@@ -43,8 +47,12 @@ class SeedContributionSummary:
 
     @property
     def helps(self) -> bool:
-        """The claim gate: helpful only when the interval's lower bound is above 0."""
-        return self.ci_low is not None and self.ci_low > 0
+        """The claim: made by a rule with a per-run false-claim rate <= 5% (``claim.rule``).
+
+        Not ``ci_low > 0``: that descriptive check, made every epoch for every seed, claims a
+        seed with no effect in most 100-epoch runs (docs/counterfactual-validity.md).
+        """
+        return self.claim is not None and self.claim.helps
 
 
 @dataclass(frozen=True)
@@ -187,9 +195,41 @@ class MorphogeneticAnalytics:
 
     # === Causal attribution ===
 
+    def _rule_scope(self, cf: CounterfactualMatrix) -> tuple[int | None, int]:
+        """(planned horizon, number of slots) for the live rule's alpha spending."""
+        ctx = self.store.context
+        if ctx is None:
+            return None, len(cf.slot_ids)
+        return ctx.max_epochs, max(len(ctx.slot_config), len(cf.slot_ids))
+
+    def claims(self, cf: CounterfactualMatrix | None = None, threshold: float = 0.0) -> dict[str, Claim]:
+        """The claim for every slot of ``cf`` (default: the latest matrix) with a Shapley value.
+
+        Once the episode has ended (its summary arrived) the latest matrix is the pre-set final
+        epoch and the claims are the final-epoch Holm verdict; before that, the live
+        alpha-spending rule at the matrix's epoch. Both keep the per-run false-claim rate at or
+        below 5% (karn_otel.claims). ``threshold`` is a fraction (0.005 = half a point).
+        """
+        latest = self.store.latest_counterfactual()
+        cf = latest if cf is None else cf
+        if cf is None or not cf.shapley_values:
+            return {}
+        if cf is latest and self.store.summary is not None:
+            return final_verdict(cf.shapley_values, cf.epoch, alpha=ALPHA, threshold=threshold)
+        horizon, n_slots = self._rule_scope(cf)
+        return {
+            sid: live_claim(sid, est, cf.epoch, horizon=horizon, n_slots=n_slots, alpha=ALPHA, threshold=threshold)
+            for sid, est in cf.shapley_values.items()
+        }
+
     def seed_contributions(self) -> dict[str, SeedContributionSummary]:
-        """Per-slot attribution: Shapley with its interval when measured, else removal cost."""
+        """Per-slot attribution: Shapley with its interval when measured, else removal cost.
+
+        ``ci_low``/``ci_high`` are the descriptive per-epoch interval; ``claim``/``helps``
+        come from the claim rule (:meth:`claims`).
+        """
         cf = self.store.latest_counterfactual()
+        claims = self.claims(cf) if cf is not None else {}
         out: dict[str, SeedContributionSummary] = {}
         for slot_id, s in self.store.slots().items():
             if s.seed_id is None:
@@ -199,7 +239,14 @@ class MorphogeneticAnalytics:
                 est = cf.shapley_values[slot_id]
             if est is not None:
                 out[slot_id] = SeedContributionSummary(
-                    slot_id, s.blueprint_id, s.seed_params, est.mean, est.ci_low, est.ci_high, "shapley"
+                    slot_id,
+                    s.blueprint_id,
+                    s.seed_params,
+                    est.mean,
+                    est.ci_low,
+                    est.ci_high,
+                    "shapley",
+                    claims.get(slot_id),
                 )
             else:
                 c = s.counterfactual_contribution
@@ -209,12 +256,24 @@ class MorphogeneticAnalytics:
         return out
 
     def contribution_onset_epoch(self, slot_id: str, threshold: float = 0.5) -> int | None:
-        """First epoch where the slot's Shapley value exceeded ``threshold`` percentage points
-        (the spec's 0.5 = half a point of accuracy); removal cost when no Shapley value."""
+        """First epoch at which the live claim rule says the slot's Shapley value exceeds
+        ``threshold`` percentage points (the spec's 0.5 = half a point of accuracy).
+
+        The rule is the anytime-valid alpha-spending rule (karn_otel.claims.live_claim) at
+        threshold/100, not the point estimate: a seed with no effect gets an onset in at most
+        5% of runs (tests/test_calibration.py). None when no epoch qualifies, or when the
+        slot has no Shapley interval (a removal cost alone cannot support an onset claim).
+        Only the epochs still in the store's history are scanned.
+        """
         for cf in self.store.counterfactual_history():
             est = (cf.shapley_values or {}).get(slot_id)
-            value = est.mean if est is not None else cf.marginal_contributions.get(slot_id)
-            if value is not None and 100.0 * value > threshold:
+            if est is None:
+                continue
+            horizon, n_slots = self._rule_scope(cf)
+            claim = live_claim(
+                slot_id, est, cf.epoch, horizon=horizon, n_slots=n_slots, alpha=ALPHA, threshold=threshold / 100.0
+            )
+            if claim.helps:
                 return cf.epoch
         return None
 

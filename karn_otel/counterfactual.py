@@ -92,6 +92,7 @@ __all__ = [
     "full_factorial_cost",
     "interaction_effects",
     "marginal_contributions",
+    "mobius_dividends",
     "sampling_cost_bound",
     "seed_helps",
     "shapley_exact",
@@ -285,15 +286,46 @@ def marginal_contributions(values: GameValues, n: int) -> FloatArray:
     return out
 
 
+def mobius_dividends(values: GameValues, n: int) -> FloatArray:
+    """Pairwise Moebius (Harsanyi) dividend, other slots off, shape ``(n, n)`` (or ``(n, n, k)``).
+
+    ``m_ij = v({i, j}) - v({i}) - v({j}) + v({})``: does switching on i and j together, on
+    the bare host, gain more (> 0, synergy) or less (< 0, redundancy) than switching each
+    on alone? This is the spec's "does Early+Mid together exceed Early + Mid separately?".
+    On the spec's 3-slot table early-mid is -0.1 points. Symmetric; NaN on the diagonal and
+    where a needed configuration is missing (4 configurations per pair are needed).
+    """
+    n = _check_n(n)
+    if isinstance(values, Mapping):
+        get = _value_getter(values, n)
+        out = np.full((n, n), np.nan)
+        for i in range(n):
+            for j in range(i + 1, n):
+                vals = [get(m) for m in ((1 << i) | (1 << j), 1 << i, 1 << j, 0)]
+                if all(v is not None for v in vals):
+                    a, b, c, d = (float(v) for v in vals if v is not None)
+                    out[i, j] = out[j, i] = a - b - c + d
+        return out
+    table = _dense_values(values, n)
+    out = np.full((n, n) + table.shape[1:], np.nan)
+    for i in range(n):
+        for j in range(i + 1, n):
+            bi, bj = 1 << i, 1 << j
+            out[i, j] = out[j, i] = table[bi | bj] - table[bi] - table[bj] + table[0]
+    return out
+
+
 def interaction_effects(values: GameValues, n: int) -> FloatArray:
-    """Pairwise interaction relative to the full configuration, shape ``(n, n)``.
+    """Pairwise *removal* interaction (co-Moebius, other slots on), shape ``(n, n)``.
 
     ``E_ij = v(N) - v(N-i) - v(N-j) + v(N-i-j)`` (inclusion-exclusion with all other slots
-    on, review P1 #5): the removal cost of the pair minus the two single removal costs,
-    with the sign flipped so that E > 0 means synergy (removing both costs more than the
-    sum of removing each). Symmetric; NaN on the diagonal and wherever a needed
-    configuration is missing (an ablation-only run has the pair-off configuration only
-    when n = 2).
+    on, review P1 #5). E > 0: i's removal cost is larger while j is on (they work together
+    in the full network), and so switching both off costs *less* than the two single removal
+    costs added (removal cost of the pair = single costs - E). It is not the spec's "together
+    vs separately" question (that is :func:`mobius_dividends`, other slots off) and for
+    n >= 3 the two can differ in sign (spec table, early-mid: -0.5 here, -0.1 Moebius).
+    Symmetric; NaN on the diagonal and wherever a needed configuration is missing (an
+    ablation-only run has the pair-off configuration only when n = 2).
     """
     n = _check_n(n)
     get = _value_getter(values, n)
@@ -678,14 +710,16 @@ def _estimate(
     df <= 0 makes the interval undefined (NaN), which :func:`seed_helps` reads as "no claim".
     """
     if not (math.isfinite(se_a) and math.isfinite(se_b)) or df_a <= 0 or df_b <= 0:
-        return ShapleyEstimate(float(mean), float("nan"), n_samples, algorithm, float("nan"), float("nan"), confidence)
+        return ShapleyEstimate(
+            float(mean), float("nan"), n_samples, algorithm, float("nan"), float("nan"), confidence, float("nan")
+        )
     var = se_a**2 + se_b**2
     std = math.sqrt(var)
     denom = se_a**4 / df_a + se_b**4 / df_b
     df = var**2 / denom if denom > 0 else math.inf
     half = student_t_ppf(0.5 + confidence / 2.0, df) * std if std > 0 else 0.0
     low, high = float(mean - half), float(mean + half)
-    return ShapleyEstimate(float(mean), float(std), n_samples, algorithm, low, high, confidence)
+    return ShapleyEstimate(float(mean), float(std), n_samples, algorithm, low, high, confidence, float(df))
 
 
 def attribute(
@@ -828,6 +862,8 @@ def _build_matrix(
 
     shapley: dict[str, ShapleyEstimate] | None = None
     index: dict[tuple[str, str], float] | None = None
+    synergy: dict[tuple[str, str], float] | None = None
+    pair_ci: dict[str, tuple[dict[tuple[str, str], float], ...]] = {}
     n_boot = config.bootstrap_samples
     if memo.correct:
         order = list(memo.correct)
@@ -849,8 +885,13 @@ def _build_matrix(
                 shapley[s] = _estimate(
                     phi[i, 0], 0.0, math.inf, se_boot, boot_df, EXACT_ALGORITHM, n_boot, config.confidence
                 )
-            sii = shapley_interaction_index(table[:, 0], n)
-            index = {(slots[i], slots[j]): float(sii[i, j]) for i in range(n) for j in range(i + 1, n)}
+            sii = shapley_interaction_index(table, n)
+            index = {(slots[i], slots[j]): float(sii[i, j, 0]) for i in range(n) for j in range(i + 1, n)}
+            pair_ci["interaction_index"] = _pair_intervals(sii, slots, n_boot, config.confidence)
+            pair_ci["synergy"] = _pair_intervals(mobius_dividends(table, n), slots, n_boot, config.confidence)
+            synergy = {k: float(v) for k, v in pair_ci["synergy"][0].items()}
+            co = _co_mobius_table(table, n)
+            pair_ci["removal_interaction"] = _pair_intervals(co, slots, n_boot, config.confidence)
         elif strategy == "shapley" and perms is not None and pairs_done >= 1:
             marginals = _permutation_marginals(perms[: 2 * pairs_done], lambda m: values[row_of[m]])
             est, se_perm = _pair_mean_and_se(marginals)  # (n, 1+B) each
@@ -882,4 +923,44 @@ def _build_matrix(
         partial=partial_reason is not None,
         partial_reason=partial_reason,
         elapsed_s=time.monotonic() - started,
+        synergy_dividends=synergy,
+        synergy_ci_low=pair_ci["synergy"][1] if "synergy" in pair_ci else None,
+        synergy_ci_high=pair_ci["synergy"][2] if "synergy" in pair_ci else None,
+        interaction_index_ci_low=pair_ci["interaction_index"][1] if "interaction_index" in pair_ci else None,
+        interaction_index_ci_high=pair_ci["interaction_index"][2] if "interaction_index" in pair_ci else None,
+        removal_interaction_ci_low=pair_ci["removal_interaction"][1] if "removal_interaction" in pair_ci else None,
+        removal_interaction_ci_high=pair_ci["removal_interaction"][2] if "removal_interaction" in pair_ci else None,
     )
+
+
+def _co_mobius_table(table: FloatArray, n: int) -> FloatArray:
+    """:func:`interaction_effects` on a dense ``(2**n, k)`` table: shape ``(n, n, k)``."""
+    full = (1 << n) - 1
+    out = np.full((n, n) + table.shape[1:], np.nan)
+    for i in range(n):
+        for j in range(i + 1, n):
+            bi, bj = 1 << i, 1 << j
+            out[i, j] = out[j, i] = table[full] - table[full ^ bi] - table[full ^ bj] + table[full ^ bi ^ bj]
+    return out
+
+
+def _pair_intervals(
+    mat: FloatArray, slots: tuple[str, ...], n_boot: int, confidence: float
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """Point values (column 0) and bootstrap t intervals (columns 1..B) of a pair matrix.
+
+    The interval is ``point +- t((1 + confidence) / 2, B - 1) * sd(bootstrap)``, as for the
+    exact Shapley values; NaN with fewer than 2 resamples.
+    """
+    n = len(slots)
+    point: dict[tuple[str, str], float] = {}
+    low: dict[tuple[str, str], float] = {}
+    high: dict[tuple[str, str], float] = {}
+    q = student_t_ppf(0.5 + confidence / 2.0, n_boot - 1) if n_boot >= 2 else float("nan")
+    for i in range(n):
+        for j in range(i + 1, n):
+            key = (slots[i], slots[j])
+            point[key] = float(mat[i, j, 0])
+            sd = float(mat[i, j, 1:].std(ddof=1)) if n_boot >= 2 else float("nan")
+            low[key], high[key] = point[key] - q * sd, point[key] + q * sd
+    return point, low, high

@@ -64,16 +64,65 @@ def test_stale_counterfactual_is_not_used(setup):
     assert a.host_only_accuracy() is None, "epoch 1's host-only number must not be shown for epoch 2"
 
 
-def test_trajectory_and_onset(setup):
+def test_trajectory(setup):
     c, a = setup
     for e, (on, off) in enumerate([(0.70, 0.70), (0.74, 0.738), (0.78, 0.77), (0.80, 0.78)], start=1):
         c.emit(cf(e, on, off))
         c.emit(host(epoch=e, val_accuracy=on, seed_grad_norms={}))
     assert a.accuracy_trajectory() == [(1, 0.70, 0.70), (2, 0.74, 0.738), (3, 0.78, 0.77), (4, 0.80, 0.78)]
-    # removal costs 0, 0.2, 1.0, 2.0 points: the first above 0.5 points is epoch 3
-    assert a.contribution_onset_epoch("mid") == 3
-    assert a.contribution_onset_epoch("mid", threshold=1.5) == 4
+    # removal costs alone carry no interval: no onset claim can be made from them
+    assert a.contribution_onset_epoch("mid") is None
+
+
+def test_onset_comes_from_the_anytime_valid_rule(setup):
+    """Onset = first epoch whose live-rule lower bound exceeds the threshold, not the mean."""
+    from karn_otel.claims import live_test_level, lower_bound
+
+    c, a = setup
+    # max_epochs=10, 3 slots: each test at 0.05 * 0.95 / 11 / 3 = 1.44e-3 (z = 2.98)
+    level = live_test_level(1, horizon=10, n_slots=3)
+    assert level == pytest.approx(0.05 * 0.95 / 11 / 3)
+    std = 0.002
+    # means in points: 0.9 (> 0.5 but bound 0.3: no), 1.0 (bound 0.4: no), 1.2 (bound 0.6: yes)
+    for e, mean in enumerate([0.009, 0.010, 0.012, 0.03], start=1):
+        est = ShapleyEstimate(mean, std, 200, "exact_enumeration", mean - 0.004, mean + 0.004)
+        c.emit(cf(e, 0.8, 0.8 - mean, shapley={"mid": est}))
+    assert (
+        lower_bound(ShapleyEstimate(0.012, std, 200), level)
+        > 0.005
+        > lower_bound(ShapleyEstimate(0.010, std, 200), level)
+    )
+    assert a.contribution_onset_epoch("mid") == 3, "epoch 1's point estimate (0.9 points) is not an onset"
+    assert a.contribution_onset_epoch("mid", threshold=2.0) == 4
     assert a.contribution_onset_epoch("late") is None
+
+
+def test_claims_use_the_live_rule_then_the_final_verdict(setup):
+    from karn_otel.contracts import EpisodeSummary
+
+    c, a = setup
+    # descriptively "significant" (ci_low > 0) but not by the live rule (z = 2.5 < 2.98)
+    weak = ShapleyEstimate(0.005, 0.002, 200, "exact_enumeration", 0.001, 0.009)
+    c.emit(cf(1, 0.8, 0.795, shapley={"mid": weak}))
+    c.emit(slot("mid", seed_params=500))
+    s = a.seed_contributions()["mid"]
+    assert s.ci_low > 0 and not s.helps
+    assert s.claim.rule == "alpha-spending" and s.claim.label() == "no claim (alpha-spending, 5% per run)"
+    # the episode ends: the same matrix is now the final epoch, one Holm test (level 0.05, z 1.645)
+    c.emit(
+        EpisodeSummary(
+            epochs_completed=1,
+            final_val_loss=0.3,
+            final_val_accuracy=0.8,
+            host_only_accuracy=0.795,
+            host_params=1000,
+            total_params=1500,
+            fossilized_params=0,
+            wall_time_s=1.0,
+        )
+    )
+    s = a.seed_contributions()["mid"]
+    assert s.helps and s.claim.rule == "final-epoch Holm" and s.claim.p_value == pytest.approx(0.00621, abs=1e-4)
 
 
 def test_shapley_preferred_over_removal_cost(setup):
@@ -84,6 +133,7 @@ def test_shapley_preferred_over_removal_cost(setup):
     s = a.seed_contributions()["mid"]
     assert (s.contribution, s.ci_low, s.source) == (0.03, 0.02, "shapley")
     assert s.helps and s.efficiency == pytest.approx(100 * 0.03 / (500 / 1e4))
+    assert s.claim.rule == "alpha-spending" and s.claim.bound > 0
 
 
 def test_action_distribution_and_policy_vs_heuristic(setup):

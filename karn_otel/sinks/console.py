@@ -61,6 +61,9 @@ class ConsoleSink:
                 f"[karn] episode done: {s.epochs_completed} epochs, val acc {100 * s.final_val_accuracy:.1f}% "
                 f"(host-only {host}), {s.total_params:,} params ({s.fossilized_params:,} fossilized)\n"
             )
+            verdict = self.verdict_line()
+            if verdict:
+                self._write(verdict + "\n")
 
     def flush(self, timeout: float | None = None) -> None:
         if self.live:
@@ -95,6 +98,20 @@ class ConsoleSink:
         self._write(up + "\x1b[J" + "\n".join(lines) + "\n")
         self._drawn_lines = len(lines)
 
+    def verdict_line(self) -> str | None:
+        """The claims of the latest matrix, with the rule and level that made them.
+
+        During the episode the live rule (alpha spending), after it the final-epoch Holm
+        verdict; None when no slot has an interval to test.
+        """
+        claims = [c.claim for c in self.analytics.seed_contributions().values() if c.claim is not None]
+        if not claims:
+            return None
+        first = claims[0]
+        which = "final verdict" if first.rule == "final-epoch Holm" else "live claims"
+        parts = ", ".join(f"{c.slot_id} {'helps' if c.helps else 'no claim'}" for c in claims)
+        return f"[karn] {which} ({first.rule}, {100 * first.alpha:g}% false-claim rate per run): {parts}"
+
     def plain_line(self) -> str:
         h = self.store.latest_host()
         if h is None:
@@ -113,6 +130,8 @@ class ConsoleSink:
                 part += _pts(c.contribution)
                 if c.ci_low is not None and c.ci_high is not None:
                     part += f"[{_pts(c.ci_low)},{_pts(c.ci_high)}]"
+                if c.helps:  # the claim rule's verdict, never the descriptive interval alone
+                    part += "(helps)"
             parts.append(part)
         seeds = " ".join(parts)
         dec = self.store.recent_decisions(1)
@@ -163,7 +182,7 @@ class ConsoleSink:
             )
         rows.append(None)
         cf = st.latest_counterfactual()
-        label = "Shapley, 95% CI" if cf is not None and cf.shapley_values else "removal cost"
+        label = "Shapley, descriptive 95% CI" if cf is not None and cf.shapley_values else "removal cost"
         rows.append(f"SEEDS ({label})")
         contributions = a.seed_contributions()
         slots = st.slots()
@@ -176,16 +195,21 @@ class ConsoleSink:
                 rows.append(head + "-")
                 continue
             c = contributions.get(sid)
-            contrib, star = "n/a", ""
+            contrib = "n/a"
             if c is not None and c.contribution is not None:
                 contrib = _pts(c.contribution)
                 if c.ci_low is not None and c.ci_high is not None:
                     contrib += f" [{100 * c.ci_low:+.1f},{100 * c.ci_high:+.1f}]"
                 eff = c.efficiency
                 if eff is not None:
-                    contrib += f" eff {eff:.3g}"
-                    star = " ★" if c.helps and eff >= 1.0 else ""
-            rows.append(f"{head}α={s.alpha:.2f} {contrib} {s.blueprint_id} {_k(s.seed_params)}{star}")
+                    # ★ right after the interval it qualifies, so a long row cannot cut it off
+                    star = "★" if c.helps and eff >= 1.0 else ""
+                    contrib += f"{star} eff {eff:.3g}"
+            rows.append(f"{head}α={s.alpha:.2f} {contrib} {s.blueprint_id} {_k(s.seed_params)}")
+        rule = next((c.claim for c in contributions.values() if c.claim is not None), None)
+        if rule is not None:
+            # Which rule made the ★, and at what level (karn_otel.claims).
+            rows.append(f"  ★ = helps by {rule.rule}, {100 * rule.alpha:g}% false claims/run; eff >= 1")
         rows.append(None)
         rows.append("POLICY HEALTH")
         upd = st.ppo_updates()

@@ -24,7 +24,7 @@ class Tty(io.StringIO):
         return True
 
 
-def _feed(c):
+def _feed(c, est=None):
     c.emit(make_context())
     c.emit(
         CounterfactualMatrix(
@@ -36,7 +36,7 @@ def _feed(c):
             ),
             marginal_contributions={"mid": 0.049},
             interaction_effects={},
-            shapley_values={"mid": ShapleyEstimate(0.049, 0.01, 1, "exact_enumeration", 0.029, 0.069)},
+            shapley_values={"mid": est or ShapleyEstimate(0.049, 0.01, 1, "exact_enumeration", 0.029, 0.069)},
         )
     )
     c.emit(ControllerDecision("heuristic", FactoredAction(ActionOp.GERMINATE, "mid", "attention"), "plateau"))
@@ -68,6 +68,11 @@ def test_live_dashboard_renders_every_block(memory_collector):
     assert "mid:" in text and "+4.9% [+2.9,+6.9]" in text and "attention" in text
     assert "GERMINATE(mid,attention)" in text
     assert "loss_spike" in text
+    # 0.049 / 0.01 = 4.9 > 2.98 (one-sided 0.05 * 0.95 / 11 / 3): the live rule claims it
+    assert (
+        "+4.9% [+2.9,+6.9]★ eff 24.5 attention 2.0Kp" in text
+        and "★ = helps by alpha-spending, 5% false claims/run" in text
+    )
     sink.close()
     assert "KARN" in stream.getvalue(), "the refresh thread drew to the terminal"
 
@@ -117,3 +122,29 @@ def test_policy_health_block_judges_collapse():
     c.emit(update(2, 0.001), epoch=2)
     text = "\n".join(sink.render())
     assert "Entropy: 0.00 (COLLAPSED)" in text and "entropy_collapse" in text
+
+
+def test_star_comes_from_the_claim_rule_not_the_descriptive_interval(memory_collector):
+    """ci_low > 0 (descriptive, +0.5 points) is not a claim: the live rule needs z > 2.98 here."""
+    sink = ConsoleSink(memory_collector.view, live=False, stream=io.StringIO())
+    memory_collector.add_sink(sink)
+    _feed(memory_collector, ShapleyEstimate(0.025, 0.01, 200, "exact_enumeration", 0.005, 0.045))
+    text = "\n".join(sink.render())
+    assert "+2.5% [+0.5,+4.5]" in text and "descriptive 95% CI" in text
+    assert "+2.5% [+0.5,+4.5] eff 12.5" in text, "no star on the seed row"
+    assert "★ = helps by alpha-spending" in text
+    assert "(helps)" not in sink.plain_line()
+    assert sink.verdict_line() == "[karn] live claims (alpha-spending, 5% false-claim rate per run): mid no claim"
+
+
+def test_episode_end_prints_the_final_holm_verdict(memory_collector):
+    from karn_otel.contracts import EpisodeSummary
+
+    stream = io.StringIO()
+    sink = ConsoleSink(memory_collector.view, live=False, stream=stream)
+    memory_collector.add_sink(sink)
+    _feed(memory_collector, ShapleyEstimate(0.025, 0.01, 200, "exact_enumeration", 0.005, 0.045))
+    memory_collector.emit(EpisodeSummary(10, 0.3, 0.672, 0.623, 10_000, 12_000, 0, 5.0))
+    out = stream.getvalue().splitlines()
+    # one pre-set test (z = 2.5 > 1.645; Holm over one slot): the final verdict claims it
+    assert out[-1] == "[karn] final verdict (final-epoch Holm, 5% false-claim rate per run): mid helps"
