@@ -28,12 +28,15 @@ import enum
 import math
 import operator
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal, Union
+from zoneinfo import ZoneInfo
 
 import msgspec
 
@@ -45,8 +48,17 @@ from karn_otel.contracts import (
 )
 
 __all__ = [
+    "FINITE_FLAG",
+    "ID_MAX_LEN",
+    "MAYBE_NONFINITE",
     "ContractDecodeError",
+    "Problem",
+    "check_float",
+    "check_int",
+    "check_object",
+    "check_str",
     "check_types",
+    "checker",
     "decode_payload",
     "encode_event",
     "encode_lines",
@@ -56,9 +68,12 @@ __all__ = [
     "event_to_json",
     "from_json",
     "from_jsonable",
+    "id_problem",
+    "safe_repr",
     "to_json",
     "to_jsonable",
     "type_hints",
+    "type_name",
 ]
 
 
@@ -214,6 +229,9 @@ def encode_lines(events: Sequence[TelemetryEvent]) -> bytes:
     """
     if _PY_ENCODED.isdisjoint(map(type, map(_payload_of, events))):  # C-level loop
         buf = _JSON.encode_lines(events)
+        # Validated at the door with every float finite (the usual case): no NaN to tag.
+        if all(map(getattr, events, repeat(FINITE_FLAG), repeat(False))):
+            return buf
         if b"null" not in buf or not _may_be_nonfinite(events):
             return buf
     return b"".join([encode_event(e) + b"\n" for e in events])
@@ -445,139 +463,447 @@ def read_lines(lines: Iterable[str | bytes]) -> list[TelemetryEvent]:
 
 
 # --------------------------------------------------------------------------- validation
+#
+# The door of the pipeline. ``check_object(obj)`` checks a contract instance against its type
+# hints and against what every consumer downstream can represent:
+#
+# * numbers: bool is not an int; an int in a float field must fit a float (10**400 does not),
+#   an int field must fit 64 bits (OTel, Prometheus, DuckDB, jq all stop there);
+# * strings: valid UTF-8 scalar values (no lone surrogates: they cannot be written as UTF-8);
+# * ids (``*_id`` fields, slot names, FactoredAction.slot/blueprint): 1..ID_MAX_LEN printable
+#   characters, no path separator, no ``..`` — run, episode and slot ids become file names.
+#
+# One checker per class, generated once from the type hints (the cattrs pattern: a dispatch
+# table built once per type), with the common leaves (float, int, str, bool, dict[str, float])
+# inlined; nested types get small closures. A checker returns None (valid, every float
+# finite), MAYBE_NONFINITE (valid; some float may be NaN or inf) or a Problem naming the
+# field. Describing a failure cannot fail: values are shown through _safe_repr (bounded, no
+# repr of a 10**5000 int, no user __repr__ called).
 
-# Per-class type checkers, built once from the type hints. Each returns None when the value
-# conforms, or a short "field: expected X, got Y" description.
-_Checker = Callable[[Any], str | None]
-_CHECKERS: dict[type, _Checker] = {}
+ID_MAX_LEN = 128
+"""Longest run, episode or slot id accepted (characters)."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_FLOAT_MAX = sys.float_info.max
 
-
-def check_types(obj: Any) -> str | None:
-    """Check a contract instance against its type hints (recursively)."""
-    checker = _CHECKERS.get(type(obj))
-    if checker is None:
-        checker = _dataclass_checker(type(obj))
-    return checker(obj)
-
-
-def _dataclass_checker(cls: type) -> _Checker:
-    hints = type_hints(cls)
-    fields = [(f.name, _checker_for(hints[f.name])) for f in dataclasses.fields(cls)]
-
-    def check(obj: Any) -> str | None:
-        if type(obj) is not cls:
-            return f": expected {cls.__name__}, got {type(obj).__name__}"
-        for name, chk in fields:
-            problem = chk(getattr(obj, name))
-            if problem is not None:
-                return f"{name}{problem}"
-        return None
-
-    _CHECKERS[cls] = check
-    return check
+FINITE_FLAG = "_karn_finite"
+"""Set (True) in an envelope's ``__dict__`` by the collector when validation proved every float
+of the event finite; the batch encoder then skips its non-finite scan. Not a dataclass field:
+equality, repr and encoding ignore it."""
 
 
-def _describe(v: Any) -> str:
-    return type(v).__name__
+class Problem(typing.NamedTuple):
+    """Why a value was rejected: ``reason`` is a bounded counter key, ``where`` the path below
+    the checked object (".alpha", ".values['loss']", "[3]"), ``detail`` what is wrong."""
+
+    reason: str
+    where: str
+    detail: str
+
+    def describe(self, root: str = "") -> str:
+        where = self.where[1:] if not root and self.where.startswith(".") else self.where
+        return f"{root}{where}: {self.detail}"
 
 
-def _check_float(v: Any) -> str | None:
-    t = type(v)
-    if t is float or t is int or (isinstance(v, (float, int)) and not isinstance(v, bool)):
-        return None
-    return f": expected float, got {_describe(v)}"
+MAYBE_NONFINITE = Problem("ok", "", "valid; may hold a non-finite float")
+"""The checker result for a valid value that may hold NaN or inf (compared by identity)."""
+
+_Result = Problem | None
+_Check = Callable[[Any], _Result]
+_NF = MAYBE_NONFINITE
 
 
-_is_str = str.__instancecheck__  # bound: isinstance(x, str), called from C by map()
-_is_float = float.__instancecheck__
+def _at(r: Problem, where: str) -> Problem:
+    return Problem(r.reason, where + r.where, r.detail)
 
 
-def _check_str_float_dict(v: Any) -> str | None:
-    if type(v) is not dict:
-        return f": expected dict, got {_describe(v)}"
-    # Fast path: all keys str and all values exactly float (one C-level pass each).
-    if all(map(_is_str, v)) and all(map(_is_float, v.values())):
-        return None
-    for k, x in v.items():
-        if type(k) is not str or (type(x) is not float and _check_float(x) is not None):
-            if type(k) is not str:
-                return f"[{k!r}]: expected str, got {_describe(k)}"
-            return f"[{k!r}]: expected float, got {_describe(x)}"
+def _clean(s: str, limit: int = 60) -> str:
+    """``s`` bounded and with every non-printable character escaped (safe for a terminal)."""
+    if len(s) > limit:
+        s = s[:limit] + "..."
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
+
+
+def type_name(v: Any) -> str:
+    """The name of ``v``'s type, bounded and printable (never raises)."""
+    try:
+        name = type(v).__name__
+        return _clean(name) if type(name) is str else "?"
+    except Exception:
+        return "?"
+
+
+def safe_repr(v: Any, limit: int = 60) -> str:
+    """A short description of ``v`` for an error message; never raises, never calls user code."""
+    try:
+        t = type(v)
+        if t is str:
+            s = str.__repr__(v[:limit])
+            return s if len(v) <= limit else f"{s}...(+{len(v) - limit} chars)"
+        if t is int:
+            return int.__repr__(v) if v.bit_length() <= 64 else f"<int of {v.bit_length()} bits>"
+        if t is float:
+            return float.__repr__(v)
+        if v is None or v is True or v is False:
+            return str(v)
+        if t is tuple and len(v) <= 4:
+            return "(" + ", ".join(safe_repr(x, 20) for x in v) + ")"
+        return f"<{type_name(v)}>"
+    except Exception:
+        return "<?>"
+
+
+def _expected(what: str, v: Any) -> Problem:
+    return Problem("type_error", "", f"expected {what}, got {type_name(v)}")
+
+
+def _c_any(v: Any) -> _Result:
     return None
 
 
-def _checker_for(tp: Any) -> _Checker:
+def _c_none(v: Any) -> _Result:
+    return None if v is None else _expected("None", v)
+
+
+def _c_bool(v: Any) -> _Result:
+    return None if v is True or v is False else _expected("bool", v)
+
+
+def _c_float(v: Any) -> _Result:
+    if type(v) is float:
+        return None if v - v == 0.0 else _NF
+    if isinstance(v, float):  # numpy.float64 and other float subclasses
+        return None if math.isfinite(v) else _NF
+    if isinstance(v, int) and not isinstance(v, bool):
+        x = int.__index__(v)  # an exact int (no user __le__ for an int subclass)
+        if -_FLOAT_MAX <= x <= _FLOAT_MAX:
+            return None
+        return Problem("out_of_range", "", f"{safe_repr(x)} does not fit a float")
+    return _expected("float", v)
+
+
+def _c_int(v: Any) -> _Result:
+    if type(v) is int and INT64_MIN <= v <= INT64_MAX:
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        x = int.__index__(v)
+        if INT64_MIN <= x <= INT64_MAX:
+            return None
+        return Problem("out_of_range", "", f"{safe_repr(x)} is outside the 64-bit integer range")
+    return _expected("int", v)
+
+
+def _bad_utf8(v: str) -> Problem | None:
+    if str.isascii(v):
+        return None
+    try:
+        str.encode(v, "utf-8")
+    except UnicodeEncodeError as exc:
+        return Problem("invalid_string", "", f"not valid UTF-8: lone surrogate at index {exc.start}")
+    return None
+
+
+def _c_str(v: Any) -> _Result:
+    if type(v) is str and v.isascii():
+        return None
+    if not isinstance(v, str):
+        return _expected("str", v)
+    return _bad_utf8(v)
+
+
+def id_problem(v: Any) -> Problem | None:
+    """Why ``v`` is not a valid id (run, episode, slot, seed or blueprint), or None."""
+    if not isinstance(v, str):
+        return _expected("str", v)
+    bad = _bad_utf8(v)
+    if bad is not None:
+        return Problem("invalid_id", "", bad.detail)
+    if not v:
+        return Problem("invalid_id", "", "empty id")
+    if len(v) > ID_MAX_LEN:
+        return Problem("invalid_id", "", f"id of {len(v)} characters (at most {ID_MAX_LEN})")
+    if not str.isprintable(v):
+        i = next(i for i, c in enumerate(v) if not c.isprintable())
+        return Problem("invalid_id", "", f"{safe_repr(v)}: control or non-printable character at index {i}")
+    if "/" in v or "\\" in v:
+        return Problem("invalid_id", "", f"{safe_repr(v)}: path separator in an id")
+    if ".." in v or v == ".":
+        return Problem("invalid_id", "", f"{safe_repr(v)}: '.' or '..' in an id")
+    return None
+
+
+def _c_path(v: Any) -> _Result:
+    if not isinstance(v, Path):
+        return _expected("Path", v)
+    s = Path.__str__(v)
+    return _bad_utf8(s) if type(s) is str else _expected("Path", v)
+
+
+def _c_datetime(v: Any) -> _Result:
+    if not isinstance(v, datetime):
+        return _expected("datetime", v)
+    tz = v.tzinfo
+    if tz is not None and type(tz) is not timezone and type(tz) is not ZoneInfo:
+        return Problem("type_error", "", f"datetime with an unsupported tzinfo {type_name(tz)}")
+    return None
+
+
+_is_float = float.__instancecheck__  # bound: isinstance(x, float), called from C by map()
+
+
+def _c_str_float_dict(v: Any) -> _Result:
+    """dict[str, float], the per-step shape: three C-level passes in the common case."""
+    if type(v) is dict:
+        try:
+            ascii_keys = "".join(v).isascii()  # TypeError unless every key is a str
+        except TypeError:
+            ascii_keys = False
+        if ascii_keys and all(map(_is_float, v.values())):
+            s = sum(v.values(), 0.0)  # finite sum => every value finite
+            return None if s - s == 0.0 else _dict_items(v, _c_str, _c_float)
+    return _dict_items(v, _c_str, _c_float)
+
+
+def _dict_items(v: Any, kc: _Check, vc: _Check) -> _Result:
+    if not isinstance(v, dict):
+        return _expected("dict", v)
+    nf = False
+    for k, x in dict.items(v):
+        r = kc(k)
+        if r is not None and r is not _NF:
+            return _at(r, f"[{safe_repr(k)}] (key)")
+        r = vc(x)
+        if r is not None:
+            if r is _NF:
+                nf = True
+            else:
+                return _at(r, f"[{safe_repr(k)}]")
+    return _NF if nf else None
+
+
+def _union(tp: Any, members: list[_Check]) -> _Check:
+    what = " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+
+    def check(v: Any) -> _Result:
+        best: Problem | None = None
+        for m in members:
+            r = m(v)
+            if r is None or r is _NF:
+                return r
+            if best is None or (best.reason == "type_error" and r.reason != "type_error"):
+                best = r  # the most specific complaint (out_of_range beats "not a str")
+        if best is not None and best.reason != "type_error":
+            return best
+        return _expected(what, v)
+
+    return check
+
+
+def _checker_for(tp: Any, ident: bool = False) -> _Check:
+    """A checker for values of type ``tp`` (``ident``: strings in it are ids)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
-        return lambda v: None
+        return _c_any
     if tp is float:
-        return _check_float
+        return _c_float
     if tp is int:
-        return lambda v: (
-            None if isinstance(v, int) and not isinstance(v, bool) else f": expected int, got {_describe(v)}"
-        )
+        return _c_int
     if tp is bool:
-        return lambda v: None if isinstance(v, bool) else f": expected bool, got {_describe(v)}"
+        return _c_bool
     if tp is str:
-        return lambda v: None if isinstance(v, str) else f": expected str, got {_describe(v)}"
+        return id_problem if ident else _c_str
     if tp is type(None):
-        return lambda v: None if v is None else f": expected None, got {_describe(v)}"
-    if tp in (Path, datetime) or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
-        return lambda v: None if isinstance(v, tp) else f": expected {tp.__name__}, got {_describe(v)}"
+        return _c_none
+    if tp is Path:
+        return _c_path
+    if tp is datetime:
+        return _c_datetime
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        name = tp.__name__
+        return lambda v: None if type(v) is tp else _expected(name, v)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return lambda v: check_types(v) if type(v) is tp else f": expected {tp.__name__}, got {_describe(v)}"
+        cls = tp
+        return lambda v: check_object(v) if type(v) is cls else _expected(cls.__name__, v)
     if origin is Literal:
-        return lambda v: None if v in args else f": expected one of {args}, got {v!r}"
+        choices = frozenset(args)
+        return lambda v: (
+            None if type(v) is str and v in choices else Problem("type_error", "", f"expected one of {sorted(choices)}")
+        )
     if origin is Union or origin is types.UnionType:
-        members = [_checker_for(a) for a in args]
-
-        def check_union(v: Any) -> str | None:
-            for m in members:
-                if m(v) is None:
-                    return None
-            return f": expected {tp}, got {_describe(v)}"
-
-        return check_union
+        members = [_checker_for(a, ident) for a in args]
+        if len(args) == 2 and type(None) in args:  # Optional[X]
+            inner = members[0] if args[1] is type(None) else members[1]
+            return lambda v: None if v is None else inner(v)
+        return _union(tp, members)
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        items = [_checker_for(a, ident) for a in args]
+        return _fixed_tuple(items)
     if origin in (list, tuple):
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            items = [_checker_for(a) for a in args]
-
-            def check_fixed(v: Any) -> str | None:
-                if not isinstance(v, tuple) or len(v) != len(items):
-                    return f": expected tuple of {len(items)}, got {_describe(v)}"
-                for i, (c, x) in enumerate(zip(items, v)):
-                    p = c(x)
-                    if p:
-                        return f"[{i}]{p}"
-                return None
-
-            return check_fixed
-        item = _checker_for(args[0]) if args else (lambda v: None)
-        container = origin
-
-        def check_seq(v: Any) -> str | None:
-            if not isinstance(v, container):
-                return f": expected {container.__name__}, got {_describe(v)}"
-            for i, x in enumerate(v):
-                p = item(x)
-                if p:
-                    return f"[{i}]{p}"
-            return None
-
-        return check_seq
-    if origin is dict and args == (str, float):
-        return _check_str_float_dict  # the common case (per-slot and per-head values), kept fast
+        item = _checker_for(args[0], ident) if args else _c_any
+        return _sequence(origin, item)
     if origin is dict:
-        kc, vc = (_checker_for(args[0]), _checker_for(args[1])) if args else (lambda v: None, lambda v: None)
-
-        def check_dict(v: Any) -> str | None:
-            if not isinstance(v, dict):
-                return f": expected dict, got {_describe(v)}"
-            for k, x in v.items():
-                p = kc(k) or vc(x)
-                if p:
-                    return f"[{k!r}]{p}"
-            return None
-
-        return check_dict
+        if args == (str, float) and not ident:
+            return _c_str_float_dict
+        kc, vc = (_checker_for(args[0], ident), _checker_for(args[1])) if args else (_c_any, _c_any)
+        return lambda v: _dict_items(v, kc, vc)
     raise TypeError(f"no checker for {tp!r}")
+
+
+def _fixed_tuple(items: list[_Check]) -> _Check:
+    def check(v: Any) -> _Result:
+        if not isinstance(v, tuple) or tuple.__len__(v) != len(items):
+            return Problem("type_error", "", f"expected a tuple of {len(items)}, got {type_name(v)}")
+        nf = False
+        for i, (c, x) in enumerate(zip(items, v)):
+            r = c(x)
+            if r is not None:
+                if r is not _NF:
+                    return _at(r, f"[{i}]")
+                nf = True
+        return _NF if nf else None
+
+    return check
+
+
+def _sequence(container: Any, item: _Check) -> _Check:
+    floats = item is _c_float
+
+    def check(v: Any) -> _Result:
+        if not isinstance(v, container):
+            return _expected(container.__name__, v)
+        seq: Any = v
+        if floats and type(seq) is container and all(map(_is_float, seq)):
+            s = sum(seq, 0.0)
+            if s - s == 0.0:
+                return None
+        nf = False
+        for i, x in enumerate(seq):
+            r = item(x)
+            if r is not None:
+                if r is not _NF:
+                    return _at(r, f"[{i}]")
+                nf = True
+        return _NF if nf else None
+
+    return check
+
+
+# Fields whose strings are ids (they become file names or metric labels), by field name.
+# Every ``*_id`` field (run, episode, slot, seed, blueprint, experiment) plus the two that hold
+# slot ids; FactoredAction names a slot and a blueprint.
+_ID_FIELDS = frozenset({"slot_ids", "slot_config"})
+_ID_FIELDS_OF: dict[str, frozenset[str]] = {"FactoredAction": frozenset({"slot", "blueprint"})}
+
+# Inlined leaves of the generated checkers: (type, source) with {v} the value, {w} the path.
+_INLINE: dict[Any, str] = {
+    float: (
+        "if type({v}) is float:\n"
+        "    if {v} - {v} != 0.0: nf = True\n"
+        "else:\n"
+        "    r = _c_float({v})\n"
+        "    if r is not None:\n"
+        "        if r is not _NF: return _at(r, {w})\n"
+        "        nf = True\n"
+    ),
+    int: (
+        "if type({v}) is not int or not (INT64_MIN <= {v} <= INT64_MAX):\n"
+        "    r = _c_int({v})\n"
+        "    if r is not None: return _at(r, {w})\n"
+    ),
+    str: (
+        "if type({v}) is not str or not {v}.isascii():\n    r = _c_str({v})\n    if r is not None: return _at(r, {w})\n"
+    ),
+    bool: "if {v} is not True and {v} is not False: return _at(_expected('bool', {v}), {w})\n",
+}
+
+
+def _generate(cls: type) -> _Check:
+    """Compile the checker of one contract class (see the section comment)."""
+    hints = type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    ids = _ID_FIELDS | _ID_FIELDS_OF.get(cls.__name__, frozenset())
+    ns: dict[str, Any] = {
+        "_c_float": _c_float,
+        "_c_int": _c_int,
+        "_c_str": _c_str,
+        "_at": _at,
+        "_expected": _expected,
+        "_NF": _NF,
+        "INT64_MIN": INT64_MIN,
+        "INT64_MAX": INT64_MAX,
+        "Problem": Problem,
+        "_missing": _missing,
+        "_FIELDS": tuple(names),
+    }
+    body: list[str] = []
+    for i, name in enumerate(names):
+        tp, ident = hints[name], name in ids or name.endswith("_id")
+        v, w = f"v{i}", repr("." + name)
+        body.append(f"{v} = obj.{name}\n")
+        optional = typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] if optional else [tp]
+        leaf = inner[0] if len(inner) == 1 else None
+        if leaf in _INLINE and not (ident and leaf is str):
+            src = _INLINE[leaf].format(v=v, w=w)
+            if optional:
+                src = f"if {v} is not None:\n" + "".join("    " + line + "\n" for line in src.splitlines())
+            body.append(src)
+        else:
+            ns[f"_c{i}"] = _checker_for(tp, ident)
+            body.append(f"r = _c{i}({v})\nif r is not None:\n    if r is not _NF: return _at(r, {w})\n    nf = True\n")
+    src = (
+        "def check(obj):\n    nf = False\n    try:\n"
+        + "".join("        " + line + "\n" for line in "".join(body).splitlines())
+        + "    except AttributeError:\n        missing = _missing(obj, _FIELDS)\n"
+        + "        if missing is None: raise\n        return missing\n"
+        + "    return _NF if nf else None\n"
+    )
+    exec(compile(src, f"<karn checker {cls.__name__}>", "exec"), ns)  # noqa: S102 (source built above)
+    check: _Check = ns["check"]
+    return check
+
+
+def _missing(obj: Any, fields: tuple[str, ...]) -> Problem | None:
+    d = getattr(obj, "__dict__", None)
+    if not isinstance(d, dict):
+        return Problem("type_error", "", "instance without fields")
+    for name in fields:
+        if name not in d:
+            return Problem("type_error", "." + name, "field is missing")
+    return None
+
+
+_CHECKERS: dict[type, _Check] = {}
+
+
+def checker(cls: type) -> _Check:
+    """The (cached) checker of contract class ``cls``; the caller checks ``type(obj) is cls``."""
+    check = _CHECKERS.get(cls)
+    if check is None:
+        check = _CHECKERS[cls] = _generate(cls)
+    return check
+
+
+def check_object(obj: Any) -> _Result:
+    """Check a contract instance: None (valid, floats finite), MAYBE_NONFINITE (valid) or a Problem."""
+    check = _CHECKERS.get(type(obj))
+    if check is None:
+        cls = type(obj)
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return _expected("a Karn contract", obj)
+        check = checker(cls)
+    return check(obj)
+
+
+# The leaf checkers, for envelope fields and call arguments (same results as inside contracts).
+check_float = _c_float
+check_int = _c_int
+check_str = _c_str
+
+
+def check_types(obj: Any) -> str | None:
+    """Check a contract instance against its type hints (recursively): None when it conforms,
+    else "field: what is wrong" (e.g. ``"values['loss']: expected float, got str"``)."""
+    r = check_object(obj)
+    return None if r is None or r is _NF else r.describe()

@@ -18,12 +18,23 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from karn_otel.codec import check_types
-from karn_otel.config import KarnConfig
+from karn_otel.codec import (
+    FINITE_FLAG,
+    MAYBE_NONFINITE,
+    Problem,
+    check_float,
+    check_int,
+    check_str,
+    checker,
+    id_problem,
+    safe_repr,
+    type_name,
+)
+from karn_otel.config import KarnConfig, redact_hyperparameters
 from karn_otel.contracts import (
     EVENT_TYPE_OF,
     SCHEMA_VERSION,
@@ -56,11 +67,13 @@ ET = TelemetryEventType
 
 
 class TelemetryValidationError(ValueError):
-    """An event broke a contract rule. ``reason`` is the bounded counter key."""
+    """An event broke a contract rule. ``reason`` is the bounded counter key; ``field`` the
+    offending field's path when one is to blame (e.g. ``"values['loss']"``)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
         super().__init__(f"[{reason}] {message}")
         self.reason = reason
+        self.field = field
 
 
 class KarnCollector:
@@ -89,8 +102,14 @@ class KarnCollector:
             self.pipeline.add_sink(s)
         self._lock = threading.RLock()
         self._episode: EpisodeContext | None = None
+        self._episode_id = ""
         self._slot_ids: frozenset[str] = frozenset()
         self._epoch = 0
+        # The envelope of every event, its constant fields filled in (copied once per event).
+        self._template: dict[str, Any] = dict.fromkeys(_EVENT_FIELDS)
+        self._template.update(
+            run_id=self.run_id, rank=rank, world_size=world, is_reduced=False, schema_version=SCHEMA_VERSION
+        )
         self._closed = False
 
     # ------------------------------------------------------------------ wiring (composition root)
@@ -140,120 +159,237 @@ class KarnCollector:
         has one, else from ``epoch``, else the episode's current epoch. Events the
         processors derive from it (alerts, mode changes) are routed after it, before
         ``emit`` returns.
+
+        Never raises in lenient mode, whatever it is given: a bad event is rejected and
+        counted, an internal failure downstream counted under ``pipeline:error``. In strict
+        mode every rejection raises :class:`TelemetryValidationError`.
         """
         with self._lock:
             env = self._accept(event, epoch, is_reduced)
             if env is None:
                 return False
-            if env.event_type is ET.EPISODE_ENDED:
-                # Karn's own accounting goes into the log just before the summary.
-                self.pipeline.deliver_unprocessed(self._envelope(self.stats(), env.epoch, False))
-            self.pipeline.route(env, self._stamp_derived)
-        if env.event_type is ET.EPISODE_ENDED:
+            ended = env.event_type is ET.EPISODE_ENDED
+            try:
+                if ended:
+                    # Karn's own accounting goes into the log just before the summary.
+                    self.pipeline.deliver_unprocessed(self._own(self.stats(), env.epoch))
+                self.pipeline.route(env, self._stamp_derived)
+            except Exception as exc:
+                if self.config.strict:
+                    raise
+                self.pipeline.sink_errors["pipeline"] += 1
+                self.pipeline.report_once(
+                    "pipeline", f"Karn could not route an event: {type_name(exc)} (further failures counted)"
+                )
+        if ended:
             self.flush()
         return True
 
-    def _accept(self, event: Any, epoch: int | None, is_reduced: bool) -> TelemetryEvent | None:
-        """Envelope and validate ``event``; update the episode state. None when rejected."""
+    def _accept(self, event: Any, epoch: Any, is_reduced: Any) -> TelemetryEvent | None:
+        """Validate and envelope ``event``; update the episode state. None when rejected."""
         try:
-            env = self._envelope(event, epoch, is_reduced)
-            self._validate(env)
+            plan = _PLANS.get(type(event))
+            if plan is not None and plan[3] and self._episode is not None:
+                env = self._accept_simple(event, plan, epoch, is_reduced)
+            else:
+                env = self._accept_general(event, plan, epoch, is_reduced)
         except TelemetryValidationError as err:
             self._reject(err)
             return None
-        except Exception as exc:  # a malformed envelope (e.g. a str rank): rejected, never raised
-            self._reject(TelemetryValidationError("malformed", f"{type(event).__name__}: {exc!r}"[:500]))
+        except Exception as exc:  # a hostile object (a raising __class__, __eq__, ...): rejected, never raised
+            self._reject(TelemetryValidationError("malformed", f"{type_name(event)}: {type_name(exc)} while checking"))
             return None
-        if isinstance(env.payload, EpisodeContext):
-            self._episode = env.payload
-            self._slot_ids = frozenset(env.payload.slot_config)
         self._epoch = env.epoch
         return env
 
-    def _stamp_derived(self, payload: Any, epoch: int) -> TelemetryEvent | None:
-        return self._accept(payload, epoch, False)
-
-    def _envelope(self, event: Any, epoch: int | None, is_reduced: bool) -> TelemetryEvent:
-        if isinstance(event, TelemetryEvent):
-            if not isinstance(event.event_type, TelemetryEventType):
-                raise TelemetryValidationError(
-                    "type_error", f"event_type {event.event_type!r} is not a TelemetryEventType"
-                )
-            expected = EVENT_TYPE_OF.get(type(event.payload))
-            if expected is not event.event_type:
-                raise TelemetryValidationError(
-                    "type_error",
-                    f"payload {type(event.payload).__name__} does not match event_type {event.event_type.value}",
-                )
-            return event
-        et = EVENT_TYPE_OF.get(type(event))
-        if et is None:
-            raise TelemetryValidationError(
-                "unknown_event_type", f"{type(event).__name__} is not a Karn contract (see karn_otel.contracts)"
-            )
-        ep = getattr(event, "epoch", None)
-        if et is ET.EPISODE_STARTED:
-            ep = 0 if epoch is None else epoch
-        elif ep is None:
-            ep = epoch if epoch is not None else self._epoch
-        if et is ET.EPISODE_STARTED:
-            episode_id = event.episode_id
+    def _accept_simple(self, event: Any, plan: _Plan, epoch: Any, is_reduced: Any) -> TelemetryEvent:
+        """The per-step path: a payload needing no cross-field rule (Scalars, BatchMetrics, ...)
+        inside an open episode. Same checks as the general path, fewer steps."""
+        et, check, has_epoch = plan[0], plan[1], plan[2]
+        r = check(event)
+        if r is not None and r is not MAYBE_NONFINITE:
+            raise _problem(r, event)
+        if has_epoch:
+            ep = event.epoch
+        elif epoch is None:
+            ep = self._epoch
         else:
-            episode_id = self._episode.episode_id if self._episode is not None else ""
-        return _make_event(
-            et,
-            self.run_id,
-            episode_id,
-            ep if type(ep) is int else -1,
-            time.time(),
-            event,
-            self.rank,
-            self.world_size,
-            is_reduced,
-        )
+            ep = _checked_epoch(epoch)
+        if ep < self._epoch:
+            self._check_epoch(ep, et)
+        slots = plan[4]
+        if slots is not None and not self._slot_ids.issuperset(slots(event)):
+            self._rules(event, et, ep)  # raises unknown_slot, naming it
+        d = self._template.copy()
+        d["event_type"] = et
+        d["episode_id"] = self._episode_id
+        d["epoch"] = ep
+        d["timestamp"] = _now()
+        d["payload"] = event
+        if is_reduced is not False:
+            d["is_reduced"] = _checked_bool(is_reduced, "is_reduced")
+        if r is None:
+            d[FINITE_FLAG] = True
+        ev: TelemetryEvent = _new_object(TelemetryEvent)
+        _set_attr(ev, "__dict__", d)
+        return ev
 
-    # ------------------------------------------------------------------ validation
+    def _accept_general(self, event: Any, plan: _Plan | None, epoch: Any, is_reduced: Any) -> TelemetryEvent:
+        if plan is None:
+            if isinstance(event, TelemetryEvent):
+                return self._accept_envelope(event)
+            raise TelemetryValidationError(
+                "unknown_event_type", f"{type_name(event)} is not a Karn contract (see karn_otel.contracts)"
+            )
+        et, check, has_epoch = plan[0], plan[1], plan[2]
+        r = check(event)
+        if r is not None and r is not MAYBE_NONFINITE:
+            raise _problem(r, event)
+        if et is ET.EPISODE_STARTED:
+            ep = 0 if epoch is None else _checked_epoch(epoch)
+        elif has_epoch:
+            ep = event.epoch
+        else:
+            ep = self._epoch if epoch is None else _checked_epoch(epoch)
+        reduced = _checked_bool(is_reduced, "is_reduced")
+        payload = self._rules(event, et, ep)
+        if payload is not event:
+            r = check(payload)
+        return self._stamp(et, ep, payload, reduced, r is None)
 
-    def _validate(self, env: TelemetryEvent) -> None:
-        p = env.payload
-        problem = check_types(p)
-        if problem:
-            raise TelemetryValidationError("type_error", f"{type(p).__name__}.{problem}")
-        if not 0 <= env.rank < env.world_size:
-            raise TelemetryValidationError("bad_rank", f"rank {env.rank} outside world_size {env.world_size}")
-        if env.epoch < 0:
-            raise TelemetryValidationError("bad_epoch", f"epoch {env.epoch} is negative")
-        for name in _PARAM_FIELDS.get(type(p), ()):
+    def _accept_envelope(self, env: TelemetryEvent) -> TelemetryEvent:
+        """A complete envelope given by the caller: every field is checked (it is rebuilt as a
+        plain TelemetryEvent, so a subclass or a tampered ``__dict__`` goes no further)."""
+        et = _field(env, "event_type")
+        if type(et) is not TelemetryEventType:
+            raise TelemetryValidationError(
+                "type_error", f"TelemetryEvent.event_type: expected TelemetryEventType, got {type_name(et)}"
+            )
+        payload = _field(env, "payload")
+        plan = _PLANS.get(type(payload))
+        if plan is None or plan[0] is not et:
+            raise TelemetryValidationError(
+                "type_error", f"TelemetryEvent.payload: {type_name(payload)} does not match event_type {et.value}"
+            )
+        r = plan[1](payload)
+        if r is not None and r is not MAYBE_NONFINITE:
+            raise _problem(r, payload)
+        for name in ("run_id", "episode_id"):
+            p = id_problem(_field(env, name)) if name == "run_id" or et is not ET.EPISODE_STARTED else None
+            if name == "episode_id" and p is None:
+                p = check_str(_field(env, name))
+            if p is not None:
+                raise _problem(p, env, root=f"TelemetryEvent.{name}")
+        ep = _checked_epoch(_field(env, "epoch"), "TelemetryEvent.epoch")
+        ts = _field(env, "timestamp")
+        p = check_float(ts)
+        if p is not None:
+            if p is MAYBE_NONFINITE:
+                p = Problem("bad_timestamp", "", f"{safe_repr(ts)} is not a finite time")
+            raise _problem(p, env, root="TelemetryEvent.timestamp")
+        rank, world = _field(env, "rank"), _field(env, "world_size")
+        for name, v in (("rank", rank), ("world_size", world)):
+            p = check_int(v)
+            if p is not None:
+                raise _problem(p, env, root=f"TelemetryEvent.{name}")
+        if not 0 <= rank < world <= _MAX_WORLD:
+            raise TelemetryValidationError(
+                "bad_rank", f"rank {safe_repr(rank)} outside world_size {safe_repr(world)}", field="rank"
+            )
+        reduced = _checked_bool(_field(env, "is_reduced"), "TelemetryEvent.is_reduced")
+        version = _field(env, "schema_version")
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise TelemetryValidationError(
+                "schema_version",
+                f"TelemetryEvent.schema_version {safe_repr(version)} (this Karn writes {SCHEMA_VERSION})",
+                field="schema_version",
+            )
+        episode_id = payload.episode_id if et is ET.EPISODE_STARTED else _field(env, "episode_id")
+        if et is ET.EPISODE_STARTED and _field(env, "episode_id") != episode_id:
+            raise TelemetryValidationError(
+                "unknown_episode",
+                "TelemetryEvent.episode_id differs from its EpisodeContext's episode_id",
+                field="episode_id",
+            )
+        if et is not ET.EPISODE_STARTED and self._episode is not None and episode_id != self._episode.episode_id:
+            raise TelemetryValidationError(
+                "unknown_episode",
+                f"episode {safe_repr(episode_id)} is not the active episode {safe_repr(self._episode.episode_id)}",
+                field="episode_id",
+            )
+        payload = self._rules(payload, et, ep)
+        return _make_event(et, env.run_id, episode_id, ep, float(ts), payload, rank, world, reduced, r is None)
+
+    def _rules(self, p: Any, et: TelemetryEventType, ep: int) -> Any:
+        """The cross-field rules of a type-valid payload; returns the payload to record (an
+        EpisodeContext with its secrets redacted) and updates the episode state."""
+        if ep < 0:
+            raise TelemetryValidationError("bad_epoch", f"epoch {ep} is negative", field="epoch")
+        cls = type(p)
+        for name in _PARAM_FIELDS.get(cls, ()):
             if getattr(p, name) < 0:
                 raise TelemetryValidationError(
-                    "negative_param_count", f"{type(p).__name__}.{name} = {getattr(p, name)} is negative"
+                    "negative_param_count", f"{cls.__name__}.{name} = {getattr(p, name)} is negative", field=name
                 )
-        if isinstance(p, EpisodeContext):
+        if cls is EpisodeContext:
             bad = {k: v for k, v in p.slot_config.items() if v < 0}
             if bad:
-                raise TelemetryValidationError("negative_param_count", f"EpisodeContext.slot_config has negative {bad}")
-            return
+                raise TelemetryValidationError(
+                    "negative_param_count",
+                    f"EpisodeContext.slot_config has negative {safe_repr(next(iter(bad)))}",
+                    field="slot_config",
+                )
+            hp, n = redact_hyperparameters(p.hyperparameters, self.config.secret_patterns)
+            if n:
+                p = dataclasses.replace(p, hyperparameters=hp)
+                self.pipeline.report_once(
+                    "redacted", f"Karn redacted {n} hyperparameter(s) whose names look like secrets"
+                )
+            self._episode = p
+            self._episode_id = p.episode_id
+            self._slot_ids = frozenset(p.slot_config)
+            self._epoch = ep
+            return p
         if self._episode is None:
+            raise TelemetryValidationError("no_active_episode", f"{et.value} emitted before any EpisodeContext")
+        if ep < self._epoch:
+            self._check_epoch(ep, et)
+        if cls is SlotSnapshot and not 0.0 <= p.alpha <= 1.0:
             raise TelemetryValidationError(
-                "no_active_episode", f"{env.event_type.value} emitted before any EpisodeContext"
+                "alpha_out_of_range",
+                f"slot {safe_repr(p.slot_id)} alpha {safe_repr(p.alpha)} not in [0, 1]",
+                field="alpha",
             )
-        if env.episode_id != self._episode.episode_id:
-            raise TelemetryValidationError(
-                "unknown_episode", f"episode {env.episode_id!r} is not the active episode {self._episode.episode_id!r}"
-            )
-        if env.epoch < self._epoch:
-            raise TelemetryValidationError(
-                "epoch_regression",
-                f"{env.event_type.value} at epoch {env.epoch} after epoch {self._epoch} (epochs must not decrease)",
-            )
-        if isinstance(p, SlotSnapshot) and not 0.0 <= p.alpha <= 1.0:
-            raise TelemetryValidationError("alpha_out_of_range", f"slot {p.slot_id!r} alpha {p.alpha} not in [0, 1]")
         for slot in _slots_named(p):
             if slot not in self._slot_ids:
+                known = sorted(self._slot_ids)
+                shown = ", ".join(map(safe_repr, known[:8])) + (", ..." if len(known) > 8 else "")
                 raise TelemetryValidationError(
-                    "unknown_slot",
-                    f"{type(p).__name__} names slot {slot!r}; the episode's slots are {sorted(self._slot_ids)}",
+                    "unknown_slot", f"{cls.__name__} names slot {safe_repr(slot)}; the episode's slots are [{shown}]"
                 )
+        return p
+
+    def _check_epoch(self, ep: int, et: TelemetryEventType) -> None:
+        if ep < 0:
+            raise TelemetryValidationError("bad_epoch", f"epoch {ep} is negative", field="epoch")
+        raise TelemetryValidationError(
+            "epoch_regression",
+            f"{et.value} at epoch {ep} after epoch {self._epoch} (epochs must not decrease)",
+            field="epoch",
+        )
+
+    def _stamp(self, et: TelemetryEventType, ep: int, payload: Any, reduced: bool, finite: bool) -> TelemetryEvent:
+        episode_id = payload.episode_id if et is ET.EPISODE_STARTED else self._episode_id
+        return _make_event(
+            et, self.run_id, episode_id, ep, _now(), payload, self.rank, self.world_size, reduced, finite
+        )
+
+    def _own(self, payload: Any, epoch: int) -> TelemetryEvent:
+        """An envelope for Karn's own records (TelemetryStats): built, not validated."""
+        return self._stamp(EVENT_TYPE_OF[type(payload)], epoch, payload, False, False)
+
+    def _stamp_derived(self, payload: Any, epoch: int) -> TelemetryEvent | None:
+        return self._accept(payload, None if hasattr(payload, "epoch") else epoch, False)
 
     def _reject(self, err: TelemetryValidationError) -> None:
         self.pipeline.rejected[err.reason] += 1
@@ -299,26 +435,68 @@ def _make_event(
     rank: int,
     world_size: int,
     is_reduced: bool,
+    finite: bool = False,
 ) -> TelemetryEvent:
     """Build an envelope without the frozen dataclass's per-field ``object.__setattr__``.
 
     Equivalent to ``TelemetryEvent(...)`` (same fields, still frozen afterwards) at a third of
-    the cost; this runs once per emitted event on the training thread.
+    the cost. ``finite``: validation proved every float finite (see codec.FINITE_FLAG).
     """
-    ev = _new_object(TelemetryEvent)
-    ev.__dict__.update(
-        event_type=event_type,
-        run_id=run_id,
-        episode_id=episode_id,
-        epoch=epoch,
-        timestamp=timestamp,
-        payload=payload,
-        rank=rank,
-        world_size=world_size,
-        is_reduced=is_reduced,
-        schema_version=SCHEMA_VERSION,
-    )
+    d: dict[str, Any] = {
+        "event_type": event_type,
+        "run_id": run_id,
+        "episode_id": episode_id,
+        "epoch": epoch,
+        "timestamp": timestamp,
+        "payload": payload,
+        "rank": rank,
+        "world_size": world_size,
+        "is_reduced": is_reduced,
+        "schema_version": SCHEMA_VERSION,
+    }
+    if finite:
+        d[FINITE_FLAG] = True
+    ev: TelemetryEvent = _new_object(TelemetryEvent)
+    _set_attr(ev, "__dict__", d)
     return ev
+
+
+_now = time.time
+_set_attr = object.__setattr__
+_MAX_WORLD = 2**31
+
+
+def _problem(r: Problem, obj: Any, root: str | None = None) -> TelemetryValidationError:
+    """The error for a checker's Problem, naming the field (``root`` defaults to the class).
+
+    A bad field of a caller-built envelope (``root`` given) counts as ``malformed``."""
+    base = type_name(obj) if root is None else root
+    field = (r.where[1:] if r.where.startswith(".") else r.where) or (None if root is None else root.split(".")[-1])
+    reason = r.reason if root is None or r.reason == "invalid_id" else "malformed"
+    return TelemetryValidationError(reason, r.describe(base) if r.where else f"{base}: {r.detail}", field=field)
+
+
+def _field(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise TelemetryValidationError("type_error", f"TelemetryEvent.{name} is missing", field=name) from None
+
+
+def _checked_epoch(v: Any, where: str = "epoch") -> int:
+    """An epoch given by the caller (the ``epoch=`` argument or an envelope's field)."""
+    r = check_int(v)
+    if r is not None:
+        raise _problem(r, v, root=where)
+    if v < 0:
+        raise TelemetryValidationError("bad_epoch", f"{where} {v} is negative", field="epoch")
+    return int(v)
+
+
+def _checked_bool(v: Any, where: str) -> bool:
+    if v is True or v is False:
+        return v
+    raise TelemetryValidationError("type_error", f"{where}: expected bool, got {type_name(v)}", field=where)
 
 
 _PARAM_FIELDS: dict[type, tuple[str, ...]] = {
@@ -352,6 +530,33 @@ def _slots_named(p: Any) -> Iterable[str]:
     if isinstance(p, CounterfactualMatrix):
         return p.slot_ids
     return ()
+
+
+# Per contract class: (event type, checker, payload has an ``epoch`` field, simple, slot names).
+# "Simple" classes need no cross-field rule beyond the epoch and the slots they name, and take
+# the per-step path of _accept.
+_Plan = tuple[TelemetryEventType, Callable[[Any], "Problem | None"], bool, bool, Callable[[Any], Iterable[str]] | None]
+_NEEDS_RULES: frozenset[type] = frozenset(
+    {EpisodeContext, SlotSnapshot, HostSnapshot, EpisodeSummary, CounterfactualMatrix}
+)
+
+
+def _build_plans() -> dict[type, _Plan]:
+    plans: dict[type, _Plan] = {}
+    for cls, et in EVENT_TYPE_OF.items():
+        has_epoch = "epoch" in {f.name for f in dataclasses.fields(cls)}
+        slots = _seed_norm_slots if cls is BatchMetrics else None
+        simple = cls not in _NEEDS_RULES and (cls in _NAMES_NO_SLOT or slots is not None)
+        plans[cls] = (et, checker(cls), has_epoch, simple, slots)
+    return plans
+
+
+def _seed_norm_slots(p: Any) -> Iterable[str]:
+    keys: Iterable[str] = p.seed_grad_norms.keys()
+    return keys
+
+
+_PLANS = _build_plans()
 
 
 # ---------------------------------------------------------------------- identity
@@ -419,11 +624,20 @@ def get_collector() -> KarnCollector | None:
     return _active
 
 
-def shutdown() -> None:
-    """Close and uninstall the active collector."""
+def shutdown(timeout: float | None = None) -> dict[str, int]:
+    """Close and uninstall the active collector, within ``timeout`` s (default
+    ``pipeline.SHUTDOWN_TIMEOUT_S``, 5 s) whatever the disk or the network does.
+
+    Returns what could not be written (``sink:reason`` -> events; empty when everything
+    was); each loss is also logged as a warning and counted in the collector's ``stats()``.
+    """
     previous = install(None)
-    if previous is not None:
-        previous.close()
+    if previous is None:
+        return {}
+    if timeout is not None:
+        previous.pipeline.shutdown_timeout_s = timeout
+    previous.close()
+    return dict(previous.pipeline.unwritten)
 
 
 def dense_requested() -> tuple[bool, str | None]:

@@ -6,11 +6,72 @@ rejected and counted by the collector instead). Imports neither torch nor opente
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
+from karn_otel.codec import id_problem
 from karn_otel.contracts import OperatingMode
+
+SECRET_PATTERNS: tuple[str, ...] = ("token", "secret", "password", "api_key", "key", "credential")
+"""Hyperparameter names that look like secrets (KarnConfig.secret_patterns; see is_secret_name)."""
+REDACTED = "[redacted]"
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_SEP = re.compile(r"[^a-z0-9]+")
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in _SEP.split(_CAMEL.sub("_", name).lower()) if w]
+
+
+def is_secret_name(name: str, patterns: tuple[str, ...] = SECRET_PATTERNS) -> bool:
+    """Whether a hyperparameter name matches a secret pattern.
+
+    Names and patterns are split into words (``_``, ``-``, ``.``, spaces, camelCase): a
+    one-word pattern matches a word equal to it or to its plural, or, for patterns of five
+    letters or more, a word ending with it (``hftoken``, ``dbpassword``); a several-word pattern
+    (``api_key``) matches those words in a row or written as one (``apikey``). So ``api_key``,
+    ``WANDB_API_KEY``, ``apiKey``, ``hf_token``, ``db_password``, ``aws_credentials`` and
+    ``key`` match (and, by the plural rule, ``max_tokens``); ``monkey``, ``keep_last``, ``tokenizer`` and ``batch_size`` do not.
+    """
+    words = _words(name)
+    compact = "".join(words)
+    for pattern in patterns:
+        pw = _words(pattern)
+        if not pw:
+            continue
+        if len(pw) == 1:
+            p = pw[0]
+            if any(w == p or w == p + "s" or (len(p) >= 5 and w.endswith(p)) for w in words):
+                return True
+        else:
+            n = len(pw)
+            if any(words[i : i + n] == pw for i in range(len(words) - n + 1)) or "".join(pw) in compact:
+                return True
+    return False
+
+
+V = TypeVar("V")
+
+
+def redact_hyperparameters(
+    hp: Mapping[str, V], patterns: tuple[str, ...] = SECRET_PATTERNS
+) -> tuple[dict[str, V | str], int]:
+    """``hp`` with the value of every secret-looking name replaced by ``"[redacted]"``, and
+    how many were. Non-string keys are left alone (the validator rejects them)."""
+    out: dict[str, V | str] = {}
+    n = 0
+    for k, v in hp.items():
+        if isinstance(k, str) and is_secret_name(k, patterns) and v != REDACTED:
+            out[k] = REDACTED
+            n += 1
+        else:
+            out[k] = v
+    return out, n
+
 
 Strategy = Literal["auto", "full_factorial", "shapley", "ablation_only"]
 _STRATEGIES = ("auto", "full_factorial", "shapley", "ablation_only")
@@ -119,8 +180,25 @@ class KarnConfig:
     prometheus_host: str = "127.0.0.1"
     otel_export_interval_s: float = 5.0
     otel_shutdown_timeout_s: float = 5.0
+    # Safety (docs/security.md). Hyperparameters whose names match one of these patterns
+    # are redacted at the door, before any sink sees them (() turns redaction off).
+    secret_patterns: tuple[str, ...] = SECRET_PATTERNS
+    # Permissions of what Karn creates in the run directory (the run log, checkpoints).
+    file_mode: int = 0o600
+    dir_mode: int = 0o700
 
     def __post_init__(self) -> None:
+        if self.run_id is not None:
+            problem = id_problem(self.run_id)
+            if problem is not None:
+                raise ValueError(f"run_id: {problem.detail}")
+        if isinstance(self.secret_patterns, str) or not all(isinstance(p, str) for p in self.secret_patterns):
+            raise ValueError("secret_patterns must be a tuple of strings")
+        object.__setattr__(self, "secret_patterns", tuple(self.secret_patterns))
+        for name in ("file_mode", "dir_mode"):
+            mode = getattr(self, name)
+            if type(mode) is not int or not 0 <= mode <= 0o777:
+                raise ValueError(f"{name} must be a permission mode such as 0o600, got {mode!r}")
         try:  # accept "research" as well as OperatingMode.RESEARCH
             object.__setattr__(self, "mode", OperatingMode(self.mode))
         except ValueError:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from karn_otel.contracts import (
+    EVENT_TYPE_OF,
     BatchMetrics,
     ControllerDecision,
     CounterfactualMatrix,
@@ -50,6 +51,9 @@ def is_global_host_snapshot(event: TelemetryEvent) -> bool:
 
 # Payload classes the store only counts (per-batch metrics, gate traces, mode changes, stats).
 _COUNTED_ONLY: frozenset[type] = frozenset({BatchMetrics, GateEvaluationTrace, ModeChange, TelemetryStats})
+# Recorded without the store's lock (see add): the counted-only classes and Scalars.
+_LOCK_FREE: frozenset[type] = _COUNTED_ONLY | {Scalars}
+_EVENT_TYPE_OF = EVENT_TYPE_OF
 
 
 class TelemetryStore:
@@ -65,7 +69,8 @@ class TelemetryStore:
         self.max_dense_traces = max_dense_traces
         self._max_epochs = max_epoch_snapshots
         self._max_recent = max_recent_events
-        self.event_counts: Counter[TelemetryEventType] = Counter()
+        # Accepted events per payload class (a type hashes in C; an enum member does not).
+        self._counts_by_class: dict[type, int] = {}
         self.run_id: str | None = None
         self.rank = 0
         self.world_size = 1
@@ -98,18 +103,27 @@ class TelemetryStore:
         Dispatch is on the payload's class (``match``), so each branch sees its payload typed.
         """
         epoch = event.epoch
+        p = event.payload
+        cls = type(p)
+        counts = self._counts_by_class
+        if cls in _LOCK_FREE:
+            # The per-step/per-batch path, without the lock: the pipeline is the only writer
+            # (it holds the collector's lock), the scalars are merged by one C call (atomic
+            # under the GIL), and readers copy under self._lock, so they see whole steps.
+            counts[cls] = counts.get(cls, 0) + 1
+            if epoch > self.epoch:
+                self.epoch = epoch
+            if isinstance(p, Scalars):
+                self.scalars.update(p.values)
+            return
         with self._lock:
-            self.event_counts[event.event_type] += 1
+            counts[cls] = counts.get(cls, 0) + 1
             self.run_id = event.run_id
             self.rank, self.world_size = event.rank, event.world_size
             if epoch > self.epoch:
                 self.epoch = epoch
-            if type(event.payload) in _COUNTED_ONLY:
-                return  # the per-batch hot path: nothing to keep beyond the count
-            match event.payload:  # the per-step record first
-                case Scalars() as p:
-                    self.scalars.update(p.values)
-                case EpisodeContext() as p:
+            match p:
+                case EpisodeContext():
                     self._reset_episode()
                     self.context = p
                 case HostBaseline() as p:
@@ -212,11 +226,28 @@ class TelemetryStore:
 
     def counts(self) -> dict[str, int]:
         """Accepted events per event type (its string value)."""
-        with self._lock:
-            return {et.value: n for et, n in self.event_counts.items()}
+        counts = _copy(self._counts_by_class)
+        return {_EVENT_TYPE_OF[cls].value: n for cls, n in counts.items()}
+
+    @property
+    def event_counts(self) -> Counter[TelemetryEventType]:
+        """Accepted events per event type."""
+        return Counter({_EVENT_TYPE_OF[cls]: n for cls, n in _copy(self._counts_by_class).items()})
 
 
 T = TypeVar("T")
+K = TypeVar("K")
+
+
+def _copy(d: dict[K, int]) -> dict[K, int]:
+    """A copy of a dict the pipeline may be growing in another thread (dict() of a dict is
+    one C call, atomic under the GIL; retried in the unlikely case it is not)."""
+    for _ in range(5):
+        try:
+            return dict(d)
+        except RuntimeError:
+            continue
+    return {}
 
 
 def _tail(items: Iterable[T], n: int | None) -> list[T]:
