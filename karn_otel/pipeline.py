@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from karn_otel.contracts import (
     ControllerDecision,
@@ -55,6 +56,8 @@ log = logging.getLogger("karn")
 # Derived events a single event may cause, transitively (an alert causing a mode change
 # causing ...): a bound so that a processor bug cannot loop forever on the training thread.
 MAX_DERIVED_PER_EVENT = 64
+# close() returns within this many seconds, whatever the disk or the network does.
+SHUTDOWN_TIMEOUT_S = 5.0
 
 
 # ---------------------------------------------------------------------- protocols
@@ -73,6 +76,15 @@ class Sink(Protocol):
     def flush(self, timeout: float | None = None) -> None: ...
 
     def close(self) -> None: ...
+
+
+class FinalSink(Protocol):
+    """A sink closed last (``final_sink = True``: the run log), handed every other sink's
+    drop counts to record, and a time bound; returns what it could not write."""
+
+    final_sink: bool
+
+    def close(self, final: Mapping[str, int] | None = None, timeout: float | None = None) -> dict[str, int]: ...
 
 
 class Processor(Protocol):
@@ -356,6 +368,8 @@ class Pipeline:
         self.rejected: Counter[str] = Counter()
         self.sink_errors: Counter[str] = Counter()
         self._reported: set[str] = set()
+        self.shutdown_timeout_s = SHUTDOWN_TIMEOUT_S  # the bound on close()
+        self.unwritten: dict[str, int] = {}  # what the last close() could not write
         self.view = PipelineView(self)
 
     # wiring (done once, by the composition root, before events flow)
@@ -458,19 +472,71 @@ class Pipeline:
 
     # lifecycle
     def flush(self, timeout: float | None = 10.0) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         for sink in self._sinks:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                sink.flush(timeout)
+                sink.flush(left)
             except Exception as exc:
                 self.report_once(f"flush:{type(sink).__name__}", f"Karn sink flush failed: {exc!r}")
 
-    def close(self) -> None:
-        self.flush()
-        for sink in self._sinks:
+    def close(self, timeout: float | None = None) -> dict[str, int]:
+        """Flush and close every sink within ``timeout`` s (default ``shutdown_timeout_s``),
+        whatever the disk or the network does; returns what could not be written
+        (``sink:reason`` -> events), also kept in ``unwritten``.
+
+        Order: flush all; close every sink except the final ones (the run log) in parallel,
+        leaving the final ones a reserve of the bound; then close the final ones with the
+        drop counts of all the others, so every sink's losses reach the run log's final
+        accounting. A sink still closing at the bound is left behind (reported).
+        """
+        bound = self.shutdown_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        sinks = self._sinks
+        final = [s for s in sinks if getattr(s, "final_sink", False) is True]
+        others = [s for s in sinks if s not in final]
+        reserve = min(1.0, 0.2 * bound) if final else 0.0
+        self.flush(timeout=max(0.0, deadline - reserve - time.monotonic()))
+        busy = _run_bounded([(type(s).__name__, s.close) for s in others], deadline - reserve, self.report_once)
+        for name in busy:
+            self.report_once(
+                f"close:{name}", f"Karn sink {name} was still closing at the {bound:g} s shutdown bound; left behind"
+            )
+        unwritten: dict[str, int] = {}
+        for sink in final:
+            name = type(sink).__name__
             try:
-                sink.close()
+                closer = cast(FinalSink, sink)
+                left = closer.close(final=self.dropped(), timeout=max(0.0, deadline - time.monotonic()))
             except Exception as exc:
-                self.report_once(f"close:{type(sink).__name__}", f"Karn sink close failed: {exc!r}")
+                self.report_once(f"close:{name}", f"Karn sink close failed: {exc!r}")
+                continue
+            for reason, n in (left or {}).items():
+                unwritten[f"{name}:{reason}"] = n
+        self.unwritten = unwritten
+        return unwritten
+
+
+def _run_bounded(
+    jobs: list[tuple[str, Callable[[], object]]], deadline: float, report: Callable[[str, str], None]
+) -> list[str]:
+    """Run ``jobs`` in parallel daemon threads until ``deadline``; the names still running."""
+
+    def run(name: str, job: Callable[[], object]) -> None:
+        try:
+            job()
+        except Exception as exc:
+            report(f"close:{name}", f"Karn sink close failed: {exc!r}")
+
+    threads = [
+        (name, threading.Thread(target=run, args=(name, job), name=f"karn-close-{name}", daemon=True))
+        for name, job in jobs
+    ]
+    for _, t in threads:
+        t.start()
+    for _, t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [name for name, t in threads if t.is_alive()]
 
 
 def _snapshot(read: Callable[[], Mapping[str, int]], attempts: int = 5) -> dict[str, int]:
@@ -485,6 +551,7 @@ def _snapshot(read: Callable[[], Mapping[str, int]], attempts: int = 5) -> dict[
 
 __all__ = [
     "AnalyticsView",
+    "FinalSink",
     "HealthSource",
     "ModeOwner",
     "Pipeline",

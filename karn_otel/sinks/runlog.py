@@ -2,22 +2,30 @@
 
 Layout of ``<out>/<run_id>/``::
 
-    run.json                          run id, schema version, creation time
-    events.jsonl                      one TelemetryEvent envelope per line, append-only
+    run.json                          run id, schema version, creation time, framing; at a
+                                      clean close also ``closed``: the final accounting of
+                                      every sink (written last, atomically)
+    events.jsonl                      one TelemetryEvent envelope per line, append-only, in
+                                      checksummed blocks (karn_otel.sinks.runlog_format)
     episodes/<episode_id>/context.json  each episode's EpisodeContext (a run may hold several)
     checkpoints/                      initial host checkpoints (written, and pruned by its
                                       checkpoint_retention, by the trainer)
 
-``RunLogSink.handle`` only appends to a bounded in-memory queue (O(1)); a writer thread
-encodes in batches with the C encoder of :mod:`karn_otel.codec` and writes each batch with
-one write call, so the training thread never waits on JSON encoding or the disk. A batch is
-small (``_BATCH`` events) and the encoding per write bounded in time (``_BUDGET_S``, under
-the interpreter's switch interval), so the writer never holds the GIL for long: a training
-thread waiting for it gets it as it would from any thread, and the write hands it back.
-A full queue or a failing disk (ENOSPC) drops events and counts them; training goes on. At
-EPISODE_ENDED the collector flushes, and ``flush`` fsyncs, so a finished episode is on disk.
+``RunLogSink.handle`` only appends to a bounded in-memory queue (O(1)) and bumps the live
+counter; a writer thread encodes in batches with the C encoder of :mod:`karn_otel.codec`,
+frames each batch as a block (sequence number, line count, CRC-32) and writes them with one
+writev call, so the training thread never waits on JSON encoding or the disk. The writer
+wakes when ``wake_batch`` events are queued and at least every ``flush_interval_s``
+(default 0.1 s): a killed process loses at most the events of that last interval, and
+``karn inspect`` counts them from the sequence numbers and the live counter.
 
-``read_run`` tolerates a torn last line (a killed process) and reports what it skipped.
+Faults: a full queue drops and counts (or, with ``backpressure="block"``, makes ``handle``
+wait up to ``block_timeout_s`` first); a failing disk (ENOSPC, EROFS) drops and counts,
+and the file is cut back to its last whole block; a deleted run directory is detected and
+reported; a disk that stops answering (a frozen filesystem) stalls only the writer thread:
+``flush`` stops waiting for it after ``stall_timeout_s`` and ``close`` returns within
+``shutdown_timeout_s``, counting what it could not write. Opening an existing log repairs
+it first (truncates at the first bad record, keeping the cut bytes beside it, and says so).
 """
 
 from __future__ import annotations
@@ -26,13 +34,17 @@ import json
 import logging
 import operator
 import os
+import re
 import threading
 import time
+import zlib
 from collections import Counter, deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import repeat
 from pathlib import Path
+from typing import Any, Literal
 
 from karn_otel.codec import (
     ContractDecodeError,
@@ -48,19 +60,53 @@ from karn_otel.contracts import (
     TelemetryEvent,
     TelemetryEventType,
 )
+from karn_otel.sinks.runlog_format import (
+    C_CLOSED,
+    C_HANDLED,
+    C_REFUSED,
+    C_WRITER_DROPPED,
+    C_WRITTEN,
+    DEFAULT_MAX_RECORD_BYTES,
+    FRAMING,
+    CounterReading,
+    Integrity,
+    LiveCounter,
+    Repair,
+    frame,
+    read_counter,
+    repair,
+    scan,
+)
 
 log = logging.getLogger("karn")
 EVENTS_FILE = "events.jsonl"
-_BATCH = 512  # events per C encode call (GIL held throughout; ~0.5-2 ms)
+RUN_FILE = "run.json"
+_BATCH = 64  # events per block: one C encode call and one CRC (about 45 KB of 20-scalar steps)
 _BUDGET_S = 0.004  # encode batches for up to this long per write call
 _MAX_PER_WRITE = 16_384  # events per write call at most (bounds the writer's memory)
-RUN_FILE = "run.json"
+_MAX_BLOCK_BYTES = 4 << 20  # a bigger batch is split (blocks stay small enough to verify)
 _SIDE_FILE_TYPES = frozenset({TelemetryEventType.EPISODE_STARTED})
 _event_type_of = operator.attrgetter("event_type")
+_IOV_MAX = 1000
+
+DEFAULT_FLUSH_INTERVAL_S = 0.1
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
 
 class RunLogSink:
-    """Writes events to ``<out_dir>/<run_id>/events.jsonl`` from a background thread."""
+    """Writes events to ``<out_dir>/<run_id>/events.jsonl`` from a background thread.
+
+    ``flush_interval_s``: the writer writes what is queued at least this often (the most a
+    killed process loses). ``backpressure``: ``"drop"`` (default) drops and counts when the
+    queue holds ``max_queue`` events; ``"block"`` makes ``handle`` wait up to
+    ``block_timeout_s`` for room first (then drops and counts, and stops waiting until the
+    writer catches up). ``stall_timeout_s``: how long ``flush`` waits on a disk call that
+    does not return before giving up on it. ``shutdown_timeout_s``: the bound on ``close``.
+    ``max_record_bytes``: an event that encodes longer is dropped and counted (``too_large``;
+    the reader would skip it).
+    """
+
+    final_sink = True  # the pipeline closes it after every other sink, with their final counts
 
     def __init__(
         self,
@@ -69,38 +115,140 @@ class RunLogSink:
         max_queue: int = 100_000,
         wake_batch: int = 512,
         run_dir: Path | None = None,
+        *,
+        flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
+        backpressure: Literal["drop", "block"] = "drop",
+        block_timeout_s: float = 0.1,
+        stall_timeout_s: float = 0.25,
+        shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        file_mode: int = 0o600,
+        dir_mode: int = 0o700,
     ) -> None:
+        if not flush_interval_s > 0:
+            raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s!r}")
+        if backpressure not in ("drop", "block"):
+            raise ValueError(f"backpressure must be 'drop' or 'block', got {backpressure!r}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
+        self.run_id = run_id
         self.run_dir = Path(run_dir) if run_dir is not None else Path(out_dir) / run_id
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "run_id": run_id,
-            "schema_version": SCHEMA_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(),
-        }
-        (self.run_dir / RUN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        # Unbuffered: each batch is one write(2); nothing is left in a Python buffer on ENOSPC.
-        self._file = open(self.run_dir / EVENTS_FILE, "ab", buffering=0)  # noqa: SIM115 (closed in close())
+        self.flush_interval_s = flush_interval_s
+        self.backpressure = backpressure
+        self.block_timeout_s = block_timeout_s if backpressure == "block" else 0.0
+        self.stall_timeout_s = stall_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.max_record_bytes = max_record_bytes
+        self.file_mode, self.dir_mode = file_mode, dir_mode
+        self.repaired: Repair | None = None
         self._q: deque[TelemetryEvent] = deque()
         self._max_queue = max_queue
         self._wake_batch = wake_batch
         self._wake = threading.Event()
         self._cv = threading.Condition()
-        self._enqueued = 0
-        self._written = 0  # written or dropped by the writer
+        self._dropped: Counter[str] = Counter()
+        self._enqueued = 0  # events put in the queue (training thread)
+        self._handled = 0  # events handed to handle() before close: enqueued + refused
+        self._refused = 0  # handle-side drops (queue full)
+        self._refused_seen = 0  # ... already turned into a sequence gap by the writer
+        self._saturated = False  # "block" mode gave up waiting; drop at once until there is room
+        self._written = 0  # events the writer has finished with (written or dropped)
+        self._records = 0  # events written (on disk, as far as write(2) knows)
+        self._writer_dropped = 0
         self._sync_target = 0  # fsync requested once _written reaches this (flush)
         self._synced = 0  # the flush watermark: written (or dropped) and fsynced
-        self._dropped: Counter[str] = Counter()
+        self._seq = 0  # sequence number of the next event the writer takes
+        self._io_since = 0.0  # monotonic time a disk call began (0: none in progress)
+        self._good_size = 0  # bytes of events.jsonl that hold whole blocks
+        self._cut_failed = False  # a failed write left a partial line we could not truncate
+        self._deleted = False
+        self._stalled_reported = False
+        self._closing = False
+        self._closed = False
+        self._final: dict[str, Any] | None = None  # the final accounting, handed over by close
+        self._final_done = threading.Event()
         self._stop = False
+        self._fd = -1
+        self._meta: dict[str, Any] = {}
+        self.counter = LiveCounter()
+        self._ctr = self.counter.slots
+        try:
+            self._open()
+        except OSError as exc:  # read-only or full at start: training goes on, everything counted
+            self._fd = -1
+            log.warning(
+                "Karn run log: cannot write %s (%s); events are dropped and counted",
+                self.run_dir,
+                exc.strerror or exc,
+            )
         self._thread = threading.Thread(target=self._run, name="karn-runlog", daemon=True)
         self._thread.start()
+
+    # -- opening (and repairing) -------------------------------------------------------
+
+    def _open(self) -> None:
+        self.run_dir.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+        events = self.run_dir / EVENTS_FILE
+        previous = _read_meta(self.run_dir / RUN_FILE)
+        framed_from = 0
+        if events.is_file() and events.stat().st_size > 0:
+            framed = previous.get("framing") == FRAMING
+            framed_from = int(previous.get("framed_from", 0)) if framed else events.stat().st_size
+            info = Integrity()
+            for _ in scan(
+                events, framed=framed, framed_from=framed_from, max_record_bytes=self.max_record_bytes, integrity=info
+            ):
+                pass
+            self.repaired = repair(events, info)
+            if self.repaired is not None:
+                log.warning("Karn run log: %s", self.repaired.describe())
+            # Continue the numbering after what the previous writer was handed: its lost
+            # tail shows as a gap.
+            before = read_counter(previous.get("live_counter"))
+            closed = previous.get("closed")
+            if not isinstance(closed, dict):
+                closed = {}
+            self._seq = max(
+                info.seq_end or 0,
+                before.handled if before is not None else 0,
+                _int(closed.get("emitted")),
+            )
+        self._meta = {
+            "run_id": self.run_id,
+            "schema_version": SCHEMA_VERSION,
+            "created": previous.get("created") or datetime.now(timezone.utc).isoformat(),
+            "framing": FRAMING,
+            "framed_from": framed_from,
+            "flush_interval_s": self.flush_interval_s,
+            "live_counter": self.counter.name,
+        }
+        if previous:
+            self._meta["reopened"] = datetime.now(timezone.utc).isoformat()
+        _write_json_atomic(self.run_dir / RUN_FILE, self._meta, self.file_mode)
+        self._fd = os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.file_mode)
+        self._good_size = os.fstat(self._fd).st_size
 
     # -- training thread -------------------------------------------------------------
 
     def handle(self, event: TelemetryEvent) -> None:
         q = self._q
         if len(q) >= self._max_queue:
-            self._dropped["queue_full"] += 1
+            if self._closed:
+                self._dropped["after_close"] += 1
+                return
+            if not self._room():
+                self._refused += 1
+                self._handled += 1
+                self._ctr[C_REFUSED] = self._refused
+                self._ctr[C_HANDLED] = self._handled
+                self._dropped["queue_full"] += 1
+                return
+        elif self._closed:
+            self._dropped["after_close"] += 1
             return
+        n = self._handled + 1  # counted before the append: an interrupted handle over-reports
+        self._handled = n
+        self._ctr[C_HANDLED] = n
         q.append(event)
         self._enqueued += 1
         if (
@@ -108,42 +256,143 @@ class RunLogSink:
         ) and not self._wake.is_set():
             self._wake.set()
 
+    def _room(self) -> bool:
+        """Backpressure: wait (bounded) for the writer to make room. False: drop."""
+        if not self.block_timeout_s or self._saturated or self._stop:
+            return False
+        deadline = time.monotonic() + self.block_timeout_s
+        self._wake.set()
+        while len(self._q) >= self._max_queue:
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                self._saturated = True  # until the writer drains: no training step waits twice
+                return False
+            time.sleep(0.0005)  # hands the GIL to the writer
+        return True
+
     def dropped(self) -> dict[str, int]:
-        return dict(self._dropped)
+        return {k: v for k, v in self._dropped.items() if v}
 
     def queue_depth(self) -> int:
         """Events waiting for the writer thread."""
         return len(self._q)
 
+    def stalled(self) -> float:
+        """Seconds the writer has been inside one disk call (0.0 when it is not)."""
+        since = self._io_since
+        return time.monotonic() - since if since else 0.0
+
     def flush(self, timeout: float | None = 10.0) -> None:
-        """Block until everything handled so far is written and fsynced (or timeout)."""
+        """Block until everything handled so far is written and fsynced, or ``timeout``, or
+        the disk has not answered for ``stall_timeout_s`` (then reported once; training goes on)."""
         target = self._enqueued
         with self._cv:
             self._sync_target = max(self._sync_target, target)
         self._wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            self._cv.wait_for(lambda: self._synced >= target or not self._thread.is_alive(), timeout)
+            while self._synced < target and self._thread.is_alive():
+                if self._stalled_check():
+                    break
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                self._cv.wait(left)
         self._wake.set()
 
-    def close(self) -> None:
-        self.flush(timeout=10.0)
+    def _stalled_check(self) -> bool:
+        stalled = self.stalled()
+        if stalled < self.stall_timeout_s:
+            return False
+        if not self._stalled_reported:
+            self._stalled_reported = True
+            log.warning(
+                "Karn run log: the disk has not answered for %.1f s (%s; a frozen or hung filesystem?); "
+                "training goes on, events queue up to %d and are then dropped and counted",
+                stalled,
+                self.run_dir,
+                self._max_queue,
+            )
+        return True
+
+    def close(self, final: Mapping[str, int] | None = None, timeout: float | None = None) -> dict[str, int]:
+        """Write what is queued, then the final accounting (``final``: every sink's drops,
+        by ``sink:reason``, to which this sink adds its own), within ``timeout`` (default
+        ``shutdown_timeout_s``). Returns what could not be written (reason -> events)."""
+        if self._closing:
+            return {}
+        self._closing = True
+        bound = self.shutdown_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        self.flush(timeout=max(0.0, deadline - time.monotonic()))
+        self._closed = True  # handle() now refuses (counted as after_close)
+        with self._cv:
+            self._final = dict(final or {})
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=10.0)
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        self._final_done.wait(max(0.0, deadline - time.monotonic()))
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        unwritten: dict[str, int] = {}
+        if self._thread.is_alive():
+            left = self._handled - self._refused - self._written
+            if left > 0:
+                self._dropped["unwritten_at_shutdown"] += left
+                unwritten["unwritten_at_shutdown"] = left
+            log.warning(
+                "Karn run log: shutdown bound of %.1f s reached with the disk not answering (%s): "
+                "%d event(s) and the final accounting were not written",
+                bound,
+                self.run_dir,
+                max(left, 0),
+            )
+            return unwritten  # the writer still holds the file: leave it to the daemon thread
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        return unwritten
 
     # -- writer thread ---------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(timeout=0.25)
+            self._wake.wait(timeout=self.flush_interval_s)
             self._wake.clear()
-            self._drain()
+            try:
+                self._check_file()
+                self._drain()
+            except Exception as exc:  # noqa: BLE001 (the writer must outlive any one bad batch)
+                log.warning("Karn run log writer error: %r", exc)
             if self._stop and not self._q:
-                return
+                break
+        try:
+            self._write_final()
+        finally:
+            self._final_done.set()
+            with self._cv:
+                self._cv.notify_all()
+
+    def _check_file(self) -> None:
+        """A deleted run dir (or events.jsonl) leaves our fd writing into a nameless file."""
+        if self._fd < 0 or self._deleted:
+            return
+        try:
+            gone = os.fstat(self._fd).st_nlink == 0
+        except OSError:
+            gone = True
+        if gone:
+            self._deleted = True
+            lost = self._records
+            if lost:
+                self._dropped["run_dir_deleted"] += lost
+                self._writer_dropped += lost
+            log.warning(
+                "Karn run log: %s was deleted while the run was writing it; the %d event(s) written so far "
+                "are gone, and later events are dropped and counted",
+                self.run_dir / EVENTS_FILE,
+                lost,
+            )
 
     def _drain(self) -> None:
         q = self._q
@@ -151,19 +400,28 @@ class RunLogSink:
         while q:
             # Encode C-sized batches for up to _BUDGET_S (under the interpreter's 5 ms switch
             # interval, so a training thread waiting for the GIL gets it at the usual time),
-            # then write them all with one write call, which also hands the GIL back.
-            parts: list[bytes] = []
+            # then write them all with one writev, which also hands the GIL back.
+            parts: list[Any] = []
             n = n_lines = 0
             deadline = time.perf_counter() + _BUDGET_S
-            while q and n < _MAX_PER_WRITE:
+            while q and n < _MAX_PER_WRITE and len(parts) < _IOV_MAX:
+                refused = self._refused
+                if refused != self._refused_seen:  # queue-full drops: a gap in the numbering
+                    self._seq += refused - self._refused_seen
+                    self._refused_seen = refused
                 batch = list(map(operator.call, repeat(popleft, min(len(q), _BATCH))))  # C loop
-                data, k = self._encode(batch)
-                parts.append(data)
-                n += len(batch)
-                n_lines += k
                 self._side_files_of(batch)
+                for buf, k, consumed in self._encode(batch):
+                    if k:  # the block: its lines, the last one's "}\n" replaced by the frame
+                        parts.append(memoryview(buf)[:-2])
+                        parts.append(frame(self._seq, k, zlib.crc32(buf)))
+                        n_lines += k
+                    self._seq += consumed
+                n += len(batch)
                 if time.perf_counter() >= deadline:
                     break
+            if self._saturated and len(q) < self._max_queue // 2:
+                self._saturated = False
             if n_lines:
                 self._write(parts, n_lines)
             with self._cv:
@@ -177,69 +435,169 @@ class RunLogSink:
             return
         for event in batch:
             et = event.event_type
-            if et is TelemetryEventType.EPISODE_STARTED:
+            if et is TelemetryEventType.EPISODE_STARTED and not self._deleted and self._fd >= 0:
                 try:
+                    self._io_since = time.monotonic()
                     self._side_files(event)
                 except Exception as exc:  # noqa: BLE001 (must not kill the writer)
-                    log.warning(
-                        "Karn run log could not write the side file of %s: %r",
-                        et.value,
-                        exc,
-                    )
+                    log.warning("Karn run log could not write the side file of %s: %r", et.value, exc)
+                finally:
+                    self._io_since = 0.0
 
-    def _encode(self, batch: list[TelemetryEvent]) -> tuple[bytes, int]:
-        """The batch as JSON lines, and how many lines that is."""
+    def _encode(self, batch: list[TelemetryEvent]) -> list[tuple[bytes, int, int]]:
+        """The batch as blocks: (JSON lines, how many lines, how many events they account for)."""
         try:
-            return encode_lines(batch), len(batch)  # one C call for the batch in the common case
+            buf = encode_lines(batch)  # one C call for the batch in the common case
+            if len(buf) <= _MAX_BLOCK_BYTES or len(batch) == 1:
+                return [self._sized(buf, len(batch))]
+            half = len(batch) // 2
+            return self._encode(batch[:half]) + self._encode(batch[half:])
         except Exception as exc:  # noqa: BLE001 (retried one by one below, to drop only the culprit)
             log.debug("Karn run log batch encode failed (%r); encoding one by one", exc)
         parts = []
         for event in batch:  # an unencodable event must not kill the writer nor its batch
             try:
-                parts.append(encode_event(event) + b"\n")
+                line = encode_event(event) + b"\n"
             except Exception as exc:  # noqa: BLE001
-                self._dropped["encode_error"] += 1
+                self._count_writer_drop("encode_error", 1)
                 log.warning("Karn run log could not encode %s: %r", event.event_type.value, exc)
-        return b"".join(parts), len(parts)
+                continue
+            if len(line) > self.max_record_bytes:
+                self._count_writer_drop("too_large", 1)
+                continue
+            parts.append(line)
+        return [(b"".join(parts), len(parts), len(batch))]
 
-    def _write(self, parts: list[bytes], n_lines: int) -> None:
-        """Write the encoded batches with one writev(2) (a short write is finished by more)."""
+    def _sized(self, buf: bytes, n: int) -> tuple[bytes, int, int]:
+        if n == 1 and len(buf) > self.max_record_bytes:
+            self._count_writer_drop("too_large", 1)
+            log.warning("Karn run log: an event of %d bytes exceeds max_record_bytes; dropped and counted", len(buf))
+            return b"", 0, 1
+        return buf, n, n
+
+    def _count_writer_drop(self, reason: str, n: int) -> None:
+        self._dropped[reason] += n
+        self._writer_dropped += n
+        self._ctr[C_WRITER_DROPPED] = self._writer_dropped
+
+    def _write(self, parts: list[Any], n_lines: int) -> None:
+        """Write the framed blocks with one writev(2) (a short write is finished by more).
+
+        On failure (full disk, read-only remount, lost mount) the file is cut back to its
+        last whole block, so what follows starts clean; the events are counted."""
+        if self._fd < 0:
+            self._count_writer_drop("write_error", n_lines)
+            return
+        if self._deleted:
+            self._count_writer_drop("run_dir_deleted", n_lines)
+            return
+        if self._cut_failed:
+            parts = [b"\n", *parts]  # end the partial line a failed write left behind
+        total = sum(map(len, parts))
+        self._io_since = time.monotonic()
         try:
-            fd = self._file.fileno()
-            k = os.writev(fd, parts)
-            total = sum(map(len, parts))
+            k = os.writev(self._fd, parts)
             if k < total:
                 view = memoryview(b"".join(parts))[k:]
                 while view:
-                    k = os.write(fd, view)
+                    k = os.write(self._fd, view)
                     if not k:
                         raise OSError("short write")
                     view = view[k:]
-        except OSError as exc:  # full disk, lost mount: count and keep training
+            self._good_size += total
+            self._cut_failed = False
+            self._records += n_lines
+            self._ctr[C_WRITTEN] = self._records
+        except OSError as exc:
             first = not self._dropped["write_error"]
-            self._dropped["write_error"] += n_lines
+            self._count_writer_drop("write_error", n_lines)
+            try:
+                os.ftruncate(self._fd, self._good_size)
+            except OSError:
+                self._cut_failed = True
             if first:
                 log.warning(
-                    "Karn run log write failed (%s); events are being dropped and counted",
-                    exc,
+                    "Karn run log write failed (%s: %s); events are being dropped and counted",
+                    self.run_dir / EVENTS_FILE,
+                    exc.strerror or exc,
                 )
+        finally:
+            self._io_since = 0.0
 
     def _maybe_sync(self) -> None:
         """fsync when a flush waits for what is now written (caller holds ``_cv``)."""
         if self._sync_target > self._synced and self._written >= self._sync_target:
-            try:
-                os.fsync(self._file.fileno())
-            except (OSError, ValueError):
-                pass  # counted at write time; a flush must not hang on it
+            if self._fd >= 0 and not self._deleted:
+                self._io_since = time.monotonic()
+                try:
+                    os.fsync(self._fd)
+                except (OSError, ValueError):
+                    pass  # counted at write time; a flush must not hang on it
+                finally:
+                    self._io_since = 0.0
             self._synced = self._written
             self._cv.notify_all()
+
+    def _write_final(self) -> None:
+        """The final accounting into run.json (atomically), once everything else is written."""
+        final = self._final
+        if final is None or self._fd < 0 or self._deleted:
+            return
+        mine = {f"{type(self).__name__}:{k}": v for k, v in self.dropped().items()}
+        dropped = {k: v for k, v in final.items() if not k.startswith(f"{type(self).__name__}:")}
+        dropped.update(mine)
+        closed = {
+            "at": datetime.now(timezone.utc).isoformat(),
+            # every event handed to the run log has a sequence number, refused ones included
+            "emitted": self._seq + (self._refused - self._refused_seen),
+            "written": self._records,
+            "dropped": dict(sorted(dropped.items())),
+        }
+        self._io_since = time.monotonic()
+        try:
+            os.fsync(self._fd)
+            _write_json_atomic(self.run_dir / RUN_FILE, {**self._meta, "closed": closed}, self.file_mode)
+            self._ctr[C_CLOSED] = 1
+            self.counter.remove()
+        except OSError as exc:
+            log.warning(
+                "Karn run log: could not write the final accounting to %s (%s); "
+                "karn inspect will report the run as not closed cleanly",
+                self.run_dir / RUN_FILE,
+                exc.strerror or exc,
+            )
+        finally:
+            self._io_since = 0.0
 
     def _side_files(self, event: TelemetryEvent) -> None:
         p = event.payload
         if isinstance(p, EpisodeContext):
             ep_dir = self.run_dir / "episodes" / p.episode_id
-            ep_dir.mkdir(parents=True, exist_ok=True)
-            (ep_dir / "context.json").write_text(to_json(p) + "\n")
+            ep_dir.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+            _write_json_atomic(ep_dir / "context.json", None, self.file_mode, text=to_json(p) + "\n")
+
+
+def _int(v: Any) -> int:
+    return v if type(v) is int and v >= 0 else 0
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any] | None, mode: int = 0o600, *, text: str = "") -> None:
+    """Write ``data`` (or ``text``) to ``path`` via a temporary file, fsync and rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with open(fd, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n" if data is not None else text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- reading
@@ -250,36 +608,132 @@ class RunDirError(Exception):
 
 
 @dataclass
+class Accounting:
+    """Emitted vs on disk, from the log's own sequence numbers and counts.
+
+    ``emitted`` comes from the final accounting (``source="closed"``, a clean close), else
+    from the live counter (``"live counter"``: the writing process died or is still running,
+    on this machine), else it is unknown (None).
+    """
+
+    on_disk: int
+    emitted: int | None
+    source: str | None
+    dropped: dict[str, int]  # counted drops by sink:reason (final accounting or live counter)
+    unreadable: int  # lines on disk that failed their checks
+    gaps: int  # sequence numbers missing between good blocks
+    flush_interval_s: float | None
+
+    @property
+    def missing(self) -> int | None:
+        return None if self.emitted is None else max(0, self.emitted - self.on_disk)
+
+    @property
+    def never_written(self) -> int | None:
+        """Events handed to the run log that neither reached the disk nor were counted as
+        dropped: what a killed process still held in memory."""
+        if self.missing is None:
+            return None
+        counted = sum(v for k, v in self.dropped.items() if k.startswith("RunLogSink:"))
+        return max(0, self.missing - counted - self.unreadable)
+
+    def lines(self) -> list[str]:
+        """What ``karn inspect`` prints about the log's completeness (one line each)."""
+        out = []
+        if self.source == "closed":
+            head = "closed cleanly"
+        elif self.source == "live counter":
+            head = "NOT closed (the writing process was killed, or is still running)"
+        else:
+            head = "NOT closed, and the emitted count is unknown (no final accounting, no live counter on this machine)"
+        if self.emitted is None:
+            interval = f"{self.flush_interval_s:g} s" if self.flush_interval_s else "one flush interval"
+            out.append(
+                f"run log: {head}; {self.on_disk:,} events on disk; events of at most the last {interval} "
+                f"before the process died may be missing"
+                + (f"; {self.gaps:,} missing between blocks" if self.gaps else "")
+            )
+        else:
+            parts = []
+            lost = self.never_written or 0
+            counted = {k: v for k, v in self.dropped.items() if k.startswith("RunLogSink:") and v}
+            if counted:
+                parts.append("dropped " + ", ".join(f"{k.split(':', 1)[1]} {v:,}" for k, v in sorted(counted.items())))
+            if self.unreadable:
+                parts.append(f"{self.unreadable:,} unreadable on disk")
+            if lost:
+                interval = f" (at most the last {self.flush_interval_s:g} s)" if self.flush_interval_s else ""
+                parts.append(f"{lost:,} never written: in memory when the process died{interval}")
+            why = f" ({'; '.join(parts)})" if parts and self.missing else ""
+            out.append(
+                f"run log: {head}; {self.emitted:,} events emitted, {self.on_disk:,} on disk, "
+                f"{self.missing:,} missing{why}"
+            )
+        others = {k: v for k, v in self.dropped.items() if not k.startswith("RunLogSink:") and v}
+        if others:
+            out.append("  other sinks dropped: " + ", ".join(f"{k} {v:,}" for k, v in sorted(others.items())))
+        return out
+
+
+@dataclass
 class RunRecord:
     run_dir: Path
     run_id: str
     events: list[TelemetryEvent]
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
     episodes: dict[str, EpisodeContext] = field(default_factory=dict)
+    integrity: Integrity = field(default_factory=Integrity)
+    accounting: Accounting | None = None
 
 
-def read_events(path: Path) -> tuple[list[TelemetryEvent], list[tuple[int, str]]]:
-    """Decode an events.jsonl. Undecodable lines are skipped and reported, never fatal."""
-    events: list[TelemetryEvent] = []
-    skipped: list[tuple[int, str]] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
-    # A file written completely ends with "\n", leaving one empty last element.
-    torn_tail = lines[-1] != ""
-    if not torn_tail:
-        lines.pop()
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+def iter_events(
+    path: Path | str,
+    *,
+    framed: bool = True,
+    framed_from: int = 0,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    integrity: Integrity | None = None,
+    skipped: list[tuple[int, str]] | None = None,
+) -> Iterator[TelemetryEvent]:
+    """Stream the events of an events.jsonl (bounded memory: one block, one line of at most
+    ``max_record_bytes``). Lines that fail their checks or do not decode are reported in
+    ``integrity`` / ``skipped`` (line number, why), never fatal."""
+    info = integrity if integrity is not None else Integrity()
+    skip = skipped if skipped is not None else []
+    reported = 0
+    for no, line in scan(
+        path, framed=framed, framed_from=framed_from, max_record_bytes=max_record_bytes, integrity=info
+    ):
+        reported = _report_bad(info, skip, reported)
         try:
-            events.append(event_from_json(line))
+            event = event_from_json(line)
         except ContractDecodeError as exc:
-            why = "torn last line (process killed mid-write?)" if (torn_tail and i == len(lines)) else str(exc)
-            skipped.append((i, why))
+            skip.append((no, str(exc)))
+            continue
+        info.last_timestamp = event.timestamp
+        yield event
+    _report_bad(info, skip, reported)
+    skip.sort(key=lambda x: x[0])
+
+
+def _report_bad(info: Integrity, skip: list[tuple[int, str]], reported: int) -> int:
+    for span in info.bad[reported:]:
+        for no in range(span.first_line, span.last_line + 1):
+            skip.append((no, span.why))
+    return len(info.bad)
+
+
+def read_events(path: Path, *, framed: bool | None = None) -> tuple[list[TelemetryEvent], list[tuple[int, str]]]:
+    """Decode an events.jsonl. Bad lines are skipped and reported, never fatal. ``framed``
+    defaults to what the run.json beside it says."""
+    if framed is None:
+        framed = _read_meta(Path(path).parent / RUN_FILE).get("framing") == FRAMING
+    skipped: list[tuple[int, str]] = []
+    events = list(iter_events(path, framed=framed, skipped=skipped))
     return events, skipped
 
 
-def read_run(run_dir: Path | str) -> RunRecord:
+def read_run(run_dir: Path | str, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> RunRecord:
     """Load a run directory; raises RunDirError with a one-line message when it can't."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -291,9 +745,12 @@ def read_run(run_dir: Path | str) -> RunRecord:
         raise RunDirError(f"{run_dir}: not a Karn run directory (no {EVENTS_FILE})")
     run_id = run_dir.name
     meta_path = run_dir / RUN_FILE
+    meta: dict[str, Any] = {}
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise AttributeError("not a JSON object")
             run_id = meta.get("run_id", run_id)
             if meta.get("schema_version") != SCHEMA_VERSION:
                 raise RunDirError(
@@ -301,8 +758,20 @@ def read_run(run_dir: Path | str) -> RunRecord:
                 )
         except (json.JSONDecodeError, AttributeError) as exc:
             raise RunDirError(f"{run_dir}/{RUN_FILE}: corrupt ({exc})") from None
+    framed = meta.get("framing") == FRAMING
+    info = Integrity()
+    skipped: list[tuple[int, str]] = []
     try:
-        events, skipped = read_events(events_path)
+        events = list(
+            iter_events(
+                events_path,
+                framed=framed,
+                framed_from=_int(meta.get("framed_from")),
+                max_record_bytes=max_record_bytes,
+                integrity=info,
+                skipped=skipped,
+            )
+        )
     except OSError as exc:
         raise RunDirError(f"{events_path}: {exc.strerror or exc}") from None
     if not events:
@@ -324,4 +793,34 @@ def read_run(run_dir: Path | str) -> RunRecord:
         events=events,
         skipped=skipped,
         episodes=episodes,
+        integrity=info,
+        accounting=accounting(meta, info, len(events)) if framed else None,
     )
+
+
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_.:-]{1,80}")  # sink:reason keys of an untrusted run.json
+
+
+def accounting(meta: Mapping[str, Any], info: Integrity, on_disk: int) -> Accounting:
+    """Emitted vs on disk for a framed log, from run.json (untrusted) and the scan."""
+    closed = meta.get("closed")
+    interval = meta.get("flush_interval_s")
+    flush_interval = float(interval) if isinstance(interval, (int, float)) and 0 < interval < 1e6 else None
+    gaps = sum(n for _, n in info.gaps)
+    if isinstance(closed, dict) and type(closed.get("emitted")) is int:
+        raw = closed.get("dropped")
+        dropped = (
+            {k: v for k, v in raw.items() if _SAFE_KEY.fullmatch(k) and type(v) is int and v > 0}
+            if isinstance(raw, dict)
+            else {}
+        )
+        return Accounting(on_disk, max(closed["emitted"], 0), "closed", dropped, info.unreadable, gaps, flush_interval)
+    live: CounterReading | None = read_counter(meta.get("live_counter"))
+    if live is not None:
+        dropped = {}
+        if live.refused:
+            dropped["RunLogSink:queue_full"] = live.refused
+        if live.writer_dropped:
+            dropped["RunLogSink:writer_errors"] = live.writer_dropped
+        return Accounting(on_disk, live.handled, "live counter", dropped, info.unreadable, gaps, flush_interval)
+    return Accounting(on_disk, None, None, {}, info.unreadable, gaps, flush_interval)
