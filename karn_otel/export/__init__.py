@@ -7,7 +7,8 @@ writes one format. Each format is one module with one function::
 
 * ``parquet``     — one Parquet file per table per run (DuckDB, Polars, pandas);
 * ``openmetrics`` — an OpenMetrics text stream, every epoch at its own time, for
-  ``promtool tsdb create-blocks-from openmetrics`` (backfill into Prometheus).
+  ``promtool tsdb create-blocks-from openmetrics`` (backfill into Prometheus);
+* ``wandb``       — an offline W&B run per Karn run, for ``wandb sync`` (optional extra).
 
 docs/export.md says which tool to use for what, and lists every column.
 """
@@ -23,7 +24,7 @@ from karn_otel.sinks.runlog import EVENTS_FILE, RunDirError, RunRecord, read_run
 
 __all__ = ["FORMATS", "ExportError", "ExportOptions", "ExportReport", "export", "run_dirs_in", "safe_name"]
 
-FORMATS: tuple[str, ...] = ("parquet", "openmetrics")
+FORMATS: tuple[str, ...] = ("parquet", "openmetrics", "wandb")
 
 
 class ExportError(Exception):
@@ -83,6 +84,10 @@ def export(fmt: str, source: Path | str, out: Path | str, options: ExportOptions
         from karn_otel.export import parquet
 
         return parquet.export(runs, Path(out), options)
+    if fmt == "wandb":
+        from karn_otel.export import wandb
+
+        return wandb.export(runs, Path(out), options)
     from karn_otel.export import openmetrics
 
     return openmetrics.export(runs, Path(out), options)
