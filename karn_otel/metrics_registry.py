@@ -64,8 +64,43 @@ LABEL_VALUES: dict[str, str] = {
     "op": "ActionOp: WAIT, GERMINATE, FOSSILIZE, CULL",
     "reason": "the collector's rejection reasons (type_error, unknown_slot, ...) or a sink's drop reasons",
     "signal": "traces, metrics",
+    "scope": "`job` on the job-wide (reduced over ranks) host series, which carry no `rank` label; "
+    "absent on per-rank series",
 }
 """Every label key a metric may use, with the bounded set its values come from."""
+
+REJECTION_REASONS: tuple[str, ...] = (
+    "malformed",
+    "type_error",
+    "bad_rank",
+    "bad_epoch",
+    "negative_param_count",
+    "no_active_episode",
+    "unknown_episode",
+    "epoch_regression",
+    "alpha_out_of_range",
+    "unknown_slot",
+    "unknown_event_type",
+    "schema_version",
+    "derived_budget",
+)
+"""Every reason the collector and pipeline reject an event for (tests/sinks/test_otel.py reads
+their source to keep this complete). Each has a ``karn_telemetry_events_rejected_total`` series
+at 0 from the start, so ``increase()`` sees the first rejection."""
+
+SINK_DROP_REASONS: dict[str, tuple[str, ...]] = {
+    "RunLogSink": ("queue_full", "encode_error", "write_error", "error"),
+    "OTelSink": (
+        "spans_export_failed",
+        "spans_queue_full",
+        "spans_unsent_at_shutdown",
+        "span_events_over_limit",
+        "error",
+    ),
+}
+"""The drop reasons of Karn's own sinks (``error``: the sink raised; the pipeline counts it).
+Each sink present in the pipeline gets a ``karn_telemetry_events_dropped_total`` series at 0 per
+reason from the start."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +124,12 @@ _SOURCE_LIST = (
     Source("ppo", (), "the latest `PPOUpdateStats`; before the first update, the latest `PolicySnapshot`'s copies"),
     Source("baseline", (), "the latest `HostBaseline`"),
     Source("context", (), "the episode's `EpisodeContext`"),
+    Source(
+        "lifecycle",
+        (),
+        "the episode's progress: 0 from `EpisodeContext` until `EpisodeSummary`, then 1 for the rest of the "
+        "endpoint's life",
+    ),
     Source("summary", (), "the `EpisodeSummary` (once the episode has ended)"),
     Source("analytics", (), "`MorphogeneticAnalytics` over the collector's store"),
     Source(
@@ -388,6 +429,14 @@ METRICS: tuple[MetricDef, ...] = (
         "Epochs completed by the finished episode.",
     ),
     _g("karn.episode.duration", "s", "summary", "wall_time_s", "Wall time of the finished episode."),
+    _g(
+        "karn.episode.complete",
+        "1",
+        "lifecycle",
+        "complete",
+        "1 once the latest episode ended (held until the process exits), 0 while it is open. "
+        "KarnRankMissing pages only for a rank that vanished at 0.",
+    ),
     # --- MorphogeneticAnalytics: is morphogenesis winning?
     _g(
         "karn.analytics.accuracy_delta",

@@ -53,6 +53,8 @@ class Span:
     attributes: dict[str, Any]
     events: list[tuple[str, int, dict[str, Any]]]
     resource: dict[str, Any]
+    status: str = "UNSET"  # UNSET | OK | ERROR
+    status_message: str = ""
 
 
 @dataclass
@@ -64,6 +66,7 @@ class MetricPoint:
     attributes: dict[str, Any]
     value: Any
     resource: dict[str, Any] = field(default_factory=dict)
+    time_ns: int = 0  # the point's time_unix_nano
 
 
 class OTLPReceiver:
@@ -189,6 +192,8 @@ class OTLPReceiver:
                                 attributes=attributes(s.attributes),
                                 events=[(e.name, e.time_unix_nano, attributes(e.attributes)) for e in s.events],
                                 resource=res,
+                                status=("UNSET", "OK", "ERROR")[s.status.code],
+                                status_message=s.status.message,
                             )
                         )
         return out
@@ -206,7 +211,16 @@ class OTLPReceiver:
                         for p in getattr(m, kind).data_points:
                             value = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
                             out.append(
-                                MetricPoint(m.name, m.unit, m.description, kind, attributes(p.attributes), value, res)
+                                MetricPoint(
+                                    m.name,
+                                    m.unit,
+                                    m.description,
+                                    kind,
+                                    attributes(p.attributes),
+                                    value,
+                                    res,
+                                    p.time_unix_nano,
+                                )
                             )
         return out
 

@@ -5,12 +5,15 @@
 * :mod:`~karn_otel.distributed.evaluation`: counterfactuals over sharded validation
   (:func:`shard_indices`, :func:`gather_evaluations`, :func:`distributed_attribute`);
 * :mod:`~karn_otel.distributed.liveness`: heartbeat files, missing ranks, rank 0's watcher;
-* :mod:`~karn_otel.distributed.launch`: the single-node launcher (:func:`spawn`).
+* :mod:`~karn_otel.distributed.launch`: the single-node launcher (:func:`spawn`);
+* :mod:`~karn_otel.distributed.episode`: one episode id (and so one trace) per job
+  (:func:`shared_episode_id`).
 
 Rank discovery is :mod:`karn_otel.ranks` (re-exported here); every torch.distributed call is
 in :mod:`karn_otel.torch.collectives`, imported only when a collective is actually taken.
 """
 
+from karn_otel.distributed.episode import shared_episode_id
 from karn_otel.distributed.evaluation import (
     DistributedEvaluationError,
     distributed_attribute,
@@ -79,5 +82,6 @@ __all__ = [
     "reduce_rows",
     "schema_mismatch",
     "shard_indices",
+    "shared_episode_id",
     "spawn",
 ]

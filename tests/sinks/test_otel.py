@@ -74,15 +74,17 @@ NOT_IN_SHORT_REFERENCE_RUN = {
     # The heuristic controller is no PPO policy and has no shadow to agree with.
     *(m.name for m in reg.METRICS if m.source in ("policy", "ppo")),
     "karn.analytics.policy_agreement",
-    # A healthy run raises no alert, rejects nothing and drops nothing.
-    "karn.health.alerts",
-    "karn.telemetry.events.rejected",
-    "karn.telemetry.events.dropped",
 }
 INJECTED_REASON = "test_injected_window"
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _no_final_scrape_wait(monkeypatch):
+    """These tests scrape once and shut down: no wait for a final scrape unless a test asks."""
+    monkeypatch.setenv(otel.sink.ENV_FINAL_SCRAPE_S, "0")
 
 
 def free_port() -> int:
@@ -237,8 +239,14 @@ def check_trace(spans: list, episode_id: str) -> None:
         # Epochs tile the episode: each starts where the previous one ended.
         assert span.start_ns == (prev.start_ns if prev is root else prev.end_ns) and span.end_ns >= span.start_ns
         names = [e[0] for e in span.events]
-        assert "karn.controller_decision" in names and "karn.counterfactual" in names
+        assert "karn.controller_decision" in names
+        assert span.status == "UNSET", "a healthy epoch has no error status"
+        # The counterfactual pass is a timed child of its epoch, inside it.
+        [cf] = [s for s in spans if s.name == "karn.counterfactual" and s.parent_span_id == span.span_id]
+        assert span.start_ns <= cf.start_ns <= cf.end_ns <= span.end_ns
+        assert cf.end_ns - cf.start_ns == pytest.approx(cf.attributes["karn.elapsed_s"] * 1e9, rel=1e-3, abs=2e3)
     assert root.end_ns >= epochs[-1].end_ns
+    assert root.status == "UNSET" and root.resource["service.version"] == karn_otel.__version__
     windows = [s for s in spans if s.name == "karn.dense_window"]
     dense = [s for s in windows if s.attributes["karn.dense.trigger_reason"] == INJECTED_REASON]
     assert len(dense) == 1
@@ -250,7 +258,7 @@ def check_trace(spans: list, episode_id: str) -> None:
     assert len(batch_events) == otel.MAX_BATCH_EVENTS, "batches are bounded span events"
     assert batch_events[0][2]["karn.batch_idx"] == 0 and batch_events[-1][2]["karn.batch_idx"] == 39
     assert d.start_ns == epochs[1].start_ns, "the window starts with its first epoch"
-    assert len({s.name for s in spans}) == 3, "span names are a bounded set"
+    assert {s.name for s in spans} == {"karn.episode", "karn.epoch", "karn.counterfactual", "karn.dense_window"}
 
 
 def check_otlp_metrics(rx: OTLPReceiver) -> None:
@@ -561,8 +569,8 @@ def test_unreachable_endpoint_loses_counted_data_and_nothing_else(tmp_path, prot
     assert elapsed <= bound + 0.25, f"shutdown took {elapsed:.2f} s with a {bound} s bound"
 
     lost = sink.dropped()
-    # 1 episode + 3 epochs + 1 dense window: every span is accounted for, sent or lost.
-    assert lost.get("spans_export_failed", 0) + lost.get("spans_unsent_at_shutdown", 0) == 5, lost
+    # 1 episode + 3 epochs + 3 counterfactual passes + 1 dense window: every span is accounted for.
+    assert lost.get("spans_export_failed", 0) + lost.get("spans_unsent_at_shutdown", 0) == 8, lost
     assert sink._ledger.export_failures["traces"] >= 1
     assert sink.queue_depth() == 0
     # ... and visible as metrics.
@@ -635,3 +643,163 @@ def test_close_is_bounded_even_when_exporters_hang(monkeypatch):
     elapsed = time.monotonic() - t0
     assert elapsed <= 0.5 + 0.25, f"close took {elapsed:.2f} s with a 0.5 s bound"
     assert sink.dropped().get("spans_unsent_at_shutdown", 0) >= 1, "the open episode span was never sent"
+
+
+# ---------------------------------------------------------------------- what the user sees is true
+
+
+def test_every_counter_has_its_known_series_at_zero_in_the_first_scrape(tmp_path):
+    """increase() cannot see a counter's first sample: every known label combination starts at 0."""
+    c = karn_otel.configure(KarnConfig(out_dir=tmp_path, console="off", prometheus_port=0))
+    try:
+        scraped = scrape(otel_sink(c).prometheus_port)  # before any event
+    finally:
+        karn_otel.shutdown()
+
+    def series(name: str, *keys: str) -> dict[tuple, float]:
+        return {tuple(lb[k] for k in keys): v for lb, v in scraped.get(name, [])}
+
+    from karn_otel.health import CHECKS
+
+    assert series("karn_health_alerts_total", "check", "severity") == {
+        (spec.name, spec.severity.value): 0 for spec in CHECKS
+    }
+    assert series("karn_controller_decisions_total", "op") == {(op.value,): 0 for op in ActionOp}
+    assert series("karn_telemetry_events_rejected_total", "reason") == {(r,): 0 for r in reg.REJECTION_REASONS}
+    dropped = series("karn_telemetry_events_dropped_total", "component", "reason")
+    for component in ("RunLogSink", "OTelSink"):
+        for reason in reg.SINK_DROP_REASONS[component]:
+            assert dropped.pop((component, reason)) == 0, (component, reason)
+    assert not dropped
+    assert series("karn_telemetry_events_accepted_total") == {(): 0}
+    assert "karn_episode_complete" not in scraped, "no episode yet: nothing to be complete or missing from"
+
+
+def test_rejection_reasons_are_every_reason_the_collector_uses():
+    import re
+
+    src = "".join(Path(m.__file__).read_text() for m in (kc, __import__("karn_otel.pipeline").pipeline))
+    used = set(re.findall(r'TelemetryValidationError\(\s*"([a-z_]+)"', src))
+    used |= set(re.findall(r'rejected\["([a-z_]+)"\]', src))
+    assert used and used <= set(reg.REJECTION_REASONS), used - set(reg.REJECTION_REASONS)
+
+
+def test_job_wide_snapshot_is_its_own_series_never_rank_0s(tmp_path):
+    """Rank 0 of a DDP job: its own HostSnapshot is rank="0"; the reduced one is scope="job" without a rank."""
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0, rank=0, world_size=2))
+    sink = OTelSink(c.config, c.view)
+    c.add_sink(sink)
+    try:
+        c.emit(make_context())
+        c.emit(HostSnapshot(1, 1.8203, 0.4, 1.9, 0.5, 1674, 0, 1674, 0, 0.5, {}, None))
+        c.emit(HostSnapshot(1, 1.8365, 0.41, 1.9, 0.5, 1674, 0, 1674, 0, 0.7, {}, None), is_reduced=True)
+        scraped = scrape(sink.prometheus_port)
+    finally:
+        c.close()
+    # The exposition writes an absent label as "" (Prometheus stores no such label).
+    loss = {(lb.get("rank") or None, lb.get("scope") or None): v for lb, v in scraped["karn_host_train_loss"]}
+    assert loss == {("0", None): 1.8203, (None, "job"): 1.8365}
+    norm = {(lb.get("rank") or None, lb.get("scope") or None): v for lb, v in scraped["karn_host_grad_norm"]}
+    assert norm == {("0", None): 0.5, (None, "job"): 0.7}
+
+
+def test_completion_is_held_and_the_endpoint_waits_for_a_final_scrape(monkeypatch):
+    monkeypatch.setenv(otel.sink.ENV_FINAL_SCRAPE_S, "20")
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
+    sink = OTelSink(c.config, c.view)
+    c.add_sink(sink)
+    assert sink.final_scrape_s == 20
+    port = sink.prometheus_port
+    c.emit(make_context())
+    assert [v for _, v in scrape(port)["karn_episode_complete"]] == [0], "an open episode"
+    c.emit(EpisodeSummary(3, 1.0, 0.5, 0.4, 1000, 1000, 0, 2.0))
+    c.emit(HostSnapshot(4, 1.8, 0.4, 1.9, 0.5, 1674, 0, 1674, 0, 0.5, {}, None))  # rejected: still held
+    assert [v for _, v in scrape(port)["karn_episode_complete"]] == [1]
+
+    import threading
+
+    t0 = time.monotonic()
+    closer = threading.Thread(target=c.close)
+    closer.start()
+    time.sleep(0.5)
+    assert closer.is_alive(), "the endpoint waits for Prometheus' final scrape"
+    final = scrape(port)  # the final scrape: the completion is still there
+    assert [v for _, v in final["karn_episode_complete"]] == [1]
+    closer.join(10)
+    assert not closer.is_alive() and time.monotonic() - t0 < 5, "and stops right after it"
+    with pytest.raises(OSError):
+        scrape(port)
+
+
+def test_an_endpoint_nobody_scraped_stops_at_once(monkeypatch):
+    monkeypatch.setenv(otel.sink.ENV_FINAL_SCRAPE_S, "20")
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
+    c.add_sink(OTelSink(c.config, c.view))
+    c.emit(make_context())
+    t0 = time.monotonic()
+    c.close()
+    assert time.monotonic() - t0 < 2
+
+
+def test_abandoned_episode_and_critical_epoch_spans_have_error_status():
+    exporter = InMemorySpans()
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off"))
+    sink = OTelSink(c.config, c.view)
+    c.add_sink(sink)
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from karn_otel.sinks.otel.lifecycle import ExportLedger
+    from karn_otel.sinks.otel.traces import EpisodeIdGenerator, EpisodeTraces
+
+    provider = TracerProvider(id_generator=EpisodeIdGenerator())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    traces = EpisodeTraces(provider.get_tracer("t"), provider.id_generator, ExportLedger())
+    sink._traces = traces
+    c.emit(make_context(episode_id=uuid.uuid4().hex))
+    c.emit(HostSnapshot(1, 1.8, 0.4, 1.9, 0.5, 1674, 0, 1674, 0, 0.5, {}, None))
+    c.emit(HostSnapshot(2, float("nan"), 0.4, 1.9, 0.5, 1674, 0, 1674, 0, 0.5, {}, None))
+    c.emit(HealthAlert("gradient_explosion", Severity.CRITICAL, "boom", 500.0, 100.0))
+    c.emit(HostSnapshot(3, 1.7, 0.4, 1.9, 0.5, 1674, 0, 1674, 0, 50.0, {}, None))
+    c.close()  # no EpisodeSummary: abandoned
+    spans = {(s.name, s.attributes.get("karn.epoch")): s for s in exporter.spans}
+    ok, nan, crit = (spans[("karn.epoch", k)] for k in (1, 2, 3))
+    assert ok.status.status_code.name == "UNSET"
+    assert nan.status.status_code.name == "ERROR" and nan.attributes["error.type"] == "non_finite_loss"
+    assert crit.status.status_code.name == "ERROR" and crit.attributes["error.type"] == "gradient_explosion"
+    root = spans[("karn.episode", None)]
+    assert root.status.status_code.name == "ERROR" and root.attributes["error.type"] == "karn.episode_abandoned"
+    assert root.attributes["karn.episode.complete"] is False
+
+
+class InMemorySpans(SpanExporter):
+    def __init__(self):
+        self.spans = []
+
+    def export(self, spans):
+        self.spans.extend(spans)
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        pass
+
+
+def test_standard_sampler_env_is_honoured(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    from karn_otel.sinks.otel.lifecycle import ExportLedger
+    from karn_otel.sinks.otel.traces import start_tracing
+
+    provider, _ = start_tracing(
+        build_resource(KarnConfig(out_dir=None), "r", 0, 1),
+        InMemorySpans(),
+        ExportLedger(),
+        interval_s=1,
+        export_timeout_s=1,
+    )
+    try:
+        assert type(provider.sampler).__name__ == "StaticSampler"
+        assert provider.sampler.get_description() == "AlwaysOffSampler"
+    finally:
+        provider.shutdown()

@@ -4,15 +4,41 @@ Each sink serves its own private ``CollectorRegistry`` (never the global one, so
 cannot collide) on ``prometheus_host:prometheus_port + LOCAL_RANK``, so every rank of a
 multi-process job on one host gets its own port; ``prometheus_port = 0`` takes any free one.
 The ``target_info`` series carries the resource; scope labels (``otel_scope_*``) are off.
+
+Finished is not missing: at shutdown the endpoint stays up until Prometheus has scraped it
+once more (so the last values and ``karn_episode_complete 1`` are stored), at most
+``final_scrape_s`` (default :data:`DEFAULT_FINAL_SCRAPE_S`, two 15 s scrape intervals; 0
+disables). An endpoint nobody has scraped is stopped at once. What it cannot show: values
+between two scrapes (a scrape reads the latest epoch only; the OTLP path keeps every epoch).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from prometheus_client import CollectorRegistry, start_http_server
+
+DEFAULT_FINAL_SCRAPE_S = 30.0
+"""How long a finished process keeps /metrics up for Prometheus' final scrape: two 15 s intervals."""
+
+
+class _ScrapeCounter:
+    """A collector that yields nothing and counts the scrapes of its registry."""
+
+    def __init__(self) -> None:
+        self.scrapes = 0
+        self.changed = threading.Condition()
+
+    def collect(self) -> Iterator[Any]:
+        with self.changed:
+            self.scrapes += 1
+            self.changed.notify_all()
+        return iter(())
 
 
 class PrometheusEndpoint:
@@ -25,6 +51,9 @@ class PrometheusEndpoint:
         registry = CollectorRegistry()  # never the global REGISTRY: two sinks must not collide
         # target_info keeps the resource; scope labels (otel_scope_*) would only add noise.
         self.reader = PrometheusMetricReader(scope_info_enabled=False, registry=registry)
+        self._scrapes = _ScrapeCounter()
+        registry.register(self._scrapes)  # type: ignore[arg-type]
+        self._scrapes.scrapes = 0  # register() collects once to learn the names
         port = base_port + int(os.environ.get("LOCAL_RANK", "0")) if base_port else 0
         try:
             self._server: Any
@@ -36,9 +65,32 @@ class PrometheusEndpoint:
             ) from exc
         self.port: int = self._server.server_port
 
+    @property
+    def scrapes(self) -> int:
+        """How many times /metrics was read."""
+        return self._scrapes.scrapes
+
+    def await_final_scrape(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for one more scrape; at once when nobody ever scraped.
+
+        Returns True when a scrape came (or none was expected).
+        """
+        c = self._scrapes
+        with c.changed:
+            seen = c.scrapes
+            if seen == 0 or timeout_s <= 0:
+                return seen == 0
+            deadline = time.monotonic() + timeout_s
+            while c.scrapes == seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                c.changed.wait(left)
+        return True
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
 
 
-__all__ = ["PrometheusEndpoint"]
+__all__ = ["DEFAULT_FINAL_SCRAPE_S", "PrometheusEndpoint"]

@@ -11,8 +11,16 @@ many instruments read it. Without a health monitor, ``karn.health.*`` shows the 
 alert per check; without analytics, ``karn.analytics.*`` has no points.
 
 Every point carries ``run_id``, ``rank`` and ``world_size`` attributes, so they arrive as
-Prometheus labels on every series by either export path. Unmeasured (None), non-numeric and
-non-finite values make no point.
+Prometheus labels on every series by either export path. Rank k's points describe rank k:
+the job-wide HostSnapshot that rank 0 adds in a DDP job (``is_reduced``) becomes the host
+series with ``scope="job"`` and *no* ``rank`` label, never rank 0's. Unmeasured (None),
+non-numeric and non-finite values make no point.
+
+Every counter has a series for each label combination Karn knows from the start, at 0
+(every check with its severity, every controller operation, every rejection reason, every
+drop reason of the pipeline's own sinks), so ``increase()`` sees the first increment.
+``karn.episode.complete`` is 0 while an episode is open and 1 once it ended, held for the
+rest of the process's life: a rank that finished is told apart from one that vanished.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
 from karn_otel import __version__
-from karn_otel.contracts import SeedStage, Severity, TelemetryEvent, TelemetryEventType
-from karn_otel.metrics_registry import METRICS, SOURCES, MetricDef
+from karn_otel.contracts import ActionOp, SeedStage, Severity, TelemetryEvent, TelemetryEventType
+from karn_otel.health import CHECKS
+from karn_otel.metrics_registry import METRICS, REJECTION_REASONS, SINK_DROP_REASONS, SOURCES, MetricDef
 from karn_otel.pipeline import StoreView
 from karn_otel.sinks.otel.lifecycle import ExportLedger
 
@@ -50,12 +59,15 @@ class MetricInstruments:
         self._common = {"run_id": view.run_id, "rank": view.rank, "world_size": view.world_size}
         self._reported: set[str] = set()
         self.reset_episode()
-        self._alerts: Counter[tuple[str, str]] = Counter()  # run-wide: counters never go back
-        self._decisions: Counter[str] = Counter()
+        # Run-wide (counters never go back), every known combination at 0 from the start.
+        self._alerts: Counter[tuple[str, str]] = Counter({(c.name, c.severity.value): 0 for c in CHECKS})
+        self._decisions: Counter[str] = Counter({op.value: 0 for op in ActionOp})
+        self._lifecycle: list[tuple[Any, dict[str, Any]]] = []  # [] until the first episode starts
 
     def reset_episode(self) -> None:
         # New objects, not .clear(): a callback on a reader thread may be iterating the old ones.
         self._latest: dict[TelemetryEventType, Any] = {}
+        self._job_host: Any = None  # the job-wide (reduced) HostSnapshot, rank 0 of a DDP job
         self._slots: dict[str, Any] = {}
         self._health: dict[str, Any] = {}
 
@@ -65,6 +77,12 @@ class MetricInstruments:
         p: Any = event.payload
         if et is ET.EPISODE_STARTED:
             self.reset_episode()
+            self._lifecycle = [(_Progress(0), {})]
+        elif et is ET.EPISODE_ENDED:
+            self._lifecycle = [(_Progress(1), {})]
+        if et is ET.HOST_SNAPSHOT and event.is_reduced:
+            self._job_host = p  # job-wide: its own series (scope="job"), never this rank's
+            return
         self._latest[et] = p
         if et is ET.SLOT_SNAPSHOT:
             self._slots[p.slot_id] = p
@@ -99,6 +117,8 @@ class MetricInstruments:
                 for obj, labels in source():
                     for value, key in _values(_walk(obj, path), m.key_label is not None):
                         attrs: dict[str, Any] = {**common, **labels}
+                        if "rank" in labels and labels["rank"] is None:
+                            del attrs["rank"]  # a job-wide value belongs to no rank
                         if key is not None:
                             attrs[str(m.key_label)] = key
                         points.append(Observation(value, attrs))
@@ -114,7 +134,7 @@ class MetricInstruments:
         latest = self._latest_of
         view = self._view
         return {
-            "host": lambda: latest(ET.HOST_SNAPSHOT),
+            "host": self._read_host,
             "slot": self._read_slots,
             "slot_stage": self._read_slot_stages,
             "counterfactual": lambda: latest(ET.COUNTERFACTUAL),
@@ -125,15 +145,29 @@ class MetricInstruments:
             "baseline": lambda: latest(ET.HOST_BASELINE),
             "context": lambda: latest(ET.EPISODE_STARTED),
             "summary": lambda: latest(ET.EPISODE_ENDED),
+            "lifecycle": lambda: self._lifecycle,
             "analytics": self._read_analytics,
             "health": self._read_health,
             "alerts": lambda: [(n, {"check": c, "severity": s}) for (c, s), n in _copy(self._alerts).items()],
             "decisions": lambda: [(n, {"op": op}) for op, n in _copy(self._decisions).items()],
-            "collector": lambda: [(view.stats(), {})],  # accepted, rejected
+            "collector": self._read_collector,  # accepted, rejected
             "dropped": self._read_dropped,
             "otel": lambda: [(self._ledger, {})],
             "queues": lambda: [(depth, {"component": name}) for name, depth in view.queue_depths().items()],
         }
+
+    def _read_host(self) -> list[tuple[Any, dict[str, Any]]]:
+        out: list[tuple[Any, dict[str, Any]]] = self._latest_of(ET.HOST_SNAPSHOT)
+        job = self._job_host
+        if job is not None:
+            out.append((job, {"scope": "job", "rank": None}))
+        return out
+
+    def _read_collector(self) -> list[tuple[Any, dict[str, str]]]:
+        stats = self._view.stats()
+        rejected = {r: 0 for r in REJECTION_REASONS}
+        rejected.update(stats.rejected)
+        return [(dataclasses.replace(stats, rejected=rejected), {})]
 
     def _latest_of(self, et: TelemetryEventType) -> list[tuple[Any, dict[str, str]]]:
         p = self._latest.get(et)
@@ -169,11 +203,14 @@ class MetricInstruments:
         return [(a, {"check": c}) for c, a in _copy(self._health).items()]
 
     def _read_dropped(self) -> list[tuple[Any, dict[str, str]]]:
-        out = []
+        counts: dict[tuple[str, str], int] = {}
+        for component in self._view.queue_depths():  # the pipeline's sinks that report a queue
+            for reason in SINK_DROP_REASONS.get(component, ()):
+                counts[(component, reason)] = 0
         for key, n in self._view.dropped().items():
             component, _, reason = key.partition(":")
-            out.append((n, {"component": component, "reason": reason or "unknown"}))
-        return out
+            counts[(component, reason or "unknown")] = n
+        return [(n, {"component": c, "reason": r}) for (c, r), n in counts.items()]
 
     def _report_once(self, key: str, message: str) -> None:
         if key not in self._reported:
@@ -182,6 +219,11 @@ class MetricInstruments:
 
 
 # ---------------------------------------------------------------------- metric values
+
+
+@dataclasses.dataclass(frozen=True)
+class _Progress:
+    complete: int  # 0 while the episode is open, 1 once it ended
 
 
 def _walk(obj: Any, path: Sequence[str]) -> Any:

@@ -1,7 +1,7 @@
 """Who is exporting and where to: the OTel resource, the OTLP endpoint, the OTLP exporters.
 
 * :func:`build_resource` (fixed when the sink is built, at ``configure()``): ``service.name``
-  (config, else ``OTEL_SERVICE_NAME``, else ``karn``), ``service.instance.id`` =
+  (config, else ``OTEL_SERVICE_NAME``, else ``karn``), ``service.version`` (Karn's), ``service.instance.id`` =
   ``<run_id>-rank<k>``, ``karn.run_id``, ``karn.rank``, ``karn.world_size``, ``host.name``,
   merged with ``OTEL_RESOURCE_ATTRIBUTES`` (Karn's own keys win). The episode id is *not* a
   resource attribute: the resource is fixed before the first episode starts and a run may
@@ -23,6 +23,7 @@ from opentelemetry.sdk.metrics.export import MetricExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from karn_otel import __version__
 from karn_otel.config import KarnConfig
 
 PROTOCOLS = ("grpc", "http/protobuf")
@@ -36,6 +37,7 @@ def build_resource(config: KarnConfig, run_id: str, rank: int, world_size: int) 
         "karn.rank": rank,
         "karn.world_size": world_size,
         "host.name": socket.gethostname(),
+        "service.version": __version__,
     }
     if config.service_name:
         attrs["service.name"] = config.service_name

@@ -7,6 +7,7 @@ size; the metrics read its accounting, health report and analytics.
 
 from __future__ import annotations
 
+import os
 import time
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -17,7 +18,7 @@ from karn_otel.config import KarnConfig
 from karn_otel.contracts import TelemetryEvent
 from karn_otel.pipeline import StoreView
 from karn_otel.sinks.otel import resource as otlp
-from karn_otel.sinks.otel.endpoint import PrometheusEndpoint
+from karn_otel.sinks.otel.endpoint import DEFAULT_FINAL_SCRAPE_S, PrometheusEndpoint
 from karn_otel.sinks.otel.lifecycle import (
     MAX_EXPORT_TIMEOUT_S,
     CountingMetricExporter,
@@ -35,7 +36,8 @@ class OTelSink:
     Args:
         config: reads ``service_name``, ``otlp_endpoint``, ``otlp_protocol``,
             ``prometheus_port`` (None: no Prometheus endpoint; 0: an ephemeral port),
-            ``prometheus_host``, ``otel_export_interval_s`` and ``otel_shutdown_timeout_s``.
+            ``prometheus_host``, ``otel_export_interval_s``, ``otel_shutdown_timeout_s`` and
+            ``prometheus_final_scrape_s`` (see :func:`final_scrape_s`).
         view: the pipeline's read-only view (``collector.view``); its ``run_id``, ``rank``
             and ``world_size`` feed the resource and the labels, its accounting, health
             report and analytics feed the metrics. A view without analytics or health (a
@@ -57,9 +59,11 @@ class OTelSink:
         export_timeout_s = min(MAX_EXPORT_TIMEOUT_S, config.otel_shutdown_timeout_s / 3)
         self._lifecycle = life = ExportLifecycle(self._ledger, export_timeout_s, config.otel_shutdown_timeout_s)
         self.prometheus_port: int | None = None
+        self._endpoint: PrometheusEndpoint | None = None
+        self.final_scrape_s = final_scrape_s(config)
         readers: list[MetricReader] = []
         if config.prometheus_port is not None:
-            endpoint = PrometheusEndpoint(config.prometheus_host, config.prometheus_port)
+            self._endpoint = endpoint = PrometheusEndpoint(config.prometheus_host, config.prometheus_port)
             self.prometheus_port = endpoint.port
             life.stop_endpoint = endpoint.stop
             readers.append(endpoint.reader)
@@ -115,10 +119,17 @@ class OTelSink:
             self._lifecycle.flush(timeout)
 
     def close(self) -> None:
-        """End an open episode span, export what is left and stop; returns within ``otel_shutdown_timeout_s``."""
+        """Wait for Prometheus' final scrape, end an open episode span, export what is left and stop.
+
+        The final scrape: when the embedded endpoint has been scraped, it stays up until one
+        more scrape reads the last values (``karn_episode_complete`` included), at most
+        ``final_scrape_s``. Then the export and shutdown return within ``otel_shutdown_timeout_s``.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._endpoint is not None:
+            self._endpoint.await_final_scrape(self.final_scrape_s)
         deadline = time.monotonic() + self._config.otel_shutdown_timeout_s
         if self._traces is not None:
             self._traces.abandon_episode(time.time_ns())
@@ -140,4 +151,24 @@ class OTelSink:
         return self._ledger.pending()
 
 
-__all__ = ["OTelSink"]
+ENV_FINAL_SCRAPE_S = "KARN_PROMETHEUS_FINAL_SCRAPE_S"
+
+
+def final_scrape_s(config: KarnConfig) -> float:
+    """How long a finished process keeps its /metrics up for a final scrape (0: not at all).
+
+    ``KarnConfig.prometheus_final_scrape_s`` when the config has it, else the environment's
+    ``KARN_PROMETHEUS_FINAL_SCRAPE_S``, else two 15 s scrape intervals. Invalid values fall
+    back to the default (telemetry never raises at shutdown).
+    """
+    value = getattr(config, "prometheus_final_scrape_s", None)
+    if value is None:
+        value = os.environ.get(ENV_FINAL_SCRAPE_S)
+    try:
+        s = float(value) if value is not None else DEFAULT_FINAL_SCRAPE_S
+    except (TypeError, ValueError):
+        return DEFAULT_FINAL_SCRAPE_S
+    return s if s >= 0 else DEFAULT_FINAL_SCRAPE_S
+
+
+__all__ = ["ENV_FINAL_SCRAPE_S", "OTelSink", "final_scrape_s"]

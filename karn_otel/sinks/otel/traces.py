@@ -5,11 +5,13 @@ run-log line finds its trace in Tempo; other ids are hashed to 128 bits; see
 :func:`trace_id_for_episode` and :class:`EpisodeIdGenerator`). Spans:
 
 - ``karn.episode``, the root: opened at EPISODE_STARTED, ended at EPISODE_ENDED.
-- ``karn.epoch``, one per HostSnapshot, a child of the root, created when the snapshot
+- ``karn.epoch``, one per rank's own HostSnapshot, a child of the root, created when the snapshot
   arrives with explicit times (start = the previous epoch's end) and ended at once, so it is
   exported during the run. The epoch's gate evaluations, stage transitions, controller
   decisions, counterfactual passes, alerts and PPO updates are its span events (at most
   MAX_EPOCH_EVENTS; more are counted as ``span_events_over_limit``).
+- ``karn.reduction``: rank 0's job-wide HostSnapshot in a DDP job (``is_reduced``), a child
+  of rank 0's epoch span with ``karn.scope = "job"`` (so there is one epoch span per rank).
 - ``karn.dense_window``, one per DenseTrace, with the trigger reason and window bounds as
   attributes and at most MAX_BATCH_EVENTS of its batches as ``karn.batch`` events.
 
@@ -26,6 +28,7 @@ they are the only place that names span attributes.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,10 +39,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import Status, StatusCode
 
 from karn_otel import __version__
-from karn_otel.contracts import TelemetryEvent, TelemetryEventType
+from karn_otel.contracts import Severity, TelemetryEvent, TelemetryEventType
 from karn_otel.sinks.otel.lifecycle import MAX_SPAN_QUEUE, ExportLedger
 
 ET = TelemetryEventType
@@ -54,8 +57,10 @@ def start_tracing(
     """A private tracer provider (never the global one) exporting through ``exporter``, and the
     :class:`EpisodeTraces` that feeds it."""
     ids = EpisodeIdGenerator()
-    # Always sample: a trace is a whole episode, and there are few of them.
-    provider = TracerProvider(resource=resource, id_generator=ids, sampler=ALWAYS_ON, shutdown_on_exit=False)
+    # The sampler is the standard OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (the SDK reads
+    # them); unset, every span is kept (parentbased_always_on: a trace is a whole episode, and
+    # there are few). A ratio sampler decides on the trace id, which every rank of a job shares.
+    provider = TracerProvider(resource=resource, id_generator=ids, shutdown_on_exit=False)
     provider.add_span_processor(
         BatchSpanProcessor(
             exporter,
@@ -117,6 +122,10 @@ class EpisodeTraces:
         self._epoch_starts: dict[int, int] = {}  # epoch -> start ns, for dense windows (bounded)
         self._pending: list[tuple[str, dict[str, Any], int]] = []  # span events of the epoch in progress
         self._slot_attrs: dict[str, Any] = {}
+        self._last_epoch: int | None = None  # the latest ended epoch span, parent of its reduction
+        self._epoch_span: Any = None  # the epoch span in progress (opened by a child span)
+        self._critical: str | None = None  # the first critical health check of the epoch in progress
+        self._last_epoch_ctx: Context | None = None
 
     def handle(self, event: TelemetryEvent) -> None:
         et = event.event_type
@@ -124,18 +133,24 @@ class EpisodeTraces:
             self._start_episode(event)
         elif self._episode is None:
             return  # events outside an episode belong to no trace
+        elif et is ET.HOST_SNAPSHOT and event.is_reduced:
+            self._job_reduction(event)
         elif et is ET.HOST_SNAPSHOT:
             self._end_epoch(event)
         elif et is ET.SLOT_SNAPSHOT:
             self._slot_attrs.update(_slot_attributes(event.payload))
         elif et is ET.DENSE_TRACE:
             self._dense_window(event)
+        elif et is ET.COUNTERFACTUAL:
+            self._counterfactual(event)
         elif et is ET.EPISODE_ENDED:
             self._end_episode(event)
         else:
             describe = _SPAN_EVENTS.get(et)
             if describe is not None:
                 self._add_event(*describe(event.payload), _ns(event.timestamp))
+            if et is ET.HEALTH_ALERT and event.payload.severity is Severity.CRITICAL and self._critical is None:
+                self._critical = str(event.payload.check)
 
     def _start_episode(self, event: TelemetryEvent) -> None:
         now = _ns(event.timestamp)
@@ -154,22 +169,69 @@ class EpisodeTraces:
         self._epoch_starts = {}
         self._pending = []
         self._slot_attrs = {}
+        self._epoch_span = None
+        self._critical = None
+        self._last_epoch = None
+
+    def _open_epoch(self) -> Any:
+        """The epoch span in progress, started at the previous epoch's end (created on first need)."""
+        if self._epoch_span is None:
+            self._epoch_span = self._tracer.start_span(
+                "karn.epoch", context=self._episode_ctx, start_time=self._epoch_start
+            )
+        return self._epoch_span
 
     def _end_epoch(self, event: TelemetryEvent) -> None:
         h: Any = event.payload
         end = _ns(event.timestamp)
         attrs = {"karn.episode_id": self._episode_id, **_host_attributes(h), **self._slot_attrs}
-        start = self._epoch_start
-        span = self._tracer.start_span("karn.epoch", context=self._episode_ctx, attributes=attrs, start_time=start)
+        span = self._open_epoch()
+        span.set_attributes(attrs)
         for name, a, t in self._pending:
             span.add_event(name, a, t)
+        losses = (h.train_loss, h.val_loss)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses):
+            self._error(span, "non_finite_loss", "a train or validation loss is not finite")
+        elif self._critical is not None:
+            self._error(span, self._critical, f"critical health alert: {self._critical}")
         self._end(span, end)
+        self._epoch_span = None
+        self._critical = None
+        self._last_epoch, self._last_epoch_ctx = h.epoch, trace.set_span_in_context(span)
         self._epoch_starts[h.epoch] = self._epoch_start
         if len(self._epoch_starts) > 256:
             self._epoch_starts.pop(next(iter(self._epoch_starts)))
         self._epoch_start = end
         self._pending = []
         self._slot_attrs = {}
+
+    def _counterfactual(self, event: TelemetryEvent) -> None:
+        """A counterfactual pass: a timed ``karn.counterfactual`` child of its epoch's span."""
+        cf: Any = event.payload
+        end = _ns(event.timestamp)
+        elapsed = cf.elapsed_s if isinstance(cf.elapsed_s, (int, float)) and math.isfinite(cf.elapsed_s) else 0.0
+        start = max(self._epoch_start, end - _ns(max(0.0, elapsed)))
+        parent = trace.set_span_in_context(self._open_epoch())
+        name, attrs = _counterfactual_event(cf)
+        span = self._tracer.start_span(
+            name, context=parent, attributes={"karn.episode_id": self._episode_id, **attrs}, start_time=start
+        )
+        self._end(span, end)
+
+    @staticmethod
+    def _error(span: Any, error_type: str, description: str) -> None:
+        span.set_attribute("error.type", error_type)
+        span.set_status(Status(StatusCode.ERROR, description))
+
+    def _job_reduction(self, event: TelemetryEvent) -> None:
+        """Rank 0's job-wide snapshot: a ``karn.reduction`` child of its own epoch span, never a second epoch."""
+        h: Any = event.payload
+        end = _ns(event.timestamp)
+        parent = self._last_epoch_ctx if self._last_epoch == h.epoch else self._episode_ctx
+        start = min(self._epoch_start, end)
+        attrs = {"karn.episode_id": self._episode_id, "karn.scope": "job", **_host_attributes(h)}
+        span = self._tracer.start_span("karn.reduction", context=parent, attributes=attrs, start_time=start)
+        self._end(span, end)
 
     def _dense_window(self, event: TelemetryEvent) -> None:
         d: Any = event.payload
@@ -204,9 +266,18 @@ class EpisodeTraces:
         self._close_root(_ns(event.timestamp))
 
     def abandon_episode(self, now_ns: int) -> None:
-        """End an open episode span that never got its EPISODE_ENDED (a new episode, or close())."""
+        """End an open episode span that never got its EPISODE_ENDED (a new episode, or close()).
+
+        The root gets status ERROR with ``error.type = karn.episode_abandoned``; an epoch span
+        left open by a child span is ended with it (incomplete, ``karn.epoch.complete = false``).
+        """
         if self._episode is not None:
+            if self._epoch_span is not None:
+                self._epoch_span.set_attribute("karn.epoch.complete", False)
+                self._end(self._epoch_span, now_ns)
+                self._epoch_span = None
             self._episode.set_attribute("karn.episode.complete", False)
+            self._error(self._episode, "karn.episode_abandoned", "the episode ended without an EpisodeSummary")
             self._close_root(now_ns)
 
     def _close_root(self, end: int) -> None:
@@ -438,7 +509,6 @@ _SPAN_EVENTS: dict[TelemetryEventType, Callable[[Any], tuple[str, dict[str, Any]
     ET.GATE_EVALUATION: _gate_event,
     ET.STAGE_TRANSITION: _transition_event,
     ET.CONTROLLER_DECISION: _decision_event,
-    ET.COUNTERFACTUAL: _counterfactual_event,
     ET.HEALTH_ALERT: _alert_event,
     ET.PPO_UPDATE: _ppo_event,
     ET.POLICY_SNAPSHOT: _policy_event,
