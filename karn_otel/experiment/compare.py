@@ -31,6 +31,18 @@ from karn_otel.experiment.summary import RunSummary, load
 from karn_otel.export import run_dirs_in
 
 
+@dataclass(frozen=True)
+class SlotClaims:
+    """One slot's Shapley value across runs, and how many runs' final verdicts claim it helps."""
+
+    slot_id: str
+    n_runs: int  # runs with a final-epoch estimate for the slot
+    n_claimed: int  # of those, runs whose final verdict says "helps"
+    rule: str
+    alpha: float
+    mean: OneSample | NotEnoughRuns  # the final Shapley means across runs
+
+
 @dataclass
 class CompareResult:
     a_label: str
@@ -38,6 +50,7 @@ class CompareResult:
     runs_a: list[RunSummary]
     runs_b: list[RunSummary]
     rows: list[Comparison | OneSample | NotEnoughRuns] = field(default_factory=list)
+    slots: list[SlotClaims] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -56,6 +69,7 @@ class CompareResult:
             "a": {"label": self.a_label, "runs": [r.run_id for r in self.runs_a]},
             "b": {"label": self.b_label, "runs": [r.run_id for r in self.runs_b]},
             "results": [enc(r) for r in self.rows],
+            "shapley_claims": [enc(c) for c in self.slots],
             "notes": self.notes,
         }
 
@@ -115,7 +129,31 @@ def compare_runs(runs: list[RunSummary], baseline: list[RunSummary] | None = Non
         )
     removal = [d for r in a if (d := r.removal_delta) is not None]
     res.rows.append(describe("accuracy delta vs host-only removal (not causal)", removal, 0.0, seed))
+    res.slots = slot_claims(a, seed)
     return res
+
+
+def slot_claims(runs: list[RunSummary], seed: int = 0) -> list[SlotClaims]:
+    """Per slot: each run's final verdict (final-epoch Holm over that run's slots, the rule the
+    run's own summary uses), counted across runs, and the final Shapley means summarised."""
+    from karn_otel.claims import ALPHA, FINAL_RULE, final_verdict
+
+    means: dict[str, list[float]] = {}
+    claimed: dict[str, int] = {}
+    for r in runs:
+        if not r.final_shapley:
+            continue
+        for sid, c in final_verdict(r.final_shapley, r.final_shapley_epoch).items():
+            est = r.final_shapley[sid]
+            if math.isfinite(est.mean):
+                means.setdefault(sid, []).append(est.mean)
+            claimed[sid] = claimed.get(sid, 0) + int(c.helps)
+    return [
+        SlotClaims(
+            sid, len(v), claimed.get(sid, 0), FINAL_RULE, ALPHA, describe(f"Shapley value of {sid}", v, 0.0, seed)
+        )
+        for sid, v in sorted(means.items())
+    ]
 
 
 def _f(x: float | None, pct: bool = False, signed: bool = True) -> str:
@@ -156,6 +194,19 @@ def render(res: CompareResult) -> str:
                 f"    IQM {_f(s.iqm, pct)} [{_f(s.iqm_ci.low, pct)}, {_f(s.iqm_ci.high, pct)}]   "
                 f"t-test vs {row.null:g}: p = {_p(row.p_value)}",
             ]
+    if res.slots:
+        lines.append("• per-seed Shapley across runs (final-epoch value; claims by each run's final verdict):")
+    for c in res.slots:
+        m = c.mean
+        value = (
+            f"mean {_f(m.stats.mean, True)} [95% bootstrap {_f(m.mean_ci.low, True)}, {_f(m.mean_ci.high, True)}]"
+            if isinstance(m, OneSample)
+            else f"n={c.n_runs} (too few runs for an interval)"
+        )
+        lines.append(
+            f"    {c.slot_id}: {value}; claimed to help in {c.n_claimed} of {c.n_runs} runs "
+            f"({c.rule}, {100 * c.alpha:g}% per run)"
+        )
     lines += ["", *(f"note: {n}" for n in res.notes)]
     return "\n".join(lines).rstrip() + "\n"
 

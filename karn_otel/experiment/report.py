@@ -157,12 +157,20 @@ def fig_params(events: Sequence[TelemetryEvent]) -> str:
 
 
 def fig_shapley(events: Sequence[TelemetryEvent]) -> str:
+    from karn_otel.claims import ALPHA, LIVE_RULE, live_claim
+
+    ctx = next((ev.payload for ev in events if isinstance(ev.payload, EpisodeContext)), None)
+    horizon = ctx.max_epochs if isinstance(ctx, EpisodeContext) else None
+    n_slots = len(ctx.slot_config) if isinstance(ctx, EpisodeContext) else 1
     series: dict[str, list[tuple[int, float, float, float]]] = defaultdict(list)
+    live: dict[str, list[tuple[int, float, bool]]] = defaultdict(list)
     for ev in events:
         p = ev.payload
         if isinstance(p, CounterfactualMatrix) and p.shapley_values:
             for sid, est in p.shapley_values.items():
                 series[sid].append((p.epoch, est.mean, est.ci_low, est.ci_high))
+                c = live_claim(sid, est, p.epoch, horizon=horizon, n_slots=n_slots)
+                live[sid].append((p.epoch, est.mean, c.helps))
     if not series:
         return _empty_figure("no Shapley estimate recorded (no seed was active during a counterfactual pass)")
     plt = _plt()
@@ -175,13 +183,16 @@ def fig_shapley(events: Sequence[TelemetryEvent]) -> str:
             ax.fill_between(
                 [ep[i] for i in ok], [lo[i] for i in ok], [hi[i] for i in ok], alpha=0.2, color=line.get_color()
             )
-        claims = [(ep[i], mean[i]) for i in ok if lo[i] > 0]
+        claims = [(e, m) for e, m, c in live[sid] if c]
         if claims:
             ax.scatter(*zip(*claims), marker="*", s=120, color=line.get_color(), zorder=3)
     ax.axhline(0.0, color="#999", lw=0.8)
     ax.set_xlabel("epoch")
     ax.set_ylabel("Shapley value (accuracy)")
-    ax.set_title("per-epoch intervals (descriptive); ★ = interval above 0 at that epoch", fontsize=9)
+    ax.set_title(
+        f"bands: per-epoch 95% intervals (descriptive); ★ = claim by the live rule ({LIVE_RULE}, {100 * ALPHA:g}% per run)",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)

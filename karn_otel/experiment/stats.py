@@ -79,14 +79,19 @@ class NotEnoughRuns:
         )
 
 
+def _no_spread(*arrays: np.ndarray) -> bool:
+    """Every array constant up to float rounding (scipy's tests are undefined or unstable there)."""
+    return all(float(np.ptp(a)) <= 1e-12 * max(1.0, float(np.max(np.abs(a)))) for a in arrays)
+
+
 def cohens_d(a: Sequence[float], b: Sequence[float]) -> float:
     """Standardised mean difference with the pooled standard deviation (ddof=1)."""
     x, y = np.asarray(a, float), np.asarray(b, float)
     na, nb = len(x), len(y)
     pooled = math.sqrt(((na - 1) * x.var(ddof=1) + (nb - 1) * y.var(ddof=1)) / (na + nb - 2))
     diff = float(x.mean() - y.mean())
-    if pooled == 0.0:
-        return 0.0 if diff == 0.0 else math.copysign(math.inf, diff)
+    if pooled == 0.0 or _no_spread(x, y):
+        return 0.0 if abs(diff) <= 1e-12 * max(1.0, abs(float(x.mean()))) else math.copysign(math.inf, diff)
     return diff / pooled
 
 
@@ -124,8 +129,8 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray
 
 def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], seed: int = 0) -> Interval:
     x, y = np.asarray(a, float), np.asarray(b, float)
-    if np.all(x == x[0]) and np.all(y == y[0]):  # no spread: the interval is the point
-        d = float(x[0] - y[0])
+    if _no_spread(x, y):  # no spread: the interval is the point
+        d = float(x.mean() - y.mean())
         return Interval(d, d)
     res = stats.bootstrap(
         (x, y),
@@ -161,8 +166,8 @@ def compare(
     if len(a) < MIN_RUNS or len(b) < MIN_RUNS:
         return NotEnoughRuns(quantity, len(a), len(b))
     x, y = np.asarray(a, float), np.asarray(b, float)
-    if np.all(x == x[0]) and np.all(y == y[0]):
-        welch = 1.0 if x[0] == y[0] else 0.0  # scipy returns NaN without variance
+    if _no_spread(x, y):
+        welch = 1.0 if math.isclose(x.mean(), y.mean(), rel_tol=1e-12, abs_tol=1e-15) else 0.0  # scipy: NaN
     else:
         welch = float(stats.ttest_ind(x, y, equal_var=False).pvalue)
     paired_p = None
@@ -201,8 +206,9 @@ def describe(quantity: str, x: Sequence[float], null: float = 0.0, seed: int = 0
     if len(x) < MIN_RUNS:
         return NotEnoughRuns(quantity, len(x), len(x))
     arr = np.asarray(x, float)
-    if np.all(arr == arr[0]):
-        ci, p = Interval(float(arr[0]), float(arr[0])), (1.0 if arr[0] == null else 0.0)
+    if _no_spread(arr):
+        m = float(arr.mean())
+        ci, p = Interval(m, m), (1.0 if math.isclose(m, null, rel_tol=1e-12, abs_tol=1e-15) else 0.0)
     else:
         res = stats.bootstrap(
             (arr,),

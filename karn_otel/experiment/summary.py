@@ -47,6 +47,7 @@ class RunSummary:
     host_params: int
     curve: list[EpochPoint] = field(default_factory=list)
     final_shapley: dict[str, ShapleyEstimate] = field(default_factory=dict)
+    final_shapley_epoch: int = 0
 
     @property
     def removal_delta(self) -> float | None:
@@ -76,6 +77,7 @@ def summarise(rec: RunRecord) -> RunSummary:
     arm = getattr(ctx, "experiment_arm", None) or ("control" if controller == "none" else "morph")
     removal: dict[int, float] = {}
     final_shapley: dict[str, ShapleyEstimate] = {}
+    final_shapley_epoch = 0
     curve: list[EpochPoint] = []
     summary: EpisodeSummary | None = None
     for ev in events:
@@ -85,7 +87,7 @@ def summarise(rec: RunRecord) -> RunSummary:
             if acc is not None:
                 removal[p.epoch] = acc
             if p.shapley_values:
-                final_shapley = dict(p.shapley_values)
+                final_shapley, final_shapley_epoch = dict(p.shapley_values), p.epoch
         elif isinstance(p, HostSnapshot):
             curve.append(EpochPoint(p.epoch, p.val_accuracy, None, p.total_params, p.host_params))
         elif isinstance(p, EpisodeSummary):
@@ -118,6 +120,7 @@ def summarise(rec: RunRecord) -> RunSummary:
         host_params=host,
         curve=curve,
         final_shapley=final_shapley,
+        final_shapley_epoch=final_shapley_epoch,
     )
 
 

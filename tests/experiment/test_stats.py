@@ -89,4 +89,30 @@ def test_not_enough_runs_is_said_not_computed():
 
 def test_no_spread_gives_point_intervals_not_nan():
     res = ks.compare("acc", [0.8, 0.8, 0.8], [0.8, 0.8])
-    assert res.welch_p == 1.0 and res.difference_ci.low == res.difference_ci.high == 0.0
+    assert res.welch_p == 1.0 and res.cohens_d == 0.0
+    assert res.difference_ci.low == res.difference_ci.high == pytest.approx(0.0, abs=1e-15)
+
+
+def test_shapley_claims_are_aggregated_with_each_runs_final_verdict(tmp_path):
+    from karn_otel.claims import final_verdict
+    from karn_otel.contracts import ShapleyEstimate
+    from karn_otel.experiment.compare import compare_runs
+    from karn_otel.experiment.summary import RunSummary
+
+    def est(mean, se):
+        return ShapleyEstimate(mean, se, 30, ci_low=mean - 2 * se, ci_high=mean + 2 * se)
+
+    runs = []
+    for i, (good, null) in enumerate([(0.05, 0.001), (0.04, -0.002), (0.002, 0.0005)]):
+        shap = {"early": est(good, 0.005), "mid": est(null, 0.004)}
+        runs.append(
+            RunSummary(f"r{i}", tmp_path, None, "morph", i, "heuristic", True, 0.9, 0.85, 1100, 1000,
+                       final_shapley=shap, final_shapley_epoch=10)
+        )  # fmt: skip
+    res = compare_runs(runs)
+    by_slot = {c.slot_id: c for c in res.slots}
+    want = {s: sum(final_verdict(r.final_shapley, 10)[s].helps for r in runs) for s in ("early", "mid")}
+    assert by_slot["early"].n_claimed == want["early"] == 2  # the third run's +0.2 pt is not significant
+    assert by_slot["mid"].n_claimed == want["mid"] == 0
+    assert by_slot["early"].n_runs == 3
+    assert by_slot["early"].mean.stats.mean == pytest.approx(np.mean([0.05, 0.04, 0.002]))
