@@ -279,19 +279,19 @@ class KarnCollector:
             if name == "episode_id" and p is None:
                 p = check_str(_field(env, name))
             if p is not None:
-                raise _problem(p, env, root=f"TelemetryEvent.{name}")
+                raise _problem(p, env, root=f"TelemetryEvent.{name}", envelope=True)
         ep = _checked_epoch(_field(env, "epoch"), "TelemetryEvent.epoch")
         ts = _field(env, "timestamp")
         p = check_float(ts)
         if p is not None:
             if p is MAYBE_NONFINITE:
                 p = Problem("bad_timestamp", "", f"{safe_repr(ts)} is not a finite time")
-            raise _problem(p, env, root="TelemetryEvent.timestamp")
+            raise _problem(p, env, root="TelemetryEvent.timestamp", envelope=True)
         rank, world = _field(env, "rank"), _field(env, "world_size")
         for name, v in (("rank", rank), ("world_size", world)):
             p = check_int(v)
             if p is not None:
-                raise _problem(p, env, root=f"TelemetryEvent.{name}")
+                raise _problem(p, env, root=f"TelemetryEvent.{name}", envelope=True)
         if not 0 <= rank < world <= _MAX_WORLD:
             raise TelemetryValidationError(
                 "bad_rank", f"rank {safe_repr(rank)} outside world_size {safe_repr(world)}", field="rank"
@@ -466,13 +466,13 @@ _set_attr = object.__setattr__
 _MAX_WORLD = 2**31
 
 
-def _problem(r: Problem, obj: Any, root: str | None = None) -> TelemetryValidationError:
+def _problem(r: Problem, obj: Any, root: str | None = None, envelope: bool = False) -> TelemetryValidationError:
     """The error for a checker's Problem, naming the field (``root`` defaults to the class).
 
-    A bad field of a caller-built envelope (``root`` given) counts as ``malformed``."""
+    A field of the wrong type in a caller-built envelope counts as ``malformed``."""
     base = type_name(obj) if root is None else root
     field = (r.where[1:] if r.where.startswith(".") else r.where) or (None if root is None else root.split(".")[-1])
-    reason = r.reason if root is None or r.reason == "invalid_id" else "malformed"
+    reason = "malformed" if envelope and r.reason == "type_error" else r.reason
     return TelemetryValidationError(reason, r.describe(base) if r.where else f"{base}: {r.detail}", field=field)
 
 
@@ -487,7 +487,7 @@ def _checked_epoch(v: Any, where: str = "epoch") -> int:
     """An epoch given by the caller (the ``epoch=`` argument or an envelope's field)."""
     r = check_int(v)
     if r is not None:
-        raise _problem(r, v, root=where)
+        raise _problem(r, v, root=where, envelope=where != "epoch")
     if v < 0:
         raise TelemetryValidationError("bad_epoch", f"{where} {v} is negative", field="epoch")
     return int(v)
