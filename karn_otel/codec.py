@@ -69,6 +69,7 @@ __all__ = [
     "from_json",
     "from_jsonable",
     "id_problem",
+    "printable",
     "safe_repr",
     "to_json",
     "to_jsonable",
@@ -523,6 +524,14 @@ def _clean(s: str, limit: int = 60) -> str:
     if s.isprintable():
         return s
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
+
+
+def printable(s: str, limit: int = 200) -> str:
+    """``s`` safe to print on a terminal: control, format (bidi) and surrogate characters
+    escaped as ``\\x1b``/``\\u202e``/``\\ud800``, at most ``limit`` characters (then "...")."""
+    if not isinstance(s, str):
+        s = safe_repr(s)
+    return _clean(str.__str__(s), limit)
 
 
 def type_name(v: Any) -> str:

@@ -326,6 +326,10 @@ class KarnCollector:
         if ep < 0:
             raise TelemetryValidationError("bad_epoch", f"epoch {ep} is negative", field="epoch")
         cls = type(p)
+        if cls is TelemetryStats:
+            raise TelemetryValidationError(
+                "reserved_event_type", "TelemetryStats is Karn's own accounting; it cannot be emitted"
+            )
         for name in _PARAM_FIELDS.get(cls, ()):
             if getattr(p, name) < 0:
                 raise TelemetryValidationError(
@@ -537,7 +541,7 @@ def _slots_named(p: Any) -> Iterable[str]:
 # the per-step path of _accept.
 _Plan = tuple[TelemetryEventType, Callable[[Any], "Problem | None"], bool, bool, Callable[[Any], Iterable[str]] | None]
 _NEEDS_RULES: frozenset[type] = frozenset(
-    {EpisodeContext, SlotSnapshot, HostSnapshot, EpisodeSummary, CounterfactualMatrix}
+    {EpisodeContext, SlotSnapshot, HostSnapshot, EpisodeSummary, CounterfactualMatrix, TelemetryStats}
 )
 
 

@@ -11,13 +11,17 @@ imported when a replay runs: this module itself imports no torch.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
-from karn_otel.codec import to_jsonable
-from karn_otel.contracts import OperatingMode, TelemetryEvent, TelemetryEventType
+from karn_otel.codec import printable, safe_repr, to_jsonable, type_name
+from karn_otel.contracts import HostBaseline, OperatingMode, TelemetryEvent, TelemetryEventType
 from karn_otel.sinks.runlog import RunRecord
 
 ET = TelemetryEventType
@@ -30,6 +34,81 @@ VOLATILE: dict[ET, frozenset[str]] = {
     ET.EPISODE_ENDED: frozenset({"wall_time_s"}),
 }
 SKIPPED_TYPES = frozenset({ET.TELEMETRY_STATS})
+
+
+class ReplayError(ValueError):
+    """The run cannot be replayed; the message is one line for the user."""
+
+
+# What `karn run` records (reference/trainer.py): a run whose context says otherwise was not
+# produced by the reference system, and is refused before anything is imported or trained.
+REFERENCE_ARCHITECTURE = "cnn_3block"
+REFERENCE_TASK = "classification"
+_REQUIRED = ("epochs", "seed", "widths", "controller", "batch_size")
+# Bounds on what an untrusted run dir may ask a replay to do.
+_LIMITS = {"epochs": 100_000, "episodes": 10_000, "nproc": 64, "num_threads": 256, "batch_size": 1 << 20}
+_MAX_WIDTH = 4096
+_COMPILE_BACKENDS = ("", "eager", "aot_eager", "inductor")
+_CHECKPOINT_NAME = re.compile(r"ep\d{3}-[0-9a-f]{32}-initial\.pt")
+
+
+def check_replayable(record: RunRecord) -> None:
+    """Refuse, at once and without importing torch, a run the reference system did not produce.
+
+    Raises ReplayError naming what gave it away (the host architecture, the task, missing
+    hyperparameters)."""
+    if not record.episodes:
+        raise ReplayError("no episode context recorded")
+    for ctx in record.episodes.values():
+        if ctx.host_architecture != REFERENCE_ARCHITECTURE or ctx.task_type != REFERENCE_TASK:
+            raise ReplayError(
+                f"run {printable(record.run_id)} was not produced by Karn's reference system (host "
+                f"{printable(ctx.host_architecture)!s}, task {printable(ctx.task_type)}); `karn replay` re-runs "
+                "runs of `karn run` only"
+            )
+        missing = [k for k in _REQUIRED if k not in ctx.hyperparameters]
+        if missing:
+            raise ReplayError(
+                f"run {printable(record.run_id)} was not produced by Karn's reference system "
+                f"(its hyperparameters lack {', '.join(missing)})"
+            )
+
+
+def run_config_of(hp: dict[str, Any]) -> Any:
+    """The reference RunConfig recorded in ``hp``, every value checked against the field's type
+    and bounds (an untrusted run dir must not make a replay spawn 10**6 ranks)."""
+    from karn_otel.reference.trainer import RunConfig
+
+    defaults = RunConfig()
+    clean: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in hp:
+            continue
+        v, want = hp[f.name], type(getattr(defaults, f.name))
+        if want is tuple:
+            ok = isinstance(v, str) and len(v) <= 10_000
+        elif want is float:
+            ok = type(v) in (int, float) and math.isfinite(v)
+        else:
+            ok = type(v) is want
+        if not ok:
+            raise ReplayError(f"hyperparameter {f.name} = {safe_repr(v)} is not a {want.__name__}")
+        if want is int and not 0 <= v <= _LIMITS.get(f.name, 2**31):
+            raise ReplayError(f"hyperparameter {f.name} = {safe_repr(v)} is out of range")
+        if want is str and (len(v) > 200 or not v.isprintable()):
+            raise ReplayError(f"hyperparameter {f.name} = {safe_repr(v)} is not a plain short string")
+        clean[f.name] = v
+    try:
+        cfg = RunConfig.from_hyperparameters(clean)
+    except (ValueError, TypeError) as exc:
+        raise ReplayError(f"hyperparameters: {printable(str(exc), 200)}") from None
+    if not all(1 <= w <= _MAX_WIDTH for w in cfg.widths) or len(cfg.widths) != 3:
+        raise ReplayError(f"hyperparameter widths = {safe_repr(hp.get('widths'))} is out of range")
+    if cfg.compile not in _COMPILE_BACKENDS:
+        raise ReplayError(f"hyperparameter compile = {safe_repr(cfg.compile)} is not one of {_COMPILE_BACKENDS}")
+    if not re.fullmatch(r"cpu|cuda(:\d{1,2})?|mps", cfg.device):
+        raise ReplayError(f"hyperparameter device = {safe_repr(cfg.device)} is not a torch device Karn uses")
+    return cfg
 
 
 @dataclass
@@ -101,13 +180,14 @@ def replay_run(record: RunRecord) -> ReplayReport:
     state from one to the next) and compare it with the record."""
     from karn_otel import collector as kc
     from karn_otel.config import KarnConfig
-    from karn_otel.reference.trainer import RunConfig, policy_head_sizes, run_reference, software_versions
+    from karn_otel.reference.trainer import policy_head_sizes, run_reference, software_versions
     from karn_otel.sinks import MemorySink
     from karn_otel.sinks.factory import build_pipeline
 
     notes: list[str] = []
+    check_replayable(record)
     first = next(iter(record.episodes.values()))
-    cfg = RunConfig.from_hyperparameters(first.hyperparameters)
+    cfg = run_config_of(first.hyperparameters)
     sink = MemorySink()
     # The same pipeline as `karn run`: health alerts and dense windows are part of the record.
     kcfg = KarnConfig(
@@ -125,7 +205,7 @@ def replay_run(record: RunRecord) -> ReplayReport:
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 run_reference(cfg, checkpoint_dir=Path(tmp))
-                ckpt_note = _compare_checkpoints(record.events, Path(tmp))
+                ckpt_note = _compare_checkpoints(record, Path(tmp))
         finally:
             kc.install(previous)
         replayed = sink.events
@@ -152,25 +232,49 @@ def _replay_ranks(cfg: Any, kcfg: Any, record: RunRecord) -> tuple[list[Telemetr
         if not result.ok:
             raise ValueError(f"the replayed ranks failed: {result.describe()}")
         rec = read_run(Path(tmp) / run_id)
-        note = _compare_checkpoints(record.events, Path(tmp) / run_id / "checkpoints")
+        note = _compare_checkpoints(record, Path(tmp) / run_id / "checkpoints")
     return rec.events, note
 
 
-def _compare_checkpoints(recorded: list[TelemetryEvent], tmp: Path) -> str:
+def recorded_checkpoints(record: RunRecord) -> list[Path | None]:
+    """Each episode's initial checkpoint as a path inside ``record.run_dir/checkpoints`` (None
+    where it is absent or the record names something else).
+
+    The recorded path is untrusted: only its file name is used, and only when it is a name the
+    trainer writes (``ep<k>-<episode id>-initial.pt``) and the file, symlinks resolved, lies
+    inside the run directory. Nothing outside the run dir is ever opened."""
+    root = Path(os.path.realpath(record.run_dir))
+    out: list[Path | None] = []
+    for e in record.events:
+        p = e.payload
+        if (
+            e.event_type is not ET.HOST_BASELINE
+            or not isinstance(p, HostBaseline)
+            or p.final_host_only_accuracy is not None
+        ):
+            continue
+        name = PurePath(str(p.initial_checkpoint)).name
+        path = root / "checkpoints" / name
+        real = Path(os.path.realpath(path))
+        ok = _CHECKPOINT_NAME.fullmatch(name) and real.is_relative_to(root) and real.is_file()
+        out.append(real if ok else None)
+    return out
+
+
+def _compare_checkpoints(record: RunRecord, tmp: Path) -> str:
     """Compare every retained initial checkpoint with the replay's, episode by episode."""
     from karn_otel.torch.checkpoints import compare_state_dicts
 
-    paths = [
-        Path(e.payload.initial_checkpoint)
-        for e in recorded
-        if e.event_type is ET.HOST_BASELINE and e.payload.final_host_only_accuracy is None
-    ]
     replayed = sorted(tmp.glob("ep*-initial.pt"))  # named ep<index>-<episode id>-initial.pt
     compared = 0
-    for path, other in zip(paths, replayed):
-        if not path.is_file():
+    for path, other in zip(recorded_checkpoints(record), replayed):
+        if path is None:
             continue
-        if not compare_state_dicts(path, other):
+        try:
+            same = compare_state_dicts(path, other)
+        except Exception as exc:  # an untrusted file: unreadable is a note, not a crash
+            return f"initial checkpoint {printable(path.name)} unreadable ({type_name(exc)}); not compared"
+        if not same:
             return f"initial checkpoint of {path.name} DIFFERS"
         compared += 1
     if compared == 0:

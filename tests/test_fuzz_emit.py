@@ -42,6 +42,7 @@ REASONS = {
     "negative_param_count",
     "unknown_slot",
     "derived_budget",
+    "reserved_event_type",
 }
 
 
@@ -247,7 +248,12 @@ NAMED = [
     ("type_error", lambda: _scalars({"loss": True}), "values['loss']"),
     ("malformed", lambda: _scalars({"loss": BadFloat(1.0)}), None),
     ("malformed", lambda: Hostile(), None),
-    ("malformed", lambda: WeirdType(), None),  # its class cannot even be hashed
+    ("malformed", lambda: WeirdType(), None),
+    (
+        "reserved_event_type",
+        lambda: C.TelemetryStats(1, {}, {}),
+        None,
+    ),  # Karn's accounting is not forgeable  # its class cannot even be hashed
     (
         "malformed",
         lambda: C.TelemetryEvent(C.TelemetryEventType.SCALARS, "run", "ep-1", "x", 0.0, _scalars({})),
