@@ -716,7 +716,10 @@ def _estimate(
     var = se_a**2 + se_b**2
     std = math.sqrt(var)
     denom = se_a**4 / df_a + se_b**4 / df_b
-    df = var**2 / denom if denom > 0 else math.inf
+    if se_a == 0.0 or se_b == 0.0:  # one source: its own df (the formula would round it)
+        df = df_b if se_a == 0.0 else df_a
+    else:
+        df = var**2 / denom if denom > 0 else math.inf
     half = student_t_ppf(0.5 + confidence / 2.0, df) * std if std > 0 else 0.0
     low, high = float(mean - half), float(mean + half)
     return ShapleyEstimate(float(mean), float(std), n_samples, algorithm, low, high, confidence, float(df))
