@@ -168,6 +168,7 @@ class RunLogSink:
         self._final: dict[str, Any] | None = None  # the final accounting, handed over by close
         self._final_done = threading.Event()
         self._stop = False
+        self._abandoned = False  # close() gave up on a writer stuck in a disk call
         self._fd = -1
         self._meta: dict[str, Any] = {}
         self.counter = LiveCounter()
@@ -333,13 +334,16 @@ class RunLogSink:
         self._thread.join(max(0.0, deadline - time.monotonic()))
         unwritten: dict[str, int] = {}
         if self._thread.is_alive():
+            # Given up: the writer writes nothing more once its blocked call returns (what it
+            # is writing now may still land; the live counter keeps the account exact).
+            self._abandoned = True
             left = self._handled - self._refused - self._written
             if left > 0:
                 self._dropped["unwritten_at_shutdown"] += left
                 unwritten["unwritten_at_shutdown"] = left
             log.warning(
                 "Karn run log: shutdown bound of %.1f s reached with the disk not answering (%s): "
-                "%d event(s) and the final accounting were not written",
+                "%d event(s) and the final accounting were not written (karn inspect counts what is on disk)",
                 bound,
                 self.run_dir,
                 max(left, 0),
@@ -364,8 +368,10 @@ class RunLogSink:
                 self._drain()
             except Exception as exc:  # noqa: BLE001 (the writer must outlive any one bad batch)
                 log.warning("Karn run log writer error: %r", exc)
-            if self._stop and not self._q:
+            if (self._stop and not self._q) or self._abandoned:
                 break
+        if self._abandoned:
+            return
         try:
             self._write_final()
         finally:
@@ -397,7 +403,7 @@ class RunLogSink:
     def _drain(self) -> None:
         q = self._q
         popleft = q.popleft
-        while q:
+        while q and not self._abandoned:
             # Encode C-sized batches for up to _BUDGET_S (under the interpreter's 5 ms switch
             # interval, so a training thread waiting for the GIL gets it at the usual time),
             # then write them all with one writev, which also hands the GIL back.
