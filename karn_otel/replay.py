@@ -44,7 +44,7 @@ class ReplayError(ValueError):
 # produced by the reference system, and is refused before anything is imported or trained.
 REFERENCE_ARCHITECTURE = "cnn_3block"
 REFERENCE_TASK = "classification"
-_REQUIRED = ("epochs", "seed", "widths", "controller", "batch_size")
+_REQUIRED: dict[str, type] = {"epochs": int, "seed": int, "widths": str, "controller": str, "batch_size": int}
 # Bounds on what an untrusted run dir may ask a replay to do.
 _LIMITS = {"epochs": 100_000, "episodes": 10_000, "nproc": 64, "num_threads": 256, "batch_size": 1 << 20}
 _MAX_WIDTH = 4096
@@ -66,12 +66,16 @@ def check_replayable(record: RunRecord) -> None:
                 f"{printable(ctx.host_architecture)!s}, task {printable(ctx.task_type)}); `karn replay` re-runs "
                 "runs of `karn run` only"
             )
-        missing = [k for k in _REQUIRED if k not in ctx.hyperparameters]
+        hp = ctx.hyperparameters
+        missing = [k for k in _REQUIRED if k not in hp]
         if missing:
             raise ReplayError(
                 f"run {printable(record.run_id)} was not produced by Karn's reference system "
                 f"(its hyperparameters lack {', '.join(missing)})"
             )
+        for k, want in _REQUIRED.items():
+            if type(hp[k]) is not want:
+                raise ReplayError(f"hyperparameter {k} = {safe_repr(hp[k])} is not a {want.__name__}")
 
 
 def run_config_of(hp: dict[str, Any]) -> Any:
