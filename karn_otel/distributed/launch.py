@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -35,6 +36,7 @@ ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 """TCP port of rank 0's rendezvous store; :func:`spawn` picks a free one."""
 _ENV_GLOO_IFNAME = "GLOO_SOCKET_IFNAME"  # gloo's interface; pinned to loopback by spawn()
+STARTUP_ALLOWANCE_S = 120.0  # a watched rank's first heartbeat may take this long (or 10x the timeout)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class SpawnResult:
     first_failure: int | None
     errors: dict[int, str]
     timed_out: bool = False
+    hung: tuple[int, ...] = ()  # ranks whose heartbeat stopped (not responding); the job was ended
 
     @property
     def ok(self) -> bool:
@@ -65,12 +68,18 @@ class SpawnResult:
         order = [self.first_failure] if self.first_failure is not None else []
         order += [r for r, c in enumerate(self.exit_codes) if c != 0 and r not in order]
         lines = []
+        if self.hung:
+            names = ", ".join(str(r) for r in self.hung)
+            lines.append(
+                f"rank{'s' if len(self.hung) > 1 else ''} {names} stopped responding (no heartbeat); "
+                "the job was ended (the other ranks were waiting for it)"
+            )
         for r in order:
             err = self.errors.get(r, "").strip().splitlines()
             why = f": {err[-1]}" if err else ""
             tag = " (first failure)" if r == self.first_failure else ""
             lines.append(f"rank {r} exited with code {self.exit_codes[r]}{tag}{why}")
-        if self.timed_out:
+        if self.timed_out and not self.hung:
             lines.append("the job exceeded its timeout and was terminated")
         return "\n".join(lines)
 
@@ -146,6 +155,7 @@ def spawn(
     timeout_s: float | None = None,
     grace_s: float = 30.0,
     collective_timeout_s: float | None = None,
+    watch: tuple[str | os.PathLike[str], float] | None = None,
 ) -> SpawnResult:
     """Run ``fn(RankInfo, *args)`` in ``nproc`` processes on this machine, one per rank.
 
@@ -159,6 +169,11 @@ def spawn(
     When a rank fails, the others get ``grace_s`` seconds to finish (they may be stuck in a
     collective waiting for it) and are then terminated. ``timeout_s`` bounds the whole job
     (seconds; None = no limit). ``collective_timeout_s`` is the process group's timeout.
+    ``watch=(heartbeat_dir, timeout_s)``: the supervisor reads the ranks' heartbeat files
+    (:mod:`karn_otel.distributed.liveness`) and, when a rank's pulse is older than
+    ``timeout_s`` (a stopped or hung process: a rank waiting in a collective keeps pulsing),
+    ends the job and names that rank alone in :attr:`SpawnResult.hung`. A rank that has not
+    written its first heartbeat yet gets :data:`STARTUP_ALLOWANCE_S` (or 10 x ``timeout_s``).
     Never raises for a failing rank: the :class:`SpawnResult` names it.
     """
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
@@ -183,7 +198,7 @@ def spawn(
         try:
             for p in procs:
                 p.start()
-            first_failure, timed_out = _supervise(procs, mpc, grace_s, timeout_s)
+            first_failure, timed_out, hung = _supervise(procs, mpc, grace_s, timeout_s, watch)
         except BaseException:  # Ctrl-C or a start failure: leave no orphaned ranks behind
             for p in procs:
                 if p.pid is not None and p.is_alive():
@@ -197,19 +212,54 @@ def spawn(
     codes = tuple(int(p.exitcode) if p.exitcode is not None else -9 for p in procs)
     if first_failure is None and any(codes) and not timed_out:  # e.g. killed while the last to finish
         first_failure = next(r for r, c in enumerate(codes) if c)
-    return SpawnResult(codes, first_failure, errors, timed_out)
+    if hung:
+        first_failure = None  # the hung rank is the cause; the others were terminated for it
+    return SpawnResult(codes, first_failure, errors, timed_out or bool(hung), tuple(hung))
 
 
-def _supervise(procs: list[Any], mpc: Any, grace_s: float, timeout_s: float | None) -> tuple[int | None, bool]:
-    """Wait for the ranks; after the first failure give the rest ``grace_s``, then terminate them."""
+def _hung_ranks(watch: tuple[str | os.PathLike[str], float], n: int, started_wall: float) -> list[int]:
+    from karn_otel.distributed.liveness import missing_ranks, read_heartbeats
+
+    directory, timeout = watch
+    missing = missing_ranks(directory, n, timeout)
+    if not missing:
+        return []
+    reported = read_heartbeats(directory, n)
+    # A rank that has not reported yet is still starting (imports, process group, model):
+    # judged only after a generous start-up allowance; one that cannot start fails on its own.
+    starting = time.time() - started_wall <= max(STARTUP_ALLOWANCE_S, 10 * timeout)
+    return [r for r in missing if r in reported or not starting]
+
+
+def _supervise(
+    procs: list[Any],
+    mpc: Any,
+    grace_s: float,
+    timeout_s: float | None,
+    watch: tuple[str | os.PathLike[str], float] | None = None,
+) -> tuple[int | None, bool, list[int]]:
+    """Wait for the ranks; after the first failure give the rest ``grace_s``, then terminate
+    them. With ``watch``, end the job when a rank's heartbeat stops (returned third)."""
     start = time.monotonic()
+    started_wall = time.time()
     deadline = start + timeout_s if timeout_s is not None else math.inf
     first_failure: int | None = None
     timed_out = False
+    hung: list[int] = []
+    poll = None if watch is None else min(1.0, max(watch[1] / 4, 0.1))
     running = set(range(len(procs)))
     while running:
         wait_s = max(0.0, deadline - time.monotonic())
+        if poll is not None:
+            wait_s = min(wait_s, poll)
         ready = mpc.wait([procs[r].sentinel for r in running], timeout=None if math.isinf(wait_s) else wait_s)
+        if watch is not None and first_failure is None and not ready:
+            hung = [r for r in _hung_ranks(watch, len(procs), started_wall) if r in running]
+            if hung:
+                for r in sorted(running):
+                    _terminate(procs[r])
+                running.clear()
+                break
         for r in sorted(running):
             if procs[r].sentinel in ready:
                 procs[r].join()
@@ -222,11 +272,16 @@ def _supervise(procs: list[Any], mpc: Any, grace_s: float, timeout_s: float | No
             for r in sorted(running):
                 _terminate(procs[r])
             running.clear()
-    return first_failure, timed_out
+    return first_failure, timed_out, hung
 
 
 def _terminate(proc: Any) -> None:
     proc.terminate()
+    if proc.pid is not None:
+        try:  # a stopped (SIGSTOP) process handles SIGTERM only once continued
+            os.kill(proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
     proc.join(5.0)
     if proc.is_alive():
         proc.kill()

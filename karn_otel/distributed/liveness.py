@@ -5,6 +5,14 @@ detect, so each rank rewrites a small heartbeat file (:class:`RankHeartbeat`) an
 reads them (:func:`missing_ranks`, :class:`MissingRankMonitor`), from its own thread
 (:class:`RankWatch`) since its main thread may be stuck in a collective waiting for the dead
 rank. Imports neither torch nor numpy: cheap enough for a metrics callback.
+
+*Waiting is not hanging.* When one rank stops (SIGSTOP, a deadlock in native code, a dead
+host), every other rank soon waits for it in a collective and stops making progress too, so
+"no epoch for a while" names every rank. A heartbeat therefore also *pulses*: a thread of the
+rank (:meth:`RankHeartbeat.start_pulse`) rewrites the file every ``interval`` seconds with the
+same epoch. A rank waiting in a collective keeps pulsing; a stopped or dead process does not.
+``missing`` means "no pulse" — the hung rank alone. The launcher's supervisor reads the same
+files and ends the job when a rank stays missing (:func:`karn_otel.distributed.launch.spawn`).
 """
 
 from __future__ import annotations
@@ -75,8 +83,38 @@ class RankHeartbeat:
         self.directory = Path(directory)
         self.rank = rank
         self._clock = clock
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._finished = False
+        self._pulse_stop: threading.Event | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self.beat(0)
+
+    def start_pulse(self, interval_s: float) -> RankHeartbeat:
+        """Rewrite the heartbeat every ``interval_s`` seconds from a daemon thread (same epoch),
+        so a rank blocked in a collective still shows it is alive. Stopped by :meth:`finish`
+        and :meth:`stop_pulse`."""
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.stop_pulse()
+        stop = self._pulse_stop = threading.Event()
+
+        def pulse() -> None:
+            while not stop.wait(interval_s):
+                try:
+                    with self._lock:
+                        if not self._finished:
+                            self._write(self._epoch, False)
+                except OSError:
+                    pass  # a full or vanished disk: the silence will be reported as missing
+
+        threading.Thread(target=pulse, name=f"karn-heartbeat-rank{self.rank}", daemon=True).start()
+        return self
+
+    def stop_pulse(self) -> None:
+        if self._pulse_stop is not None:
+            self._pulse_stop.set()
+            self._pulse_stop = None
 
     @property
     def path(self) -> Path:
@@ -84,7 +122,12 @@ class RankHeartbeat:
 
     def beat(self, epoch: int, *, finished: bool = False) -> Heartbeat:
         """Record that this rank is alive at ``epoch`` now."""
-        hb = Heartbeat(self.rank, int(epoch), float(self._clock()), os.getpid(), socket.gethostname(), finished)
+        with self._lock:
+            self._epoch, self._finished = int(epoch), finished
+            return self._write(int(epoch), finished)
+
+    def _write(self, epoch: int, finished: bool) -> Heartbeat:
+        hb = Heartbeat(self.rank, epoch, float(self._clock()), os.getpid(), socket.gethostname(), finished)
         fd, tmp = tempfile.mkstemp(prefix=f".rank{self.rank}.", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "w") as f:
@@ -100,6 +143,7 @@ class RankHeartbeat:
 
     def finish(self, epoch: int) -> Heartbeat:
         """Mark a clean exit, so that the silence that follows is not reported as missing."""
+        self.stop_pulse()
         return self.beat(epoch, finished=True)
 
 

@@ -4,8 +4,11 @@ Every rank trains under DDP (gloo on CPU), evaluates its shard of the validation
 reports through its own Karn collector: rank 0 writes the run directory (its per-rank
 snapshots plus the reduced ones, ``is_reduced=True``); rank k > 0 writes
 ``<run dir>/ranks/rank<k>/``. Every rank serves its own Prometheus endpoint (base port +
-local rank) with its rank label. Ranks heartbeat into ``<run dir>/heartbeats/``; rank 0
-watches them and raises a ``rank_missing`` health alert when one goes silent.
+local rank) with its rank label. Ranks heartbeat into ``<run dir>/heartbeats/`` (an epoch
+beat, and a pulse every ``heartbeat_timeout_s / 6`` from a thread); rank 0 watches them and
+raises a ``rank_missing`` health alert naming a rank whose pulse stopped, and the launcher
+ends the job when one stays silent for ``heartbeat_timeout_s`` (a hung rank never leaves the
+others waiting forever; collectives also time out after ``collective_timeout_s``).
 """
 
 from __future__ import annotations
@@ -57,7 +60,16 @@ def run_ranks(
     ``serve_after``: seconds each rank keeps its Prometheus endpoint up after training."""
     if base.run_id is None:
         raise ValueError("run_ranks needs base.run_id: every rank reports under the same run")
-    return spawn(_rank_main, cfg.nproc, (cfg, base, serve_after), num_threads=cfg.num_threads, timeout_s=timeout_s)
+    heartbeats = Path(base.out_dir or ".") / base.run_id / "heartbeats"
+    return spawn(
+        _rank_main,
+        cfg.nproc,
+        (cfg, base, serve_after),
+        num_threads=cfg.num_threads,
+        timeout_s=timeout_s,
+        collective_timeout_s=cfg.collective_timeout_s,
+        watch=(heartbeats, cfg.heartbeat_timeout_s),
+    )
 
 
 __all__ = ["RankWatch", "rank_config", "run_ranks"]

@@ -1,0 +1,77 @@
+"""DDP that ends: a hung rank (SIGSTOP) is named alone, and the job ends within a bound.
+A Prometheus port in use is a one-line error before any run dir exists."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from karn_otel.contracts import HealthAlert
+from karn_otel.sinks.runlog import read_run
+
+HEARTBEAT_TIMEOUT = 4.0
+
+
+def _heartbeat(run_dir: Path, rank: int) -> dict | None:
+    try:
+        return json.loads((run_dir / "heartbeats" / f"rank{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_alone_and_the_job_ends(tmp_path):
+    cmd = [sys.executable, "-m", "karn_otel.cli", "run", "--nproc", "2", "--epochs", "200", "--no-live",
+           "--out", str(tmp_path), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        run_dir = hb = None
+        while time.monotonic() < deadline:
+            dirs = [d for d in tmp_path.iterdir() if d.is_dir()]
+            if dirs:
+                run_dir = dirs[0]
+                hb = _heartbeat(run_dir, 1)
+                if hb is not None and hb["epoch"] >= 2:
+                    break
+            time.sleep(0.2)
+        assert hb is not None and hb["epoch"] >= 2, "rank 1 never reached epoch 2"
+        os.kill(hb["pid"], signal.SIGSTOP)
+        stopped = time.monotonic()
+        out, err = proc.communicate(timeout=HEARTBEAT_TIMEOUT + 60)
+        ended_after = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out + err
+    assert "rank 1 stopped responding" in err and "rank 0 stopped" not in err, err
+    # bound: the timeout, plus one supervisor poll and the ranks' termination
+    assert ended_after < HEARTBEAT_TIMEOUT + 15, ended_after
+    alerts = [e.payload for e in read_run(run_dir).events if isinstance(e.payload, HealthAlert)]
+    missing = [a for a in alerts if a.check == "rank_missing"]
+    assert missing, [a.check for a in alerts]
+    assert all("rank 1 " in a.message and "rank 0" not in a.message for a in missing), [a.message for a in missing]
+
+
+def test_a_busy_prometheus_port_is_one_line_and_leaves_no_run_dir(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run(
+            [sys.executable, "-m", "karn_otel.cli", "run", "--epochs", "1", "--out", str(tmp_path / "runs"),
+             "--prometheus-port", str(port), "--no-live"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and f"127.0.0.1:{port} is in use" in p.stderr, p.stderr
+    assert not (tmp_path / "runs").exists()
