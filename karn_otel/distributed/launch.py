@@ -1,7 +1,9 @@
 """The single-node launcher: :func:`spawn` runs a function on N local ranks (``karn run --nproc N``).
 
 Each child gets the launcher environment (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``,
-``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT``), joins a process group and runs the
+``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT`` for code that reads them), joins a process
+group through a file store in the launcher's private temporary directory (no rendezvous
+socket on any interface; gloo's own connections are pinned to loopback) and runs the
 function; the parent supervises: the first failure is named, the ranks left waiting for it
 get a grace period and are then terminated. No torch at import: the process group and the
 spawn context come from :mod:`karn_otel.torch.collectives`, imported when a job starts.
@@ -129,7 +131,14 @@ def _child_main(
     code = 0
     try:
         # num_threads: N ranks x all cores each would oversubscribe.
-        collectives.init_process_group(backend, rank, nproc, timeout_s=collective_timeout_s, num_threads=num_threads)
+        collectives.init_process_group(
+            backend,
+            rank,
+            nproc,
+            timeout_s=collective_timeout_s,
+            num_threads=num_threads,
+            store_path=str(Path(error_dir, "rendezvous")),  # a FileStore: no TCP listener on any interface
+        )
         fn(RankInfo(rank, nproc, rank), *args)
     except SystemExit as exc:  # fn chose its exit code
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -60,19 +60,30 @@ def all_gather_objects(obj: object, group: Any = None) -> list[object]:
 
 
 def init_process_group(
-    backend: str, rank: int, world_size: int, *, timeout_s: float | None = None, num_threads: int | None = None
+    backend: str,
+    rank: int,
+    world_size: int,
+    *,
+    timeout_s: float | None = None,
+    num_threads: int | None = None,
+    store_path: str | None = None,
 ) -> None:
-    """Join the default process group (rendezvous from MASTER_ADDR / MASTER_PORT).
+    """Join the default process group.
 
+    The rendezvous is a ``FileStore`` at ``store_path`` when given (single node: no TCP
+    listener at all — torch's TCPStore server listens on every interface, whatever
+    MASTER_ADDR says), else MASTER_ADDR / MASTER_PORT (multi-node; docs/reliability.md).
     ``num_threads`` sets torch's intra-op threads first (N ranks x all cores each would
     oversubscribe); ``timeout_s`` is the group's collective timeout (None: torch's default).
     """
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    kwargs: dict[str, Any] = {"rank": rank, "world_size": world_size}
     if timeout_s:
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    else:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    if store_path is not None:
+        kwargs["store"] = dist.FileStore(store_path, world_size)
+    dist.init_process_group(backend, **kwargs)
 
 
 def destroy_process_group() -> None:

@@ -75,3 +75,63 @@ def test_a_busy_prometheus_port_is_one_line_and_leaves_no_run_dir(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and f"127.0.0.1:{port} is in use" in p.stderr, p.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def _listening(pids: set[int]) -> list[str]:
+    """Local addresses of the TCP sockets in LISTEN state that belong to ``pids``."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
+                out.append(f[1])
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    out, frontier = {pid}, [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for c in map(int, children):
+            if c not in out:
+                out.add(c)
+                frontier.append(c)
+    return out
+
+
+@pytest.mark.slow
+def test_ddp_ranks_listen_on_loopback_only(tmp_path):
+    cmd = [sys.executable, "-m", "karn_otel.cli", "run", "--nproc", "2", "--epochs", "200", "--no-live",
+           "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            dirs = [d for d in tmp_path.iterdir() if d.is_dir()]
+            if dirs and (hb := _heartbeat(dirs[0], 1)) is not None and hb["epoch"] >= 1:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the ranks never reached epoch 1")
+        addrs = _listening(_descendants(proc.pid))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    loopback = ("0100007F:", "00000000000000000000000001000000:")  # 127.0.0.1, ::1 (as /proc/net writes them)
+    assert all(a.startswith(loopback) for a in addrs), addrs
