@@ -82,6 +82,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     "unknown_slot",
     "unknown_event_type",
     "schema_version",
+    "reserved_event_type",
     "derived_budget",
 )
 """Every reason the collector and pipeline reject an event for (tests/sinks/test_otel.py reads
@@ -127,8 +128,8 @@ _SOURCE_LIST = (
     Source(
         "lifecycle",
         (),
-        "the episode's progress: 0 from `EpisodeContext` until `EpisodeSummary`, then 1 for the rest of the "
-        "endpoint's life",
+        "the episode's progress, from `EpisodeContext` on (none before): `complete` 0 until `EpisodeSummary`, "
+        "then 1 for the rest of the endpoint's life; `stopped` 1 once Karn shut down with the episode open",
     ),
     Source("summary", (), "the `EpisodeSummary` (once the episode has ended)"),
     Source("analytics", (), "`MorphogeneticAnalytics` over the collector's store"),
@@ -436,6 +437,14 @@ METRICS: tuple[MetricDef, ...] = (
         "complete",
         "1 once the latest episode ended (held until the process exits), 0 while it is open. "
         "KarnRankMissing pages only for a rank that vanished at 0.",
+    ),
+    _g(
+        "karn.episode.stopped",
+        "1",
+        "lifecycle",
+        "stopped",
+        "1 when Karn was shut down with the episode still open (an error, Ctrl-C, a launcher stopping the rank), "
+        "else 0: the rank said goodbye, so KarnRankMissing does not page for it.",
     ),
     # --- MorphogeneticAnalytics: is morphogenesis winning?
     _g(

@@ -12,28 +12,35 @@ One source of truth. Every check of :data:`karn_otel.health.CHECKS` becomes one 
 :data:`karn_otel.health.DEFAULT_THRESHOLDS`. Metric names come from
 :mod:`karn_otel.metrics_registry`, so a renamed metric regenerates into the rules.
 
-How a check fires, and why this way:
+How a check fires, and why this way. A check's status lasts one epoch (or one PPO update),
+often shorter than a scrape plus a ``for:`` hold, so a rule on the status alone never fires
+for a one-epoch anomaly. Each health alert therefore fires on any of three terms, aggregated
+``by (run_id, rank, world_size, check)`` so one anomaly is one alert:
 
-1. **The HealthMonitor's verdict** ``karn_health_status{check="..."} > 0``. Karn exports each
-   check's *current* severity from the monitor that runs in the training process (the OTel
-   sink reads ``HealthMonitor.report()``), so the rule is exactly the monitor's logic: the
-   rolling mean/median windows over *epochs* behind ``loss_spike`` and
-   ``gradient_explosion``, the previous epoch's accuracy behind ``accuracy_drop``, per-head
-   entropy floors (10% of log(n) when ``KarnConfig.policy_head_sizes`` is set), the
-   Var(V)/Var(R) reconstruction behind ``value_collapse``, and non-finite values (which the
-   OTel SDK refuses to export, so PromQL could never see a NaN loss). PromQL over *time*
-   cannot reproduce epoch windows, so this is the only faithful source for the host checks.
-   It also resolves by itself when a check recovers.
-2. **A raw-metric fallback with the thresholds inlined**, for the checks a single sample can
+1. **The event stream**: ``karn_health_alerts_total{check="..."}`` grew within
+   :data:`HOLD` (``increase``), or its series is new within HOLD and already above 0 (a rank
+   whose first scrape came after its first alert). The sink exports every (check, severity)
+   pair at 0 from the start, so the first alert of each kind is an increase. The monitor's
+   alerts are edge-triggered and judged over *epochs* (rolling means, the previous epoch's
+   accuracy, per-head entropy floors, the Var(V)/Var(R) reconstruction), so this is exactly
+   the monitor's verdict, however short. No ``for:``: the alert fires at the first
+   evaluation after the scrape that saw the increment (two intervals at most) and resolves
+   by itself HOLD after the last alert.
+2. **The held state** ``karn_health_status{check="..."} > 0``: a check still failing keeps
+   its alert firing past HOLD, and resolves when the check recovers.
+3. **A raw-metric fallback with the thresholds inlined**, for the checks a single sample can
    decide (the PPO checks and isolation leakage): e.g. ``karn_ppo_entropy < 0.1``. It only
    applies to ranks that export no status for that check (``unless on (run_id, rank)
    karn_health_status{...}``): a process configured without the monitor
-   (``configure(processors=False)``), or another exporter of the same metrics. Where the
-   monitor reports, its verdict wins, so the two never disagree or double-notify.
+   (``configure(processors=False)``), or another exporter of the same metrics.
 
-Two more alerts watch Karn itself: ``KarnRankMissing`` (a rank's series vanished mid-episode
-or while other ranks of its run still report) and ``KarnTelemetryDropping`` (events dropped by
-a sink, or failed OTLP exports).
+Karn's own alerts: ``KarnRankMissing`` (a rank's series vanished while its episode was open:
+its last ``karn_episode_complete`` was 0 and it said no goodbye, ``karn_episode_stopped``; a
+rank that finished exports 1 and stays up for a final scrape, so it is never paged), ``KarnTelemetryDropping`` (events dropped by a sink, or
+failed OTLP exports) and ``KarnWatchdog`` (always firing: the alerting pipeline is alive).
+
+Every alert carries ``runbook_url`` (a section of docs/alerts.md), a dashboard link and a
+Grafana Explore link to the run's traces in Tempo.
 
 Imports neither torch nor opentelemetry.
 """
@@ -55,14 +62,21 @@ RULES_PATH = Path(__file__).resolve().parents[1] / "stack" / "prometheus" / "rul
 GRAFANA_URL = "http://127.0.0.1:3000"
 """Where docker-compose.yml publishes Grafana; the alerts link to its dashboards."""
 
-FOR = {Severity.CRITICAL: "30s", Severity.WARNING: "1m", Severity.INFO: "5m"}
-"""``for:`` per severity. Karn's gauges hold the latest epoch's or update's value, so a
-failing check stays failing until the next one; ``for`` only guards against a single
-unlucky evaluation, and critical checks (the run's numbers are already invalid) page
-within half a minute."""
+HOLD = "5m"
+"""How long a health alert stays firing after the last HealthAlert event of its check (the
+``increase`` window); a check still failing keeps it firing through its status."""
+EVALUATION_INTERVAL = "15s"
+"""stack/prometheus/prometheus.yml's scrape and evaluation interval, which the windows assume."""
+RUNBOOK_BASE = "docs/alerts.md"
+"""Where the runbooks live: ``runbook_url`` is ``RUNBOOK_BASE#<alert name, lower case>``.
+Regenerate with ``--runbook-base https://.../docs/alerts.md`` to point at hosted docs."""
+TEMPO_UID = "karn-tempo"
+"""The Tempo data source's uid (stack/grafana/provisioning/datasources/datasources.yaml)."""
 
 LOOKBACK = "30m"
 """How long a vanished rank stays reported as missing (a rule cannot see series older than this)."""
+RANK_MISSING_FOR = "1m"
+"""How long a rank must be gone before it is paged: longer than a scrape that times out once."""
 DROP_WINDOW = "5m"
 
 # Alert names: CamelCase of the check name, with these words spelled as acronyms.
@@ -176,6 +190,37 @@ def _dashboard_link(uid: str) -> str:
     return f"{GRAFANA_URL}/d/{uid}?var-run_id={{{{ $labels.run_id }}}}&var-rank={{{{ $labels.rank }}}}"
 
 
+def runbook_url(alert: str, base: str = RUNBOOK_BASE) -> str:
+    """The alert's section of docs/alerts.md (its heading is the alert name)."""
+    return f"{base}#{alert.lower()}"
+
+
+def explore_link(rank: bool = True) -> str:
+    """Grafana Explore on Tempo with a TraceQL search for the run's (and rank's) traces.
+
+    The pane JSON is percent-encoded here; the labels are filled in by Prometheus' template,
+    escaped with Go's ``urlquery``.
+    """
+    from urllib.parse import quote
+
+    # TraceQL { resource.karn.run_id = "<run>" && resource.karn.rank = <k> } inside a JSON string.
+    pieces: list[tuple[bool, str]] = [
+        (
+            False,
+            '{"karn":{"datasource":"' + TEMPO_UID + '","queries":[{"refId":"A",'
+            '"datasource":{"type":"tempo","uid":"' + TEMPO_UID + '"},"queryType":"traceql",'
+            '"query":"{ resource.karn.run_id = \\"',
+        ),
+        (True, "{{ $labels.run_id | urlquery }}"),
+        (False, '\\"'),
+    ]
+    if rank:
+        pieces += [(False, " && resource.karn.rank = "), (True, "{{ $labels.rank | urlquery }}")]
+    pieces.append((False, ' }"}],"range":{"from":"now-6h","to":"now"}}}'))
+    panes = "".join(text if template else quote(text, safe="") for template, text in pieces)
+    return f"{GRAFANA_URL}/explore?schemaVersion=1&panes={panes}"
+
+
 def _where() -> str:
     return "run {{ $labels.run_id }} rank {{ $labels.rank }}"
 
@@ -183,11 +228,21 @@ def _where() -> str:
 def health_rule(
     spec: CheckSpec, t: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mapping[str, int] | None = None
 ) -> Rule:
-    """The alert of one HealthMonitor check: its verdict, else the raw-metric fallback."""
+    """The alert of one HealthMonitor check: its alert events or its status, else the raw-metric fallback."""
     status = _m("karn.health.status")
     value = _m("karn.health.value")
+    alerts = _m("karn.health.alerts")
     sel = f'{status}{{check="{spec.name}"}}'
-    expr = [f"{sel} > 0"]
+    events = f'{alerts}{{check="{spec.name}", severity!="ok"}}'
+    expr = [
+        "max by (run_id, rank, world_size, check) (",
+        f"    increase({events}[{HOLD}]) > 0",
+        "  or",
+        f"    ({events} > 0 unless {events} offset {HOLD})",
+        "  or",
+        f"    {sel} > 0",
+        ")",
+    ]
     raw = _fallback(spec.name, t, head_sizes)
     if raw is not None:
         expr += ["or", "("]
@@ -202,65 +257,63 @@ def health_rule(
     query = f'printf "{value}{{check=%q,run_id=%q,rank=%q}}" "{spec.name}" $labels.run_id $labels.rank | query'
     latest = (
         f'{{{{ with {query} }}}}Latest value: {{{{ . | first | value | printf "%.4g" }}}}.'
-        '{{ else }}No finite value from a HealthMonitor on this rank; alert value {{ $value | printf "%.4g" }}.{{ end }}'
+        "{{ else }}No finite value from a HealthMonitor on this rank.{{ end }}"
     )
+    name = alert_name(spec.name)
     return Rule(
-        alert=alert_name(spec.name),
+        alert=name,
         expr=expr,
-        for_=FOR[spec.severity],
+        for_="0s",
         labels={"severity": spec.severity.value, "check": spec.name},
         annotations={
             "summary": f"{spec.summary[0].upper()}{spec.summary[1:]} ({_where()})",
             "description": (
-                f"Karn health check {spec.name} is failing on {_where()}; it fails when the value is "
-                f"{_threshold_text(spec, t)}. {latest}"
+                f"Karn health check {spec.name} failed on {_where()}; it fails when the value is "
+                f"{_threshold_text(spec, t)}. {latest} The alert holds for {HOLD} after the check's last "
+                "alert, and while the check is still failing."
             ),
             "dashboard": _dashboard_link(dashboard),
+            "explore": explore_link(),
+            "runbook_url": runbook_url(name),
         },
     )
 
 
 def rank_missing_rule() -> Rule:
-    """A rank's series vanished while its episode was still open, or while other ranks of its run still report.
+    """A rank's series vanished while its episode was open (its last ``karn_episode_complete`` was 0)
+    without a goodbye (its last ``karn_episode_stopped`` was not 1).
 
-    A clean finish is told apart from a crash by the last values Prometheus saw: a rank that
-    finished its episode last reported ``karn_host_epoch == karn_episode_max_epochs``.
+    A rank that finished exports ``karn_episode_complete 1`` and its embedded endpoint stays up
+    for a final scrape, so a finished rank is never missing, however long before the other
+    ranks it finished. A rank whose process shut Karn down with the episode open (an error,
+    Ctrl-C, the launcher stopping it after its peer died) exports ``karn_episode_stopped 1``
+    in that final scrape: it is not missing either, the rank that took it down is. A rank that
+    vanished before it ever reported an episode has nothing to be missing from.
     """
-    accepted = _m("karn.telemetry.events.accepted")
-    epoch, max_epochs = _m("karn.host.epoch"), _m("karn.episode.max_epochs")
+    accepted, complete = _m("karn.telemetry.events.accepted"), _m("karn.episode.complete")
+    stopped = _m("karn.episode.stopped")
     lb = LOOKBACK
+    name = "KarnRankMissing"
     return Rule(
-        alert="KarnRankMissing",
+        alert=name,
         expr=[
-            "(",
-            f"  max by (run_id, rank, world_size) (present_over_time({accepted}[{lb}]))",
-            f"  unless on (run_id, rank) {accepted}",
-            ")",
-            "and on (run_id, rank)",
-            "(",
-            f"    max by (run_id, rank) (last_over_time({max_epochs}[{lb}]))",
-            "    > on (run_id, rank)",
-            "    (",
-            f"        max by (run_id, rank) (last_over_time({epoch}[{lb}]))",
-            "      or",
-            f"        0 * max by (run_id, rank) (last_over_time({max_epochs}[{lb}]))",
-            "    )",
-            "  or",
-            f"    max by (run_id, rank) (present_over_time({accepted}[{lb}]))",
-            f"    and on (run_id) group by (run_id) ({accepted})",
-            ")",
+            f"max by (run_id, rank, world_size) (last_over_time({complete}[{lb}])) == 0",
+            f"unless on (run_id, rank) (max by (run_id, rank) (last_over_time({stopped}[{lb}])) == 1)",
+            f"unless on (run_id, rank) {complete}",
+            f"unless on (run_id, rank) {accepted}",
         ],
-        for_="1m",
+        for_=RANK_MISSING_FOR,
         labels={"severity": Severity.CRITICAL.value},
         annotations={
             "summary": "Karn rank {{ $labels.rank }} of run {{ $labels.run_id }} stopped reporting",
             "description": (
                 "Rank {{ $labels.rank }} of run {{ $labels.run_id }} (world size {{ $labels.world_size }}) stopped "
-                "reporting Karn metrics before its episode ended, or while other ranks of the run still report: "
-                "the process crashed or was killed, or its endpoint is unreachable. "
-                f"Reported for up to {lb} after the rank vanished."
+                "reporting Karn metrics while its episode was still open, without shutting Karn down: the process "
+                f"was killed or crashed, or its endpoint is unreachable. Reported for up to {lb} after the rank vanished."
             ),
             "dashboard": f"{GRAFANA_URL}/d/{_RANKS_DASHBOARD}?var-run_id={{{{ $labels.run_id }}}}",
+            "explore": explore_link(),
+            "runbook_url": runbook_url(name),
         },
     )
 
@@ -268,14 +321,16 @@ def rank_missing_rule() -> Rule:
 def telemetry_dropping_rule() -> Rule:
     """Events dropped by a sink or failed OTLP exports in the last DROP_WINDOW.
 
-    A drop counter series only appears once something was dropped, and ``increase`` cannot
-    see a series' first sample, so a series that is new within the window counts with its
-    whole value (that term comes first: ``or`` keeps the left side of equal label sets).
+    The sink exports every drop counter it knows at 0 from the start, and ``increase`` sees
+    from there; a series that is new within the window (another exporter, a sink added later)
+    counts with its whole value (that term comes first: ``or`` keeps the left side of equal
+    label sets).
     """
     dropped, failures = _m("karn.telemetry.events.dropped"), _m("karn.telemetry.export.failures")
     w = DROP_WINDOW
+    name = "KarnTelemetryDropping"
     return Rule(
-        alert="KarnTelemetryDropping",
+        alert=name,
         expr=[
             "sum by (run_id, rank, world_size) (",
             f"    ({dropped} unless {dropped} offset {w})",
@@ -297,6 +352,28 @@ def telemetry_dropping_rule() -> Rule:
                 "Training is unaffected; the run log is the source of truth."
             ),
             "dashboard": f"{GRAFANA_URL}/d/{_RANKS_DASHBOARD}?var-run_id={{{{ $labels.run_id }}}}",
+            "explore": explore_link(),
+            "runbook_url": runbook_url(name),
+        },
+    )
+
+
+def watchdog_rule() -> Rule:
+    """Always firing: proof that Prometheus evaluates rules and Alertmanager delivers them."""
+    name = "KarnWatchdog"
+    return Rule(
+        alert=name,
+        expr=["vector(1)"],
+        for_="0s",
+        labels={"severity": "none"},
+        annotations={
+            "summary": "The Karn alerting pipeline is alive (this alert always fires)",
+            "description": (
+                "Always firing. When it stops arriving, Prometheus is not evaluating Karn's rules or "
+                "Alertmanager is not delivering them: no other Karn alert can reach you either."
+            ),
+            "dashboard": f"{GRAFANA_URL}/d/{_RANKS_DASHBOARD}",
+            "runbook_url": runbook_url(name),
         },
     )
 
@@ -307,7 +384,7 @@ def rules(
     """``{group name: rules}``: one alert per HealthMonitor check, then Karn's own."""
     return {
         "karn-health": [health_rule(spec, thresholds, head_sizes) for spec in CHECKS],
-        "karn-telemetry": [rank_missing_rule(), telemetry_dropping_rule()],
+        "karn-telemetry": [rank_missing_rule(), telemetry_dropping_rule(), watchdog_rule()],
     }
 
 
@@ -319,8 +396,12 @@ def _q(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def render(thresholds: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mapping[str, int] | None = None) -> str:
-    """The full text of the rules file."""
+def render(
+    thresholds: HealthThresholds = DEFAULT_THRESHOLDS,
+    head_sizes: Mapping[str, int] | None = None,
+    runbook_base: str = RUNBOOK_BASE,
+) -> str:
+    """The full text of the rules file (``runbook_base``: where docs/alerts.md is published)."""
     out = [
         "# Karn alert rules. Generated by `python -m karn_otel.stack_rules --write` from",
         "# karn_otel/health.py (CHECKS, HealthThresholds defaults) and karn_otel/metrics_registry.py.",
@@ -340,7 +421,10 @@ def render(thresholds: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mappin
             out.append("        labels:")
             out += [f"          {k}: {_q(v)}" for k, v in r.labels.items()]
             out.append("        annotations:")
-            out += [f"          {k}: {_q(v)}" for k, v in r.annotations.items()]
+            for k, v in r.annotations.items():
+                if k == "runbook_url":
+                    v = runbook_url(r.alert, runbook_base)
+                out.append(f"          {k}: {_q(v)}")
     return "\n".join(out) + "\n"
 
 
@@ -368,11 +452,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also give the raw entropy fallback per-head floors (as KarnConfig.policy_head_sizes does for the "
         "monitor), e.g. op=4,slot=3,blueprint=3,blend=2; the committed file uses the monitor's defaults (none)",
     )
+    ap.add_argument(
+        "--runbook-base",
+        default=RUNBOOK_BASE,
+        metavar="URL",
+        help=f"where docs/alerts.md is published, for every alert's runbook_url (default {RUNBOOK_BASE})",
+    )
     args = ap.parse_args(argv)
     from karn_otel.generated import write_or_check
 
     return write_or_check(
-        render(DEFAULT_THRESHOLDS, args.head_sizes),
+        render(DEFAULT_THRESHOLDS, args.head_sizes, args.runbook_base),
         args.path,
         write=args.write,
         check=args.check,

@@ -9,6 +9,7 @@ them are skipped with that reason; nothing else is ever skipped.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -288,24 +289,58 @@ def webhook():
 # --------------------------------------------------------------------------- configs for tests
 
 
-def rules_for_tests(src: Path, dest: Path, for_: str = "1s") -> Path:
-    """A copy of the real rules file with every ``for:`` shortened to ``for_``, nothing else changed."""
+SHIPPED_INTERVAL_S = 15.0  # stack/prometheus/prometheus.yml: scrape_interval, evaluation_interval
+TEST_INTERVAL_S = 1.0
+TIME_SCALE = TEST_INTERVAL_S / SHIPPED_INTERVAL_S
+"""The tests run Prometheus at 1 s intervals instead of the shipped 15 s, and scale every duration
+of the committed rules by the same factor (``for: 1m`` -> 4 s, ``[5m]`` -> 20 s): the rules behave
+exactly as shipped, 15 times faster."""
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h)")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def scale_duration(text: str, factor: float = TIME_SCALE) -> str:
+    """``"5m"`` -> ``"20s"`` at factor 1/15: a Prometheus duration, scaled, in whole milliseconds."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise ValueError(f"not a simple Prometheus duration: {text!r}")
+    ms = round(int(m.group(1)) * _SECONDS[m.group(2)] * factor * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def _scale_expr(expr: str, factor: float) -> str:
+    """Every range ``[d]`` and ``offset d`` of a PromQL expression, scaled."""
+    expr = re.sub(r"\[(\d+(?:ms|s|m|h))\]", lambda m: f"[{scale_duration(m.group(1), factor)}]", expr)
+    return re.sub(r"offset (\d+(?:ms|s|m|h))", lambda m: f"offset {scale_duration(m.group(1), factor)}", expr)
+
+
+def rules_for_tests(src: Path, dest: Path, factor: float = TIME_SCALE) -> Path:
+    """A copy of the real rules file with every duration (``for:``, ranges, offsets) scaled by ``factor``.
+
+    Checked: nothing else differs (scaling back the copy's durations gives the original rules).
+    """
     original = yaml.safe_load(src.read_text())
     copy = yaml.safe_load(src.read_text())
     for group in copy["groups"]:
         for rule in group["rules"]:
             if "for" in rule:
-                rule["for"] = for_
+                rule["for"] = scale_duration(rule["for"], factor)
+            rule["expr"] = _scale_expr(rule["expr"], factor)
 
-    def without_for(doc: dict) -> dict:
+    def durations_as_ms(doc: dict, factor: float) -> dict:
+        def ms(text: str) -> str:
+            return _DURATION.sub(lambda m: f"<{round(int(m.group(1)) * _SECONDS[m.group(2)] * factor * 1000)}ms>", text)
+
         return {
             **doc,
             "groups": [
-                {**g, "rules": [{k: v for k, v in r.items() if k != "for"} for r in g["rules"]]} for g in doc["groups"]
+                {**g, "rules": [{**r, "for": ms(r.get("for", "0s")), "expr": ms(r["expr"])} for r in g["rules"]]}
+                for g in doc["groups"]
             ],
         }
 
-    assert without_for(copy) == without_for(original), "only the for: durations may differ from the real rules"
+    assert durations_as_ms(copy, 1) == durations_as_ms(original, factor), "only the durations may differ"
     dest.write_text(yaml.safe_dump(copy, sort_keys=False))
     return dest
 

@@ -56,7 +56,9 @@ REQUIRED_ALERTS = {
     "KarnAccuracyDrop",
     "KarnRankMissing",
     "KarnTelemetryDropping",
+    "KarnWatchdog",
 }
+ALERTS_MD = REPO / "docs" / "alerts.md"
 DASHBOARD_VARIABLES = {"run_id", "rank", "__rate_interval", "__interval", "__range"}
 REQUIRED_DASHBOARDS = {"karn-training", "karn-policy", "karn-gradients", "karn-ranks"}
 REQUIRED_SERVICES = {"otel-collector", "prometheus", "tempo", "grafana", "alertmanager"}
@@ -164,10 +166,20 @@ def test_one_alert_per_health_check_plus_karns_own():
         r = by_alert[stack_rules.alert_name(spec.name)]
         assert r["labels"]["check"] == spec.name
         assert r["labels"]["severity"] == spec.severity.value
-        assert f'karn_health_status{{check="{spec.name}"}} > 0' in r["expr"], "the HealthMonitor's verdict"
+        assert f'karn_health_status{{check="{spec.name}"}} > 0' in r["expr"], "the HealthMonitor's held verdict"
+        events = f'karn_health_alerts_total{{check="{spec.name}", severity!="ok"}}'
+        assert f"increase({events}[{stack_rules.HOLD}]) > 0" in r["expr"], "the alert events, however short"
+        assert f"{events} offset {stack_rules.HOLD}" in r["expr"], "a series first seen above 0 counts"
+        assert r["for"] == "0s", "an event lasts one epoch: no for:"
     for r in rules():
         assert re.fullmatch(r"\d+[smh]", r["for"]), r["alert"]
+        if r["alert"] == "KarnWatchdog":
+            assert r["expr"] == "vector(1)" and r["labels"]["severity"] == "none"
+            continue
         assert r["labels"]["severity"] in ("warning", "critical")
+        explore = r["annotations"]["explore"]
+        assert explore.startswith("http://127.0.0.1:3000/explore?") and "karn-tempo" in explore
+        assert "{{ $labels.run_id | urlquery }}" in explore, "the run's traces"
         for key in ("summary", "description"):
             assert "$labels.run_id" in r["annotations"][key] and "$labels.rank" in r["annotations"][key], (
                 r["alert"],
@@ -202,7 +214,7 @@ def test_rule_thresholds_are_the_health_monitors():
 def test_every_metric_a_rule_names_is_exported_by_karn():
     for r in rules():
         names = karn_metric_names(r["expr"])
-        assert names, r["alert"]
+        assert names or r["alert"] == "KarnWatchdog", r["alert"]
         assert names <= PROM_NAMES, (r["alert"], names - PROM_NAMES)
 
 
@@ -227,7 +239,27 @@ def test_rule_unit_tests_have_a_firing_and_a_quiet_case_for_every_rule():
             (fires if case.get("exp_alerts") else quiet).add(case["alertname"])
     names = {r["alert"] for r in rules()}
     assert names <= fires, f"no firing case for {names - fires}"
-    assert names <= quiet, f"no must-not-fire case for {names - quiet}"
+    always = {"KarnWatchdog"}  # fires by design
+    assert names - always <= quiet, f"no must-not-fire case for {names - always - quiet}"
+
+
+def test_every_alert_has_a_runbook_section():
+    """runbook_url is a section of docs/alerts.md that says what it means, what to look at, what fixes it."""
+    text = ALERTS_MD.read_text()
+    sections = dict(re.findall(r"^## (Karn\w+)\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S))
+    for r in rules():
+        url = r["annotations"]["runbook_url"]
+        assert url == f"docs/alerts.md#{r['alert'].lower()}", (r["alert"], url)
+        body = sections.get(r["alert"])
+        assert body, f"docs/alerts.md has no '## {r['alert']}' section"
+        for part in ("**What it means.**", "**Look first.**", "**Usually fixes it.**"):
+            assert part in body, (r["alert"], part)
+
+
+def test_rank_missing_is_about_an_open_episode_only():
+    [r] = [r for r in rules() if r["alert"] == "KarnRankMissing"]
+    assert "karn_episode_complete" in r["expr"] and "== 0" in r["expr"]
+    assert "karn_host_epoch" not in r["expr"], "a rank that finished before another is not missing"
 
 
 # --------------------------------------------------------------------------- Prometheus, Alertmanager
@@ -272,6 +304,20 @@ def test_alertmanager_groups_by_alert_and_run_and_posts_to_a_webhook():
     receivers = {r["name"]: r for r in cfg["receivers"]}
     hooks = receivers[cfg["route"]["receiver"]]["webhook_configs"]
     assert hooks and all(h["url"].startswith("http") and h["send_resolved"] for h in hooks)
+    watchdog = [r for r in cfg["route"]["routes"] if r["matchers"] == ['alertname="KarnWatchdog"']]
+    assert watchdog and watchdog[0]["repeat_interval"] == "5m", "the watchdog arrives often"
+
+
+def test_inhibition_only_silences_related_alerts():
+    """Every inhibit rule names its source and target alerts and keeps to one run and rank."""
+    names = {r["alert"] for r in rules()}
+    for rule in load_yaml(ALERTMANAGER_YML)["inhibit_rules"]:
+        assert set(rule["equal"]) >= {"run_id", "rank"}, rule
+        for side in ("source_matchers", "target_matchers"):
+            [m] = rule[side]
+            found = re.fullmatch(r'alertname=~?"([\w|]+)"', m)
+            assert found, (side, m)
+            assert set(found.group(1).split("|")) <= names - {"KarnWatchdog"}, m
 
 
 # --------------------------------------------------------------------------- dashboards
@@ -358,7 +404,7 @@ def test_alerts_link_to_existing_dashboards():
     grafana_port = load_yaml(COMPOSE)["services"]["grafana"]["ports"][0].split(":")[1]
     for r in rules():
         m = re.fullmatch(
-            r"http://127\.0\.0\.1:(\d+)/d/([\w-]+)\?var-run_id=\{\{ \$labels\.run_id \}\}.*",
+            r"http://127\.0\.0\.1:(\d+)/d/([\w-]+)(?:\?var-run_id=\{\{ \$labels\.run_id \}\}.*)?",
             r["annotations"]["dashboard"],
         )
         assert m and m.group(1) == grafana_port and m.group(2) in boards, (r["alert"], r["annotations"]["dashboard"])

@@ -20,7 +20,9 @@ Every counter has a series for each label combination Karn knows from the start,
 (every check with its severity, every controller operation, every rejection reason, every
 drop reason of the pipeline's own sinks), so ``increase()`` sees the first increment.
 ``karn.episode.complete`` is 0 while an episode is open and 1 once it ended, held for the
-rest of the process's life: a rank that finished is told apart from one that vanished.
+rest of the process's life; ``karn.episode.stopped`` is 1 when Karn shut down with the
+episode open (an error, Ctrl-C, a launcher stopping the rank). A rank that finished or said
+goodbye is told apart from one that vanished (killed, crashed, unreachable).
 """
 
 from __future__ import annotations
@@ -77,9 +79,9 @@ class MetricInstruments:
         p: Any = event.payload
         if et is ET.EPISODE_STARTED:
             self.reset_episode()
-            self._lifecycle = [(_Progress(0), {})]
+            self._lifecycle = [(_Progress(0, 0), {})]
         elif et is ET.EPISODE_ENDED:
-            self._lifecycle = [(_Progress(1), {})]
+            self._lifecycle = [(_Progress(1, 0), {})]
         if et is ET.HOST_SNAPSHOT and event.is_reduced:
             self._job_host = p  # job-wide: its own series (scope="job"), never this rank's
             return
@@ -94,6 +96,11 @@ class MetricInstruments:
             self._decisions[p.action.op.value] += 1
         elif et is ET.DENSE_TRACE:
             self._ledger.dense_windows += 1
+
+    def mark_stopped(self) -> None:
+        """Karn is shutting down: an episode still open was stopped (said goodbye), not lost."""
+        if self._lifecycle and not self._lifecycle[0][0].complete:
+            self._lifecycle = [(_Progress(0, 1), {})]
 
     def register(self, meter_provider: MeterProvider) -> None:
         """Create one observable instrument per registry metric on ``meter_provider``."""
@@ -224,6 +231,7 @@ class MetricInstruments:
 @dataclasses.dataclass(frozen=True)
 class _Progress:
     complete: int  # 0 while the episode is open, 1 once it ended
+    stopped: int  # 1 when Karn shut down with the episode still open
 
 
 def _walk(obj: Any, path: Sequence[str]) -> Any:

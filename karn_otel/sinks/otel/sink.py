@@ -128,6 +128,7 @@ class OTelSink:
         if self._closed:
             return
         self._closed = True
+        self._metrics.mark_stopped()  # an episode still open was stopped, not lost
         if self._endpoint is not None:
             self._endpoint.await_final_scrape(self.final_scrape_s)
         deadline = time.monotonic() + self._config.otel_shutdown_timeout_s
