@@ -165,9 +165,31 @@ class KarnCollector:
         mode every rejection raises :class:`TelemetryValidationError`.
         """
         with self._lock:
-            env = self._accept(event, epoch, is_reduced)
+            env = None
+            try:  # the per-step path, inlined: a simple payload, valid, in an open episode
+                plan = _PLANS.get(type(event))
+                if plan is not None and plan[3] and epoch is None and is_reduced is False and self._episode is not None:
+                    r = plan[1](event)
+                    if r is None or r is MAYBE_NONFINITE:
+                        ep = event.epoch if plan[2] else self._epoch
+                        slots = plan[4]
+                        if ep >= self._epoch and (slots is None or self._slot_ids.issuperset(slots(event))):
+                            d = self._template.copy()
+                            d["event_type"] = plan[0]
+                            d["episode_id"] = self._episode_id
+                            d["epoch"] = self._epoch = ep
+                            d["timestamp"] = _now()
+                            d["payload"] = event
+                            if r is None:
+                                d[FINITE_FLAG] = True
+                            env = _new_object(TelemetryEvent)
+                            _set_attr(env, "__dict__", d)
+            except Exception:
+                env = None  # _accept below checks again, and rejects with the reason
             if env is None:
-                return False
+                env = self._accept(event, epoch, is_reduced)
+                if env is None:
+                    return False
             ended = env.event_type is ET.EPISODE_ENDED
             try:
                 if ended:

@@ -70,7 +70,7 @@ class TelemetryStore:
         self._max_epochs = max_epoch_snapshots
         self._max_recent = max_recent_events
         # Accepted events per payload class (a type hashes in C; an enum member does not).
-        self._counts_by_class: dict[type, int] = {}
+        self._counts_by_class: dict[type, int] = dict.fromkeys(EVENT_TYPE_OF, 0)
         self.run_id: str | None = None
         self.rank = 0
         self.world_size = 1
@@ -102,20 +102,20 @@ class TelemetryStore:
 
         Dispatch is on the payload's class (``match``), so each branch sees its payload typed.
         """
-        epoch = event.epoch
         p = event.payload
         cls = type(p)
-        counts = self._counts_by_class
         if cls in _LOCK_FREE:
             # The per-step/per-batch path, without the lock: the pipeline is the only writer
             # (it holds the collector's lock), the scalars are merged by one C call (atomic
             # under the GIL), and readers copy under self._lock, so they see whole steps.
-            counts[cls] = counts.get(cls, 0) + 1
-            if epoch > self.epoch:
-                self.epoch = epoch
+            self._counts_by_class[cls] += 1
+            if event.epoch > self.epoch:
+                self.epoch = event.epoch
             if isinstance(p, Scalars):
                 self.scalars.update(p.values)
             return
+        epoch = event.epoch
+        counts = self._counts_by_class
         with self._lock:
             counts[cls] = counts.get(cls, 0) + 1
             self.run_id = event.run_id
@@ -227,12 +227,12 @@ class TelemetryStore:
     def counts(self) -> dict[str, int]:
         """Accepted events per event type (its string value)."""
         counts = _copy(self._counts_by_class)
-        return {_EVENT_TYPE_OF[cls].value: n for cls, n in counts.items()}
+        return {_EVENT_TYPE_OF[cls].value: n for cls, n in counts.items() if n}
 
     @property
     def event_counts(self) -> Counter[TelemetryEventType]:
         """Accepted events per event type."""
-        return Counter({_EVENT_TYPE_OF[cls]: n for cls, n in _copy(self._counts_by_class).items()})
+        return Counter({_EVENT_TYPE_OF[cls]: n for cls, n in _copy(self._counts_by_class).items() if n})
 
 
 T = TypeVar("T")
