@@ -89,6 +89,9 @@ _SIDE_FILE_TYPES = frozenset({TelemetryEventType.EPISODE_STARTED})
 _event_type_of = operator.attrgetter("event_type")
 _IOV_MAX = 1000
 
+if (C_HANDLED, C_REFUSED) != (1, 2):  # handle() stores into these slots by number (speed)
+    raise ImportError("runlog_format's counter layout changed; update RunLogSink.handle")
+
 DEFAULT_FLUSH_INTERVAL_S = 0.1
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 
@@ -147,7 +150,6 @@ class RunLogSink:
         self._wake = threading.Event()
         self._cv = threading.Condition()
         self._dropped: Counter[str] = Counter()
-        self._enqueued = 0  # events put in the queue (training thread)
         self._handled = 0  # events handed to handle() before close: enqueued + refused
         self._refused = 0  # handle-side drops (queue full)
         self._refused_seen = 0  # ... already turned into a sequence gap by the writer
@@ -233,29 +235,25 @@ class RunLogSink:
 
     def handle(self, event: TelemetryEvent) -> None:
         q = self._q
-        if len(q) >= self._max_queue:
-            if self._closed:
-                self._dropped["after_close"] += 1
-                return
-            if not self._room():
-                self._refused += 1
-                self._handled += 1
-                self._ctr[C_REFUSED] = self._refused
-                self._ctr[C_HANDLED] = self._handled
-                self._dropped["queue_full"] += 1
-                return
-        elif self._closed:
-            self._dropped["after_close"] += 1
+        if len(q) >= self._max_queue and not self._room():
+            self._refused += 1
+            self._handled += 1
+            ctr = self._ctr
+            ctr[2] = self._refused  # C_REFUSED
+            ctr[1] = self._handled  # C_HANDLED
+            self._dropped["queue_full"] += 1
             return
         n = self._handled + 1  # counted before the append: an interrupted handle over-reports
         self._handled = n
-        self._ctr[C_HANDLED] = n
+        self._ctr[1] = n  # C_HANDLED: one store into shared memory, the whole cost of durability
         q.append(event)
-        self._enqueued += 1
         if (
             len(q) >= self._wake_batch or event.event_type is TelemetryEventType.EPISODE_ENDED
         ) and not self._wake.is_set():
             self._wake.set()
+
+    def _handle_after_close(self, event: TelemetryEvent) -> None:
+        self._dropped["after_close"] += 1
 
     def _room(self) -> bool:
         """Backpressure: wait (bounded) for the writer to make room. False: drop."""
@@ -285,7 +283,7 @@ class RunLogSink:
     def flush(self, timeout: float | None = 10.0) -> None:
         """Block until everything handled so far is written and fsynced, or ``timeout``, or
         the disk has not answered for ``stall_timeout_s`` (then reported once; training goes on)."""
-        target = self._enqueued
+        target = self._handled - self._refused  # events put in the queue so far
         with self._cv:
             self._sync_target = max(self._sync_target, target)
         self._wake.set()
@@ -325,7 +323,8 @@ class RunLogSink:
         bound = self.shutdown_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + bound
         self.flush(timeout=max(0.0, deadline - time.monotonic()))
-        self._closed = True  # handle() now refuses (counted as after_close)
+        self._closed = True
+        self.handle = self._handle_after_close  # type: ignore[method-assign]  # refused and counted from now on
         with self._cv:
             self._final = dict(final or {})
         self._stop = True
@@ -360,8 +359,10 @@ class RunLogSink:
     # -- writer thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        # Wake twice per interval: what was queued is on disk within one interval even
+        # counting the write itself and a wait for the GIL.
         while True:
-            self._wake.wait(timeout=self.flush_interval_s)
+            self._wake.wait(timeout=self.flush_interval_s / 2)
             self._wake.clear()
             try:
                 self._check_file()
