@@ -37,7 +37,6 @@ import os
 import re
 import threading
 import time
-import zlib
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ from karn_otel.sinks.runlog_format import (
     Integrity,
     LiveCounter,
     Repair,
+    crc32,
     frame,
     read_counter,
     repair,
@@ -179,6 +179,7 @@ class RunLogSink:
             self._open()
         except OSError as exc:  # read-only or full at start: training goes on, everything counted
             self._fd = -1
+            self.counter.remove()  # nothing on disk to account for
             log.warning(
                 "Karn run log: cannot write %s (%s); events are dropped and counted",
                 self.run_dir,
@@ -421,7 +422,7 @@ class RunLogSink:
                 for buf, k, consumed in self._encode(batch):
                     if k:  # the block: its lines, the last one's "}\n" replaced by the frame
                         parts.append(memoryview(buf)[:-2])
-                        parts.append(frame(self._seq, k, zlib.crc32(buf)))
+                        parts.append(frame(self._seq, k, crc32(buf)))
                         n_lines += k
                     self._seq += consumed
                 n += len(batch)

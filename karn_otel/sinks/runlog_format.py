@@ -57,9 +57,24 @@ def frame(seq: int, n: int, crc: int) -> bytes:
     return _FRAME_FMT % (seq, n, crc)
 
 
+_CRC_PIECE = 5120  # zlib.crc32 releases the GIL above 5 KiB: a busy training thread would then
+# take it and the writer wait a whole switch interval (5 ms) to get it back, per block.
+
+
+def crc32(buf: bytes | bytearray | memoryview) -> int:
+    """CRC-32 of ``buf``, computed in pieces that keep the GIL (see ``_CRC_PIECE``)."""
+    if len(buf) <= _CRC_PIECE:
+        return zlib.crc32(buf)
+    view = memoryview(buf)
+    crc = 0
+    for i in range(0, len(view), _CRC_PIECE):
+        crc = zlib.crc32(view[i : i + _CRC_PIECE], crc)
+    return crc
+
+
 def frame_block(buf: bytes, seq: int, n: int) -> list[bytes | memoryview]:
     """``buf`` (``n`` JSON lines, the last ending in ``}\\n``) as writev parts with its frame."""
-    return [memoryview(buf)[:-2], frame(seq, n, zlib.crc32(buf))]
+    return [memoryview(buf)[:-2], frame(seq, n, crc32(buf))]
 
 
 # ---------------------------------------------------------------------- reading
@@ -419,6 +434,7 @@ __all__ = [
     "Integrity",
     "LiveCounter",
     "Repair",
+    "crc32",
     "frame",
     "frame_block",
     "read_counter",

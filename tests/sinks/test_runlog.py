@@ -277,6 +277,16 @@ def test_full_disk_costs_no_training_step(tmp_path):
     c.close()
 
 
+def test_a_run_dir_that_cannot_be_created_costs_nothing_and_is_counted(tmp_path, caplog):
+    (tmp_path / "file").write_text("not a directory")
+    sink = RunLogSink(tmp_path / "file", "r")
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off"), sinks=[sink])
+    assert c.emit(make_context()) and c.emit(host(epoch=1))
+    c.close()
+    assert "cannot write" in caplog.text
+    assert c.stats().dropped == {"RunLogSink:write_error": 2}
+
+
 class _LossySink:
     """A sink that loses events while it closes (as an OTLP exporter does at shutdown)."""
 
