@@ -85,12 +85,15 @@ from karn_otel.contracts import CounterfactualMatrix, CounterfactualResult, Shap
 
 __all__ = [
     "EXACT_ALGORITHM",
+    "KERNEL_ALGORITHM",
     "SAMPLING_ALGORITHM",
     "ConfigEvaluation",
     "Evaluate",
     "attribute",
     "full_factorial_cost",
     "interaction_effects",
+    "kernel_shap_design",
+    "kernel_shap_solve",
     "marginal_contributions",
     "mobius_dividends",
     "sampling_cost_bound",
@@ -106,7 +109,11 @@ EXACT_ALGORITHM = "exact_enumeration"
 """``ShapleyEstimate.algorithm`` when the value was computed from all ``2**n`` configurations."""
 
 SAMPLING_ALGORITHM = "permutation_antithetic"
-"""``ShapleyEstimate.algorithm`` for permutation sampling with antithetic pairs (review P1 #4)."""
+"""``ShapleyEstimate.algorithm`` of :func:`shapley_permutation_antithetic` (kept as a reference)."""
+
+KERNEL_ALGORITHM = "kernel_shap_paired"
+"""``ShapleyEstimate.algorithm`` of the shapley strategy: paired, size-stratified kernel regression
+(:func:`kernel_shap_design`, :func:`kernel_shap_solve`); ``n_samples`` = configurations used."""
 
 
 # =========================================================================== data types
@@ -430,6 +437,185 @@ def _pair_mean_and_se(marginals: FloatArray) -> tuple[FloatArray, FloatArray]:
     if n_pairs < 2:
         return means, np.full(means.shape, np.nan)
     return means, pair_means.std(axis=0, ddof=1) / math.sqrt(n_pairs)
+
+
+# =========================================================================== paired kernel regression
+
+
+def _kernel_mass(n: int, k: int) -> float:
+    """Shapley-kernel mass of the coalitions of size k (0 < k < n): ``(n - 1) / (k (n - k))``."""
+    return (n - 1) / (k * (n - k))
+
+
+def _windows(n: int, k: int, rng: np.random.Generator) -> list[int]:
+    """Size-k coalitions as the cyclic windows of one random permutation, in random order.
+
+    The ``n / gcd(n, k)`` windows starting at 0, k, 2k, ... contain every player equally often
+    (a balanced design): the additive part of the game is then fitted from balanced rows.
+    """
+    perm = rng.permutation(n)
+    g = math.gcd(n, k)
+    out = [sum(1 << int(perm[(j * k + q) % n]) for q in range(k)) for j in range(n // g)]
+    rng.shuffle(out)
+    return out
+
+
+def kernel_shap_design(n: int, budget: int, rng: np.random.Generator) -> tuple[list[int], list[tuple[int, ...]]]:
+    """The coalitions the paired kernel estimator evaluates within ``budget`` distinct ones.
+
+    Returns ``(masks, units)``: the bitmasks in evaluation (priority) order, and the random
+    sampling units among them. The order is: all on, all off, each slot off alone (the
+    ablation core: removal costs, the efficiency constraint, and the whole size n-1 stratum),
+    then whole strata of coalition sizes ``(k, n - k)`` from the border inwards while the
+    kernel-proportional share of the remaining budget would cover a stratum completely (the
+    "border trick"), then the rest of the budget split over the other strata in proportion to
+    their kernel mass, in *units*: a coalition and its complement (paired sampling; a size-1
+    coalition alone, its complement being in the core), drawn without replacement as balanced
+    cyclic windows of random permutations. Deterministic given ``rng``.
+    """
+    n = _check_n(n)
+    full = (1 << n) - 1
+    if budget >= 1 << n:
+        return list(range(full, -1, -1)), []
+    core = list(dict.fromkeys([full, 0] + [full ^ (1 << i) for i in range(n)]))
+    chosen: dict[int, None] = dict.fromkeys(core[: max(budget, 0)])
+    units: list[tuple[int, ...]] = []
+    core_complete = len(chosen) == len(core)
+    remaining = budget - len(chosen)
+    if n < 3 or remaining <= 0:
+        return list(chosen), units
+
+    def pair_mass(k: int) -> float:
+        return _kernel_mass(n, k) + (_kernel_mass(n, n - k) if n - k != k else 0.0)
+
+    def stratum(k: int) -> list[int]:
+        sizes = {k, n - k}
+        return [
+            sum(1 << i for i in c)
+            for s in sorted(sizes)
+            for c in itertools.combinations(range(n), s)
+            if s != n - 1 or not core_complete
+        ]
+
+    def cost(k: int) -> int:
+        total = math.comb(n, k) + (math.comb(n, n - k) if n - k != k else 0)
+        return total - (n if k == 1 and core_complete else 0)
+
+    open_strata = list(range(1, n // 2 + 1))
+    completed = True
+    while completed and open_strata:
+        completed = False
+        total = sum(pair_mass(k) for k in open_strata)
+        for k in open_strata:
+            c = cost(k)
+            if c <= remaining and remaining * pair_mass(k) / total >= c:
+                chosen.update(dict.fromkeys(stratum(k)))
+                remaining = budget - len(chosen)
+                open_strata.remove(k)
+                completed = True
+                break
+    if not open_strata or remaining <= 0:
+        return list(chosen), units
+
+    unit_cost = {k: 1 if (k == 1 and core_complete) else 2 for k in open_strata}
+    capacity = {k: math.comb(n, k) // 2 if k == n - k else math.comb(n, k) for k in open_strata}
+    total = sum(pair_mass(k) for k in open_strata)
+    share = {k: pair_mass(k) / total * remaining for k in open_strata}
+    alloc = dict.fromkeys(open_strata, 0)
+    left = remaining
+    # Deterministic (stratified) allocation when every open stratum can get two units;
+    # otherwise each unit's stratum is drawn with probability proportional to its share, so
+    # that no stratum is left out by design (its omission would be a bias no interval shows).
+    stratified = left >= sum(2 * unit_cost[k] for k in open_strata)
+    while True:
+        fits = [k for k in open_strata if alloc[k] < capacity[k] and unit_cost[k] <= left]
+        if not fits:
+            break
+        if stratified:  # largest deficit first: a kernel-proportional allocation
+            k = max(fits, key=lambda s: (share[s] - alloc[s] * unit_cost[s], -s))
+        else:
+            p = np.array([share[s] / unit_cost[s] for s in fits])
+            k = fits[int(rng.choice(len(fits), p=p / p.sum()))]
+        alloc[k] += 1
+        left -= unit_cost[k]
+    for k in open_strata:
+        seen: set[int] = set()
+        pool: list[int] = []
+        tries = 0
+        while len(seen) < alloc[k]:
+            tries += 1
+            if tries < 20 * alloc[k] + 50:
+                if not pool:
+                    pool = _windows(n, k, rng)
+                t = pool.pop()
+            else:  # a nearly exhausted stratum: plain draws finish it
+                t = sum(1 << int(i) for i in rng.choice(n, size=k, replace=False))
+            key = min(t, full ^ t)
+            if key in seen:
+                continue
+            seen.add(key)
+            unit = (t,) if unit_cost[k] == 1 else (t, full ^ t)
+            units.append(unit)
+            chosen.update(dict.fromkeys(unit))
+    return list(chosen), units
+
+
+def kernel_shap_solve(n: int, masks: Sequence[int], values: FloatArray) -> FloatArray:
+    """Shapley values of the additive game closest to ``v`` in the Shapley-kernel norm.
+
+    ``values`` has shape ``(len(masks), k)`` (k games, e.g. bootstrap replicates). The
+    coalitions of each size s are weighted by ``kernel mass(s) / (number present of size s)``
+    (a complete stratum gets the exact kernel weight; a sampled one the stratified estimate of
+    it) and the least-squares fit is constrained to ``sum(phi) = v(all on) - v(all off)``
+    (efficiency). With all ``2**n`` coalitions this is the exact Shapley value (Charnes et al.
+    1988; Lundberg & Lee 2017). Needs the all-on and all-off coalitions; returns ``(n, k)``.
+    """
+    full = (1 << n) - 1
+    index = {int(m): r for r, m in enumerate(masks)}
+    if full not in index or 0 not in index:
+        raise ValueError("the kernel estimator needs the all-on and all-off configurations")
+    rows = np.array([m for m in index if 0 < m < full], dtype=np.int64)
+    v0, v_full = values[index[0]], values[index[full]]
+    gap = v_full - v0
+    if rows.size == 0:
+        return np.broadcast_to(gap / n, (n,) + gap.shape).copy()
+    sizes = _popcount(rows)
+    counts = np.bincount(sizes, minlength=n + 1)
+    mass = np.array([0.0] + [_kernel_mass(n, s) for s in range(1, n)] + [0.0])
+    w = mass[sizes] / counts[sizes]
+    z = ((rows[:, None] >> np.arange(n)) & 1).astype(float)
+    b = values[[index[int(m)] for m in rows]] - v0
+    kkt = np.zeros((n + 1, n + 1))
+    kkt[:n, :n] = z.T @ (z * w[:, None])
+    kkt[:n, n] = kkt[n, :n] = 1.0
+    rhs = np.vstack([z.T @ (w[:, None] * b), gap[None, :]])
+    sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+    return np.asarray(sol[:n], dtype=float)
+
+
+def _kernel_jackknife(
+    n: int, masks: Sequence[int], values: FloatArray, units: Sequence[tuple[int, ...]]
+) -> tuple[FloatArray, int]:
+    """Sampling standard error of :func:`kernel_shap_solve` by delete-one-unit jackknife.
+
+    Only the random units are deleted (the complete strata and the core are fixed by the
+    design); a finite-population correction ``1 - units / available units`` is applied.
+    Returns ``(se, n_units)``; NaN when fewer than two units were sampled.
+    """
+    p = len(units)
+    if p < 2:
+        return np.full(n, np.nan), p
+    masks = list(masks)
+    reps = np.empty((p, n))
+    for u, unit in enumerate(units):
+        drop = set(unit)
+        keep = [r for r, m in enumerate(masks) if m not in drop]
+        reps[u] = kernel_shap_solve(n, [masks[r] for r in keep], values[keep])[:, 0]
+    var = (p - 1) / p * np.sum((reps - reps.mean(axis=0)) ** 2, axis=0)
+    strata = {min(bin(unit[0]).count("1"), n - bin(unit[0]).count("1")) for unit in units}
+    available = sum(math.comb(n, k) // 2 if k == n - k else math.comb(n, k) for k in strata)
+    fpc = max(0.0, 1.0 - p / available) if available else 1.0
+    return np.sqrt(var * fpc), p
 
 
 def full_factorial_cost(n: int) -> int:
@@ -771,8 +957,7 @@ def attribute(
     # Priority order: with a configuration cap, these still give every removal cost.
     core = list(dict.fromkeys([full] + [full ^ (1 << i) for i in range(n)] + [0]))
 
-    perms: np.ndarray | None = None
-    pairs_done = 0
+    units: list[tuple[int, ...]] = []
     seq = np.random.SeedSequence(config.seed)
     perm_rng, boot_rng = (np.random.default_rng(s) for s in seq.spawn(2))
 
@@ -796,17 +981,21 @@ def attribute(
         memo.request(core)
         progress = f"{len(memo)} of {len(core)} ablation configurations evaluated"
     elif strategy == "shapley":
-        n_pairs = config.shapley_samples // 2
-        # All permutations are drawn up front, so a budget-truncated run is a prefix of the
-        # unlimited one with the same seed.
-        perms = _draw_antithetic_permutations(n, n_pairs, perm_rng)
-        if memo.request(core):
-            for k in range(n_pairs):
-                needed = _prefix_masks(perms[2 * k]) + _prefix_masks(perms[2 * k + 1])
-                if not memo.request(needed, all_or_nothing=True):
-                    break
-                pairs_done += 1
-        progress = f"{pairs_done} of {n_pairs} antithetic pairs completed, {len(memo)} configurations evaluated"
+        planned = sampling_cost_bound(n, config.shapley_samples)
+        budget = planned if config.max_configurations is None else min(planned, config.max_configurations)
+        # The whole design is drawn up front within the budget (so the cap never cuts a unit in
+        # half); the ablation core goes first, the rest in up to 16 calls so that a timeout
+        # can stop the work between them.
+        design, units = kernel_shap_design(n, budget, perm_rng)
+        head, rest = design[: n + 2], design[n + 2 :]
+        size = max(1, math.ceil(len(rest) / 16))
+        for chunk in [head] + [rest[k : k + size] for k in range(0, len(rest), size)]:
+            if chunk and not memo.request(chunk):
+                break
+        progress = f"{len(memo)} of {len(design)} planned configurations evaluated"
+        if budget < planned and memo.stopped_by is None:
+            memo.stopped_by = "max_configurations"
+            progress = f"sampled within {budget} of the planned {planned} configurations"
     else:  # CounterfactualConfig validates the strategy; this guards a future addition
         raise ValueError(f"unknown counterfactual strategy {strategy!r}")
 
@@ -818,7 +1007,7 @@ def attribute(
             f"timeout_seconds={config.timeout_seconds} exceeded after {time.monotonic() - started:.3f} s: {progress}"
         )
 
-    return _build_matrix(memo, slots, config, strategy, epoch, perms, pairs_done, boot_rng, started, partial_reason)
+    return _build_matrix(memo, slots, config, strategy, epoch, units, boot_rng, started, partial_reason)
 
 
 def _build_matrix(
@@ -827,8 +1016,7 @@ def _build_matrix(
     config: CounterfactualConfig,
     strategy: str,
     epoch: int,
-    perms: np.ndarray | None,
-    pairs_done: int,
+    units: list[tuple[int, ...]],
     boot_rng: np.random.Generator,
     started: float,
     partial_reason: str | None,
@@ -895,21 +1083,22 @@ def _build_matrix(
             synergy = {k: float(v) for k, v in pair_ci["synergy"][0].items()}
             co = _co_mobius_table(table, n)
             pair_ci["removal_interaction"] = _pair_intervals(co, slots, n_boot, config.confidence)
-        elif strategy == "shapley" and perms is not None and pairs_done >= 1:
-            marginals = _permutation_marginals(perms[: 2 * pairs_done], lambda m: values[row_of[m]])
-            est, se_perm = _pair_mean_and_se(marginals)  # (n, 1+B) each
+        elif strategy == "shapley" and 0 in row_of and (1 << n) - 1 in row_of:
+            est = kernel_shap_solve(n, order, values)  # (n, 1+B): the estimator is linear in v
+            done = [u for u in units if all(m in row_of for m in u)]
+            se_sampling, n_units = _kernel_jackknife(n, order, values[:, :1], done)
             shapley = {}
             for i, s in enumerate(slots):
                 se_boot = float(est[i, 1:].std(ddof=1)) if n_boot >= 2 else 0.0
                 df_boot = boot_df if n_boot >= 2 else math.inf  # no bootstrap: sampling noise only
                 shapley[s] = _estimate(
                     est[i, 0],
-                    float(se_perm[i, 0]),
-                    pairs_done - 1,
+                    float(se_sampling[i]),
+                    n_units - 1,
                     se_boot,
                     df_boot,
-                    SAMPLING_ALGORITHM,
-                    2 * pairs_done,
+                    KERNEL_ALGORITHM,
+                    len(order),
                     config.confidence,
                 )
 

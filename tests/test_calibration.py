@@ -247,7 +247,7 @@ def test_live_rule_with_attribute_itself():
     assert false_runs / runs <= ALPHA and desc_runs / runs > 0.3
 
 
-def _coverage(strategy, n_slots, reps, n_ex=400, seed=0):
+def _coverage(strategy, n_slots, reps, n_ex=400, seed=0, max_configurations=None):
     rng = np.random.default_rng(seed)
     effects = [0.02, 0.0] + [0.0] * (n_slots - 2)
     hits = np.zeros(n_slots)
@@ -260,7 +260,13 @@ def _coverage(strategy, n_slots, reps, n_ex=400, seed=0):
         def evaluate(configs, ex=ex):
             return [ex.correct(c) for c in configs]
 
-        cfg = CounterfactualConfig(strategy=strategy, shapley_samples=20, seed=r, bootstrap_samples=N_BOOT)
+        cfg = CounterfactualConfig(
+            strategy=strategy,
+            shapley_samples=20,
+            seed=r,
+            bootstrap_samples=N_BOOT,
+            max_configurations=max_configurations,
+        )
         m = attribute(evaluate, slots, cfg)
         for i, s in enumerate(slots):
             e = m.shapley_values[s]
@@ -268,9 +274,16 @@ def _coverage(strategy, n_slots, reps, n_ex=400, seed=0):
     return hits / reps, truth
 
 
-@pytest.mark.parametrize(("strategy", "n_slots", "reps"), [("full_factorial", 3, 400), ("shapley", 6, 300)])
-def test_coverage_per_slot(strategy, n_slots, reps):
-    cov, truth = _coverage(strategy, n_slots, reps)
+@pytest.mark.parametrize(
+    ("strategy", "n_slots", "reps", "budget"),
+    [
+        ("full_factorial", 3, 400, None),
+        ("shapley", 6, 300, 24),  # sampled: 24 of 64 configurations
+        pytest.param("shapley", 8, 300, None, marks=pytest.mark.slow),  # the default budget, 130 of 256
+    ],
+)
+def test_coverage_per_slot(strategy, n_slots, reps, budget):
+    cov, truth = _coverage(strategy, n_slots, reps, max_configurations=budget)
     print(f"\n{strategy}, {n_slots} slots, truth {np.round(100 * truth, 2)} points: coverage {np.round(cov, 3)}")
     lo, hi = 0.93 - 0.01, 0.97 + 0.01  # the 93-97% band, widened by ~1 simulation SE
     assert np.all((cov >= lo) & (cov <= hi)), cov
@@ -282,6 +295,6 @@ if __name__ == "__main__":
     print("examples effect  live(any epoch) live(at epoch T) final Holm  descriptive per epoch")
     for n, effect, la, le, fin, desc in power_table():
         print(f"{n:>8} {100 * effect:+5.0f}pt {la:>15.2f} {le:>16.2f} {fin:>10.2f} {desc:>21.2f}")
-    for strategy, n_slots in (("full_factorial", 3), ("shapley", 6), ("shapley", 8)):
-        cov, truth = _coverage(strategy, n_slots, 1000)
-        print(strategy, n_slots, "coverage", np.round(cov, 3))
+    for strategy, n_slots, budget in (("full_factorial", 3, None), ("shapley", 6, 24), ("shapley", 8, None)):
+        cov, truth = _coverage(strategy, n_slots, 1000, max_configurations=budget)
+        print(strategy, n_slots, budget, "coverage", np.round(cov, 3))

@@ -21,7 +21,7 @@ from karn_otel.config import CounterfactualConfig
 from karn_otel.contracts import CounterfactualMatrix, ShapleyEstimate
 from karn_otel.counterfactual import (
     EXACT_ALGORITHM,
-    SAMPLING_ALGORITHM,
+    KERNEL_ALGORITHM,
     ConfigEvaluation,
     attribute,
     full_factorial_cost,
@@ -472,12 +472,13 @@ def test_shapley_sampling_strategy():
     m = attribute(ev, [f"s{i}" for i in range(n)], cfg)
     assert m.strategy == "shapley" and not m.partial
     assert len(requested) == len(set(requested)) == m.n_evaluations  # memo: never twice
-    assert m.n_evaluations <= sampling_cost_bound(n, 20)
-    assert calls <= 1 + 10  # the ablation core, then at most one call per antithetic pair
+    # the budget, used up to the last pair (a unit is a coalition and its complement)
+    assert sampling_cost_bound(n, 20) - 1 <= m.n_evaluations <= sampling_cost_bound(n, 20) == 7 + 2 + 20 * 5
+    assert calls <= 1 + 16  # the ablation core, then at most 16 chunks
     exact = shapley_exact(np.round(v * 2000) / 2000, n)
     for i in range(n):
         est = m.shapley_values[f"s{i}"]
-        assert est.algorithm == SAMPLING_ALGORITHM and est.n_samples == 20
+        assert est.algorithm == KERNEL_ALGORITHM and est.n_samples == m.n_evaluations
         assert est.ci_low <= est.mean <= est.ci_high
         assert abs(est.mean - exact[i]) < 5 * est.std
     assert set(m.marginal_contributions) == {f"s{i}" for i in range(n)}
@@ -528,7 +529,7 @@ def test_capped_factorial_over_many_slots_does_not_enumerate_them_all():
     assert m.partial and m.n_evaluations == 100 and "100 of 1073741824" in m.partial_reason
 
 
-def test_max_configurations_stops_sampling_between_pairs():
+def test_max_configurations_is_the_sampling_budget():
     n = 8
     v, _ = random_dividend_game(n, np.random.default_rng(9))
     v = 0.5 + 0.02 * v / np.abs(v).max()
@@ -538,12 +539,35 @@ def test_max_configurations_stops_sampling_between_pairs():
         deterministic_evaluate(v), slots, CounterfactualConfig(shapley_samples=20, seed=1, max_configurations=40)
     )
     assert capped.partial and "max_configurations=40" in capped.partial_reason
-    assert "antithetic pairs completed" in capped.partial_reason
-    assert capped.n_evaluations <= 40
-    n_perms = next(iter(capped.shapley_values.values())).n_samples
-    assert 2 <= n_perms < 20 and n_perms % 2 == 0
-    # Permutations are drawn up front: the capped run evaluated a subset of the full run's configurations.
-    assert {r.config for r in capped.configs} <= {r.config for r in full.configs}
+    assert "sampled within 40 of the planned 130 configurations" in capped.partial_reason
+    assert 39 <= capped.n_evaluations <= 40 and 129 <= full.n_evaluations <= 130
+    exact = shapley_exact(v, n)
+    for m in (capped, full):
+        ests = [m.shapley_values[s] for s in slots]
+        assert all(e.n_samples == m.n_evaluations and e.ci_low < e.mean < e.ci_high for e in ests)
+    err = {
+        id(m): np.sqrt(np.mean([(m.shapley_values[s].mean - exact[i]) ** 2 for i, s in enumerate(slots)]))
+        for m in (capped, full)
+    }
+    assert err[id(full)] < err[id(capped)], "more evaluations, smaller error"
+
+
+@pytest.mark.parametrize("n", [3, 6, 10])
+def test_every_budget_from_n_plus_1_gives_an_estimate(n):
+    """Never "no estimate": from n + 1 distinct evaluations up there are Shapley values, and
+    from the first budget with two random units on, a finite interval."""
+    v, _ = random_dividend_game(n, np.random.default_rng(n))
+    v = 0.5 + 0.2 * v / np.abs(v).max()
+    exact = shapley_exact(v, n)
+    slots = [f"s{i}" for i in range(n)]
+    for budget in range(n + 1, min(1 << n, 6 * n) + 1):
+        cfg = CounterfactualConfig(strategy="shapley", shapley_samples=200, max_configurations=budget, seed=budget)
+        m = attribute(deterministic_evaluate(v), slots, cfg)
+        assert m.n_evaluations <= budget and set(m.shapley_values) == set(slots), budget
+        means = np.array([m.shapley_values[s].mean for s in slots])
+        assert means.sum() == pytest.approx(exact.sum(), abs=2e-3), "efficiency (up to the examples rounding v)"
+        if budget >= 2 * n + 2 or budget == 1 << n:
+            assert all(math.isfinite(m.shapley_values[s].ci_low) for s in slots), budget
 
 
 def _slow(evaluate, seconds: float):
@@ -568,9 +592,9 @@ def test_timeout_stops_sampling_and_keeps_completed_pairs():
     v = 0.5 + 0.02 * v / np.abs(v).max()
     ev = _slow(deterministic_evaluate(v), 0.03)
     m = attribute(ev, [f"s{i}" for i in range(n)], CounterfactualConfig(shapley_samples=40, timeout_seconds=0.15))
-    assert m.partial and "timeout_seconds=0.15" in m.partial_reason and "antithetic pairs" in m.partial_reason
+    assert m.partial and "timeout_seconds=0.15" in m.partial_reason and "planned configurations" in m.partial_reason
     est = next(iter(m.shapley_values.values()))
-    assert 2 <= est.n_samples < 40
+    assert n + 2 <= est.n_samples == m.n_evaluations < 250
 
 
 # --------------------------------------------------------------------------- bad input
