@@ -24,8 +24,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
     MetricExportResult,
+    MetricReader,
     MetricsData,
-    PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -162,7 +162,7 @@ class CountingMetricExporter(MetricExporter):
 class ExportLifecycle:
     """Flush and shutdown of the sink's providers, exporters and endpoint, both bounded.
 
-    The sink fills in what it built (``tracer_provider``, ``metric_reader``, the counting
+    The sink fills in what it built (``tracer_provider``, ``metric_readers``, the counting
     exporters, ``meter_provider``, ``stop_endpoint``) before the first event arrives.
     """
 
@@ -172,7 +172,7 @@ class ExportLifecycle:
         self.shutdown_timeout_s = shutdown_timeout_s
         self.tracer_provider: TracerProvider | None = None
         self.meter_provider: MeterProvider | None = None
-        self.metric_reader: PeriodicExportingMetricReader | None = None
+        self.metric_readers: list[MetricReader] = []  # the push readers (OTLP, remote write)
         self.span_exporter: CountingSpanExporter | None = None
         self.metric_exporter: CountingMetricExporter | None = None
         self.stop_endpoint: Callable[[], None] | None = None
@@ -185,7 +185,7 @@ class ExportLifecycle:
         timeout (at most 2 s). Before the first successful export, and after any failed one,
         it returns at once: an unreachable collector must never stall training.
         """
-        if self.metric_reader is None:
+        if not self.metric_readers and self.tracer_provider is None:
             return
         thread = self._flush_thread
         if thread is None or not thread.is_alive():
@@ -234,8 +234,8 @@ class ExportLifecycle:
     def _flush_exporters(self) -> None:
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush()
-        if self.metric_reader is not None:
-            self.metric_reader.force_flush()
+        for reader in self.metric_readers:
+            reader.force_flush(self.export_timeout_s * 1000)
 
 
 def run_all_bounded(jobs: list[Callable[[], Any]], deadline: float) -> int:

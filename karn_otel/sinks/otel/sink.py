@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
 from karn_otel.config import KarnConfig
-from karn_otel.contracts import TelemetryEvent
+from karn_otel.contracts import TelemetryEvent, TelemetryEventType
 from karn_otel.pipeline import StoreView
 from karn_otel.sinks.otel import resource as otlp
 from karn_otel.sinks.otel.endpoint import DEFAULT_FINAL_SCRAPE_S, PrometheusEndpoint
+from karn_otel.sinks.otel.epochs import EpochMetricReader
 from karn_otel.sinks.otel.lifecycle import (
     MAX_EXPORT_TIMEOUT_S,
     CountingMetricExporter,
@@ -42,12 +44,14 @@ class OTelSink:
             and ``world_size`` feed the resource and the labels, its accounting, health
             report and analytics feed the metrics. A view without analytics or health (a
             bare ``KarnCollector``) is fine: those metrics fall back or stay empty.
+        metric_exporters: more push exporters fed like the OTLP one (one point per epoch, see
+            :mod:`karn_otel.sinks.otel.epochs`), e.g. a Prometheus remote-write exporter.
 
     Raises ``ValueError`` for an unsupported OTLP protocol and ``OSError`` when the
     Prometheus port cannot be bound.
     """
 
-    def __init__(self, config: KarnConfig, view: StoreView) -> None:
+    def __init__(self, config: KarnConfig, view: StoreView, metric_exporters: Sequence[MetricExporter] = ()) -> None:
         self._config = config
         self._view = view
         self._ledger = ExportLedger()
@@ -69,15 +73,21 @@ class OTelSink:
             readers.append(endpoint.reader)
         self._tracer_provider: TracerProvider | None = None
         self._traces: EpisodeTraces | None = None
+        self._epoch_readers: list[EpochMetricReader] = []
+        pushers: list[CountingMetricExporter] = []
         if self.otlp_protocol is not None:
             metric_exporter = otlp.otlp_metric_exporter(self.otlp_protocol, otlp_endpoint, export_timeout_s)
             life.metric_exporter = CountingMetricExporter(metric_exporter, self._ledger)
-            life.metric_reader = PeriodicExportingMetricReader(
-                life.metric_exporter,
-                export_interval_millis=config.otel_export_interval_s * 1000,
-                export_timeout_millis=export_timeout_s * 1000,
+            pushers.append(life.metric_exporter)
+        pushers += [CountingMetricExporter(e, self._ledger) for e in metric_exporters]
+        for exporter in pushers:
+            reader = EpochMetricReader(
+                exporter, self._ledger, interval_s=config.otel_export_interval_s, timeout_s=export_timeout_s
             )
-            readers.append(life.metric_reader)
+            self._epoch_readers.append(reader)
+            readers.append(reader)
+        life.metric_readers = list(self._epoch_readers)
+        if self.otlp_protocol is not None:
             span_exporter = otlp.otlp_span_exporter(self.otlp_protocol, otlp_endpoint, export_timeout_s)
             life.span_exporter = CountingSpanExporter(span_exporter, self._ledger)
             self._tracer_provider, self._traces = start_tracing(
@@ -105,6 +115,12 @@ class OTelSink:
         self._metrics.handle(event)
         if self._traces is not None:
             self._traces.handle(event)
+        if self._epoch_readers and event.event_type is TelemetryEventType.HOST_SNAPSHOT:
+            # One data point per epoch: rank 0 of a DDP job collects after the job-wide
+            # snapshot that follows its own, every other process after its own.
+            if event.is_reduced or event.world_size == 1 or event.rank != 0:
+                for reader in self._epoch_readers:
+                    reader.epoch_ended()
 
     def flush(self, timeout: float | None = None) -> None:
         """Start exporting everything buffered; wait only while the endpoint answers.
