@@ -65,6 +65,13 @@ from karn_otel.contracts import (
 __all__ = [
     "CHECKS",
     "CHECK_NAMES",
+    "RETURN_CHECKS",
+    "TASK_PROFILES",
+    "ReturnMonitor",
+    "ReturnThresholds",
+    "TaskProfile",
+    "return_name_kind",
+    "task_profile",
     "DEFAULT_THRESHOLDS",
     "CheckSpec",
     "Finding",
@@ -855,3 +862,187 @@ class HealthMonitor(GuardedProcessor):
             epoch = self._epoch
         overall = max((r.severity for r in results), key=_SEVERITY_RANK.__getitem__, default=Severity.OK)
         return HealthReport(tuple(results), overall, epoch)
+
+
+# --------------------------------------------------------------------------- task profiles (RL)
+
+RETURN_NAMES: tuple[str, ...] = ("episodic_return", "episode_return", "return", "ep_return", "mean_return")
+"""Logged names (or last ``/``-separated tag parts, e.g. CleanRL's ``charts/episodic_return``)
+read as an episode's return by the return checks."""
+LENGTH_NAMES: tuple[str, ...] = ("episodic_length", "episode_length", "ep_length", "ep_len")
+"""Logged names read as an episode's length (steps)."""
+
+
+@dataclass(frozen=True)
+class TaskProfile:
+    """What a task's headline numbers and health checks are (``karn_otel.init(task=...)``).
+
+    ``host_checks``: the run's epochs close with a :class:`HostSnapshot`, so the host checks
+    (loss spike, gradient explosion, accuracy drop) apply. ``return_checks``: the
+    :class:`ReturnMonitor` watches logged episode returns. ``headline`` names the numbers a
+    summary leads with.
+    """
+
+    task: str
+    headline: tuple[str, ...]
+    host_checks: bool
+    return_checks: bool
+
+
+TASK_PROFILES: dict[str, TaskProfile] = {
+    "classification": TaskProfile("classification", ("val_accuracy", "val_loss", "train_loss"), True, False),
+    "regression": TaskProfile("regression", ("val_loss", "train_loss"), True, False),
+    "rl": TaskProfile("rl", ("episodic_return", "episodic_length"), False, True),
+}
+
+
+def task_profile(task: str) -> TaskProfile:
+    """The profile of ``task``; an unknown task gets host checks on what it logs, and no
+    return checks (it is not known to have episodes)."""
+    return TASK_PROFILES.get(task, TaskProfile(task, ("val_loss", "train_loss"), True, False))
+
+
+def return_name_kind(name: str) -> str | None:
+    """``"return"`` or ``"length"`` when a logged name is an episode return / length, else None."""
+    last = name.rsplit("/", 1)[-1]
+    if last in RETURN_NAMES:
+        return "return"
+    if last in LENGTH_NAMES:
+        return "length"
+    return None
+
+
+@dataclass(frozen=True)
+class ReturnThresholds:
+    """The return checks' thresholds (an RL task's replacement for the accuracy checks)."""
+
+    window_episodes: int = 20
+    """Episodes in the rolling mean of the return. CartPole-style returns vary by 2-5x from
+    one episode to the next; over 20 episodes the mean's noise is ~5x smaller."""
+    regression_fraction: float = 0.5
+    """``return_regression`` fails when the rolling mean has lost more than this fraction
+    of the improvement it had gained (best rolling mean minus the first one). Relative to
+    the gain, so it means the same for returns of any sign and scale; half the gain lost is
+    more than rolling-mean noise once the gain is real (see ``min_gain_episodes``)."""
+    min_gain_episodes: int = 40
+    """Episodes seen before a regression can be judged: two full windows, so the first and
+    best means are over disjoint episodes."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window_episodes, bool) or not (
+            isinstance(self.window_episodes, int) and self.window_episodes >= 1
+        ):
+            raise ValueError(f"window_episodes must be an int >= 1, got {self.window_episodes!r}")
+        if not 0.0 < self.regression_fraction <= 1.0:
+            raise ValueError(f"regression_fraction must be in (0, 1], got {self.regression_fraction}")
+        if isinstance(self.min_gain_episodes, bool) or not isinstance(self.min_gain_episodes, int):
+            raise ValueError(f"min_gain_episodes must be an int, got {self.min_gain_episodes!r}")
+
+
+RETURN_CHECKS: tuple[CheckSpec, ...] = (
+    CheckSpec(
+        "non_finite_return",
+        Severity.CRITICAL,
+        "scalars",
+        "",
+        "gt",
+        "count",
+        "a logged episode return is NaN or infinite",
+    ),
+    CheckSpec(
+        "return_regression",
+        Severity.WARNING,
+        "scalars",
+        "regression_fraction",
+        "gt",
+        "fraction",
+        "the rolling mean return lost more than a fraction of the improvement it had gained",
+    ),
+)
+_RETURN_SPEC = {c.name: c for c in RETURN_CHECKS}
+
+
+class ReturnMonitor(GuardedProcessor):
+    """Return-based health of an RL run: a processor over logged episode returns (``Scalars``
+    named as :data:`RETURN_NAMES`), wired by ``karn_otel.init(task="rl")``.
+
+    Checks, edge-triggered like :class:`HealthMonitor`: ``non_finite_return`` (critical)
+    and ``return_regression`` (warning; see :class:`ReturnThresholds`). The PPO statistics
+    keep their own checks in :class:`HealthMonitor`.
+    """
+
+    WATCHED = frozenset({ET.SCALARS, ET.EPISODE_STARTED})
+
+    def __init__(self, thresholds: ReturnThresholds | None = None, *, strict: bool = False) -> None:
+        super().__init__(strict)
+        self.thresholds = thresholds or ReturnThresholds()
+        self.reset()
+
+    def reset(self) -> None:
+        self._recent: deque[float] = deque(maxlen=self.thresholds.window_episodes)
+        self._first_mean: float | None = None
+        self._best_mean = -math.inf
+        self._episodes = 0
+        self._failing: dict[str, Finding] = {}
+        self.latest: dict[str, float] = {}
+
+    def _observe(self, event: TelemetryEvent) -> list[HealthAlert]:
+        if event.event_type is ET.EPISODE_STARTED:
+            self.reset()
+            return []
+        values = getattr(event.payload, "values", None)
+        if not isinstance(values, Mapping):
+            return []
+        findings: list[Finding] = []
+        for name, raw in values.items():
+            if not isinstance(name, str) or return_name_kind(name) != "return":
+                continue
+            findings.extend(self._return(_num(raw)))
+        return self._edges(findings)
+
+    def _return(self, r: float) -> list[Finding]:
+        t = self.thresholds
+        if not _finite(r):
+            return [Finding("non_finite_return", True, 1.0, 0.0, f"episode return is {r}")]
+        out = [Finding("non_finite_return", False, 0.0, 0.0, "returns finite")]
+        self._recent.append(r)
+        self._episodes += 1
+        self.latest = {"return": r, "episodes": float(self._episodes)}
+        if len(self._recent) < t.window_episodes:
+            return out
+        mean = sum(self._recent) / len(self._recent)
+        self.latest["return_mean"] = mean
+        if self._first_mean is None:
+            self._first_mean = mean
+        self._best_mean = max(self._best_mean, mean)
+        gain = self._best_mean - self._first_mean
+        if self._episodes >= t.min_gain_episodes and gain > 0:
+            lost = (self._best_mean - mean) / gain
+            out.append(
+                Finding(
+                    "return_regression",
+                    lost > t.regression_fraction,
+                    lost,
+                    t.regression_fraction,
+                    f"mean return over {len(self._recent)} episodes {mean:.4g} has lost {100 * lost:.0f}% of "
+                    f"the gain from {self._first_mean:.4g} to its best {self._best_mean:.4g}",
+                )
+            )
+        return out
+
+    def _edges(self, findings: list[Finding]) -> list[HealthAlert]:
+        alerts = []
+        for f in findings:
+            was = f.check in self._failing
+            if f.failing and not was:
+                self._failing[f.check] = f
+                spec = _RETURN_SPEC[f.check]
+                alerts.append(HealthAlert(f.check, spec.severity, f.message, f.value, f.threshold))
+            elif not f.failing and was:
+                del self._failing[f.check]
+        return alerts
+
+    def status(self) -> dict[str, Severity]:
+        """Per return check: ``Severity.OK`` while passing, else its severity."""
+        with self._lock:
+            return {c.name: (c.severity if c.name in self._failing else Severity.OK) for c in RETURN_CHECKS}
