@@ -686,4 +686,6 @@ def emit(event: Any, *, epoch: int | None = None, is_reduced: bool = False) -> b
     c = _active
     if c is None:
         return False
+    if epoch is None and is_reduced is False:
+        return c.emit(event)  # the per-step call: no keyword arguments to pass on
     return c.emit(event, epoch=epoch, is_reduced=is_reduced)

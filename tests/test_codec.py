@@ -403,3 +403,53 @@ def test_an_unencodable_event_is_dropped_alone(tmp_path):
     sink.close()
     assert sink.dropped() == {"encode_error": 1}
     assert len(read_run(tmp_path / "r").events) == 2
+
+
+# ------------------------------------------------------------------ the door's checkers
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("ep-1", None),
+        ("a" * 128, None),
+        ("a" * 129, "invalid_id"),
+        ("", "invalid_id"),
+        ("a/b", "invalid_id"),
+        ("a\\b", "invalid_id"),
+        ("..", "invalid_id"),
+        ("x..y", "invalid_id"),
+        (".", "invalid_id"),
+        ("a\x1bb", "invalid_id"),
+        ("a\u202eb", "invalid_id"),  # a bidi override is not printable
+        ("\ud800", "invalid_id"),
+        (5, "type_error"),
+    ],
+)
+def test_id_rule(value, reason):
+    p = K.id_problem(value)
+    assert (p.reason if p else None) == reason
+
+
+def test_checkers_name_the_field_and_never_fail_to_describe():
+    p = K.check_object(C.Scalars(1, {"a": 1.0, "b": 10**5000}))
+    assert p is not None and p.reason == "out_of_range" and p.where == ".values['b']"
+    assert "<int of" in p.detail and len(p.detail) < 100
+    assert K.check_types(C.Scalars(1, {"a": "x"})) == "values['a']: expected float, got str"
+    assert K.check_object(C.Scalars(1, {"a": float("nan")})) is K.MAYBE_NONFINITE
+    assert K.check_object(C.Scalars(1, {"a": 1.0, "b": 2})) is None
+    assert K.check_object(C.Scalars(2**63, {})).reason == "out_of_range"  # type: ignore[union-attr]
+    assert K.check_object(C.Scalars(True, {})).reason == "type_error"  # type: ignore[union-attr]
+
+
+def test_safe_repr_and_printable_are_bounded_and_escaped():
+    assert K.safe_repr(10**5000).startswith("<int of")
+    assert K.safe_repr("x" * 1000).endswith("(+940 chars)")
+
+    class Evil:
+        def __repr__(self):
+            raise RuntimeError
+
+    assert K.safe_repr(Evil()) == "<Evil>"
+    assert K.printable("a\x1b[31mb\u202ec\ud800\n") == "a\\x1b[31mb\\u202ec\\ud800\\n"
+    assert len(K.printable("y" * 10_000, 50)) == 53

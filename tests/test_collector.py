@@ -271,3 +271,33 @@ def test_fast_envelope_equals_the_dataclass_constructor():
     assert ev == rebuilt and hash(repr(ev)) == hash(repr(rebuilt))
     with pytest.raises(dataclasses.FrozenInstanceError):
         ev.epoch = 3  # type: ignore[misc]
+
+
+def test_a_failing_processor_is_counted_never_raised_in_lenient_mode():
+    c, sink = make(strict=False)
+
+    def broken(ev):
+        raise ZeroDivisionError("processor bug")
+
+    c.add_processor(broken)
+    assert c.emit(make_context())
+    assert c.emit(host(epoch=1)), "accepted: the event reached the store and the sinks"
+    assert c.dropped().get("pipeline:error") == 2
+    strict, _ = make(strict=True)
+    strict.add_processor(broken)
+    with pytest.raises(ZeroDivisionError):
+        strict.emit(make_context())
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(file_mode=0o1777), "file_mode"),
+        (dict(dir_mode="700"), "dir_mode"),
+        (dict(secret_patterns="token"), "secret_patterns"),
+        (dict(run_id="../up"), "run_id"),
+    ],
+)
+def test_invalid_safety_configuration_raises(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        KarnConfig(**kwargs)
