@@ -410,7 +410,8 @@ class RunLogSink:
             # interval, so a training thread waiting for the GIL gets it at the usual time),
             # then write them all with one writev, which also hands the GIL back.
             parts: list[Any] = []
-            n = n_lines = 0
+            n = n_lines = nbytes = 0
+            bounds: list[tuple[int, int]] = []  # (bytes, lines) at the end of each block
             deadline = time.perf_counter() + _BUDGET_S
             while q and n < _MAX_PER_WRITE and len(parts) < _IOV_MAX:
                 refused = self._refused
@@ -421,9 +422,12 @@ class RunLogSink:
                 self._side_files_of(batch)
                 for buf, k, consumed in self._encode(batch):
                     if k:  # the block: its lines, the last one's "}\n" replaced by the frame
-                        parts.append(memoryview(buf)[:-2])
-                        parts.append(frame(self._seq, k, crc32(buf)))
+                        body, tail = memoryview(buf)[:-2], frame(self._seq, k, crc32(buf))
+                        parts.append(body)
+                        parts.append(tail)
                         n_lines += k
+                        nbytes += len(body) + len(tail)
+                        bounds.append((nbytes, n_lines))
                     self._seq += consumed
                 n += len(batch)
                 if time.perf_counter() >= deadline:
@@ -431,12 +435,11 @@ class RunLogSink:
             if self._saturated and len(q) < self._max_queue // 2:
                 self._saturated = False
             if n_lines:
-                self._write(parts, n_lines)
+                self._write(parts, n_lines, bounds)
             with self._cv:
                 self._written += n
-                self._maybe_sync()
-        with self._cv:
             self._maybe_sync()
+        self._maybe_sync()
 
     def _side_files_of(self, batch: list[TelemetryEvent]) -> None:
         if _SIDE_FILE_TYPES.isdisjoint(map(_event_type_of, batch)):  # the common case, a C loop
@@ -488,39 +491,53 @@ class RunLogSink:
         self._writer_dropped += n
         self._ctr[C_WRITER_DROPPED] = self._writer_dropped
 
-    def _write(self, parts: list[Any], n_lines: int) -> None:
+    def _write(self, parts: list[Any], n_lines: int, bounds: list[tuple[int, int]] | None = None) -> None:
         """Write the framed blocks with one writev(2) (a short write is finished by more).
 
-        On failure (full disk, read-only remount, lost mount) the file is cut back to its
-        last whole block, so what follows starts clean; the events are counted."""
+        On failure (full disk, read-only remount, lost mount) the whole blocks that made it
+        stay; the file is cut back to the end of the last of them, so what follows starts
+        clean; the other events are counted."""
         if self._fd < 0:
             self._count_writer_drop("write_error", n_lines)
             return
         if self._deleted:
             self._count_writer_drop("run_dir_deleted", n_lines)
             return
+        lead = 0
         if self._cut_failed:
             parts = [b"\n", *parts]  # end the partial line a failed write left behind
+            lead = 1
         total = sum(map(len, parts))
+        done = 0
         self._io_since = time.monotonic()
         try:
-            k = os.writev(self._fd, parts)
-            if k < total:
-                view = memoryview(b"".join(parts))[k:]
+            done = os.writev(self._fd, parts)
+            if done < total:
+                view = memoryview(b"".join(parts))[done:]
                 while view:
                     k = os.write(self._fd, view)
                     if not k:
                         raise OSError("short write")
+                    done += k
                     view = view[k:]
             self._good_size += total
             self._cut_failed = False
             self._records += n_lines
             self._ctr[C_WRITTEN] = self._records
         except OSError as exc:
+            kept_bytes = kept_lines = 0
+            for end, lines in bounds or ():
+                if lead + end > done:
+                    break
+                kept_bytes, kept_lines = lead + end, lines
             first = not self._dropped["write_error"]
-            self._count_writer_drop("write_error", n_lines)
+            self._count_writer_drop("write_error", n_lines - kept_lines)
+            self._records += kept_lines
+            self._ctr[C_WRITTEN] = self._records
             try:
-                os.ftruncate(self._fd, self._good_size)
+                os.ftruncate(self._fd, self._good_size + kept_bytes)
+                self._good_size += kept_bytes
+                self._cut_failed = False
             except OSError:
                 self._cut_failed = True
             if first:
@@ -533,17 +550,22 @@ class RunLogSink:
             self._io_since = 0.0
 
     def _maybe_sync(self) -> None:
-        """fsync when a flush waits for what is now written (caller holds ``_cv``)."""
-        if self._sync_target > self._synced and self._written >= self._sync_target:
-            if self._fd >= 0 and not self._deleted:
-                self._io_since = time.monotonic()
-                try:
-                    os.fsync(self._fd)
-                except (OSError, ValueError):
-                    pass  # counted at write time; a flush must not hang on it
-                finally:
-                    self._io_since = 0.0
-            self._synced = self._written
+        """fsync when a flush waits for what is now written. The fsync runs outside ``_cv``:
+        on a frozen disk it blocks, and a training thread's flush must still get the lock."""
+        with self._cv:
+            if not (self._sync_target > self._synced and self._written >= self._sync_target):
+                return
+            upto = self._written
+        if self._fd >= 0 and not self._deleted:
+            self._io_since = time.monotonic()
+            try:
+                os.fsync(self._fd)
+            except (OSError, ValueError):
+                pass  # counted at write time; a flush must not hang on it
+            finally:
+                self._io_since = 0.0
+        with self._cv:
+            self._synced = max(self._synced, upto)
             self._cv.notify_all()
 
     def _write_final(self) -> None:
