@@ -1,129 +1,169 @@
-"""Shapley sampling error vs budget: antithetic pairs + memo against plain permutation sampling.
+"""Karn's Shapley sampler against shapiq's approximators at equal budgets of distinct evaluations.
 
-Run: ``python benchmarks/bench_shapley_sampling.py`` (about 10 s, numpy only).
+Run: ``python benchmarks/bench_shapley_sampling.py [--reps 30] [--n 6 8 10 12] [--quick]``
+(numpy + shapiq, the test extra; about 15 minutes at the defaults on one core).
 
-The game has 8 players and interactions of every order: ``v(S) = sum over T in S of d_T``
-with a random Harsanyi dividend ``d_T`` on each of the 255 non-empty subsets. Two games:
+For every game family, number of players n and budget (2n, 4n, 8n, 16n distinct
+evaluations, below 2**n), each replication draws a game, computes its exact Shapley values
+(:func:`karn_otel.counterfactual.shapley_exact`), and asks each estimator for the Shapley
+values within the budget:
 
-* "decaying": ``d_T ~ N(0, 1) * 0.5**(|T|-1)``, higher-order synergies weaker (the usual case);
-* "flat": ``d_T ~ N(0, 1)`` on every subset, as hostile to sampling as it gets.
+* **karn**: ``attribute(strategy="shapley", max_configurations=budget)``, the code path a
+  user runs (paired, size-stratified kernel regression; the ablation core is part of it);
+* shapiq 1.4's **KernelSHAP** (pairing trick on), **SVARM**, **StratifiedSamplingSV** and
+  **PermutationSamplingSV**, each with ``budget``; the game is wrapped to count the distinct
+  coalitions each one evaluates (never more than the budget).
 
-For every replication the antithetic sampler (``karn_otel.counterfactual.
-shapley_permutation_antithetic``, m permutations = m/2 pairs, memoised) is run first and the
-number D of distinct configurations it evaluated is recorded. The plain sampler (independent
-uniform permutations) then gets the same budget: with the memo it takes permutations while
-its distinct count stays <= D; without a memo every permutation costs n - 1 fresh
-evaluations (the empty and full coalitions are counted once), so it gets (D - 2) // (n - 1)
-permutations. RMSE is over players and replications, against the exact values.
+The error is the relative RMSE ``sqrt(mean over replications of |est - exact|^2 / |exact|^2)``;
+``ratio`` = karn's / the best shapiq approximator's in that cell (<= 1.0: Karn at least as
+accurate). Games (values indexed by bitmask; ``v(empty) = 0`` up to a constant):
 
-Why antithetic pairs help: in a permutation and its reverse every pair {i, j} appears in
-both orders, so the pairwise dividend is split exactly; only third- and higher-order terms
-are left to sampling noise.
+* ``additive_noise``: ``v(S) = sum_{i in S} w_i + 0.2 eps(S)``, w, eps ~ N(0, 1);
+* ``decaying``: a Harsanyi dividend on every subset T, ``N(0, 1) * 0.5**(|T| - 1)``;
+* ``sparse_high_order``: 8 unanimity games on random subsets of size 3..n, N(0, 1) weights;
+* ``soum``: a sum of 30 unanimity models on random subsets of size 1..n, U(-1, 1) weights
+  (shapiq's SOUM benchmark family).
+
+Karn's ``evaluate`` must return accuracies in [0, 1], so each game is mapped affinely into
+[0.05, 0.95] for it (relative errors do not change under that map).
 """
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
-from karn_otel.counterfactual import shapley_exact, shapley_permutation_antithetic  # noqa: E402
+from karn_otel.config import CounterfactualConfig  # noqa: E402
+from karn_otel.counterfactual import attribute, shapley_exact  # noqa: E402
 
-N_PLAYERS = 8
-BUDGETS = (2, 4, 8, 16, 32)  # antithetic permutations (pairs x 2); sets D for each replication
-REPLICATIONS = 1000
+FAMILIES = ("additive_noise", "decaying", "sparse_high_order", "soum")
+SHAPIQ = ("KernelSHAP", "SVARM", "StratifiedSamplingSV", "PermutationSamplingSV")
 
 
-def random_game(n: int, rng: np.random.Generator, decay: float) -> np.ndarray:
-    """Game values indexed by bitmask from random dividends on all non-empty subsets."""
+def _unanimity(v: np.ndarray, masks: np.ndarray, n: int, size: int, weight: float, rng: np.random.Generator) -> None:
+    t = int(sum(1 << int(i) for i in rng.choice(n, size, replace=False)))
+    v[(masks & t) == t] += weight
+
+
+def make_game(family: str, n: int, rng: np.random.Generator) -> np.ndarray:
     masks = np.arange(1 << n)
-    sizes = np.array([bin(m).count("1") for m in masks])
     v = np.zeros(1 << n)
-    for t in range(1, 1 << n):
-        v[(masks & t) == t] += rng.normal() * decay ** (sizes[t] - 1)
+    if family == "additive_noise":
+        w = rng.normal(size=n)
+        v = ((masks[:, None] >> np.arange(n)) & 1) @ w + 0.2 * rng.normal(size=1 << n)
+        v[0] = 0.0
+    elif family == "decaying":
+        sizes = np.array([bin(m).count("1") for m in masks])
+        for t in range(1, 1 << n):
+            v[(masks & t) == t] += rng.normal() * 0.5 ** (sizes[t] - 1)
+    elif family == "sparse_high_order":
+        for _ in range(8):
+            _unanimity(v, masks, n, int(rng.integers(3, n + 1)), rng.normal(), rng)
+    elif family == "soum":
+        for _ in range(30):
+            _unanimity(v, masks, n, int(rng.integers(1, n + 1)), rng.uniform(-1, 1), rng)
+    else:
+        raise ValueError(family)
     return v
 
 
-def plain_with_memo(v: np.ndarray, n: int, budget: int, rng: np.random.Generator) -> np.ndarray:
-    """Independent permutations, memoised, while the distinct-evaluation count stays <= budget."""
-    seen = {0, (1 << n) - 1}
-    total = np.zeros(n)
-    used = 0
-    while True:
-        perm = rng.permutation(n)
-        prefixes = np.cumsum([1 << int(p) for p in perm])
-        new = {int(m) for m in prefixes} - seen
-        if len(seen) + len(new) > budget:
-            break
-        seen |= new
-        prev = v[0]
-        for player, m in zip(perm, prefixes, strict=True):
-            total[player] += v[m] - prev
-            prev = v[m]
-        used += 1
-    return total / used if used else np.zeros(n)
+def karn_estimate(v: np.ndarray, n: int, budget: int, seed: int) -> tuple[np.ndarray, int]:
+    lo, hi = v.min(), v.max()
+    scale = 0.9 / (hi - lo) if hi > lo else 1.0
+    acc = 0.05 + (v - lo) * scale  # into [0.05, 0.95]
+    weights = 1 << np.arange(n)
 
+    def evaluate(configs: list[tuple[bool, ...]]) -> list[np.ndarray]:
+        return [np.array([acc[int(np.dot(np.asarray(c, dtype=np.int64), weights))]]) for c in configs]
 
-def plain_without_memo(v: np.ndarray, n: int, budget: int, rng: np.random.Generator) -> np.ndarray:
-    """Independent permutations, every prefix paid for: (budget - 2) // (n - 1) of them."""
-    k = max(1, (budget - 2) // (n - 1))
-    total = np.zeros(n)
-    for _ in range(k):
-        perm = rng.permutation(n)
-        prev, m = v[0], 0
-        for player in perm:
-            m |= 1 << int(player)
-            total[player] += v[m] - prev
-            prev = v[m]
-    return total / k
-
-
-def run(name: str, v: np.ndarray) -> None:
-    n = N_PLAYERS
-    exact = shapley_exact(v, n)
-    print(f"\n{name} game: exact Shapley values {np.round(exact, 3).tolist()} (sd across players {exact.std():.3f})")
-    print(
-        f"{'perms':>5} {'mean D':>7} {'antithetic+memo':>16} {'plain+memo':>11} {'plain, no memo':>15}"
-        f" {'ratio memo':>11} {'ratio no memo':>14}"
+    cfg = CounterfactualConfig(
+        strategy="shapley", shapley_samples=10_000, max_configurations=budget, bootstrap_samples=0, seed=seed
     )
-    for m in BUDGETS:
-        err_anti, err_memo, err_naive, d_anti = [], [], [], []
-        for rep in range(REPLICATIONS):
-            calls: list[int] = []
+    m = attribute(evaluate, [f"p{i}" for i in range(n)], cfg)
+    assert m.shapley_values is not None and m.n_evaluations <= budget
+    return np.array([m.shapley_values[f"p{i}"].mean for i in range(n)]) / scale, m.n_evaluations
 
-            def value_fn(config: tuple[bool, ...], calls: list[int] = calls) -> float:
-                mask = sum(1 << i for i, on in enumerate(config) if on)
-                calls.append(mask)
-                return float(v[mask])
 
-            est, _, _ = shapley_permutation_antithetic(value_fn, n, m, np.random.default_rng(rep))
-            budget = len(set(calls) | {0, (1 << n) - 1})
-            rng = np.random.default_rng(10_000 + rep)
-            err_anti.append(est - exact)
-            err_memo.append(plain_with_memo(v, n, budget, rng) - exact)
-            err_naive.append(plain_without_memo(v, n, budget, rng) - exact)
-            d_anti.append(budget)
-        rmse = [float(np.sqrt(np.mean(np.square(e)))) for e in (err_anti, err_memo, err_naive)]
-        print(
-            f"{m:>5} {np.mean(d_anti):>7.1f} {rmse[0]:>16.4f} {rmse[1]:>11.4f} {rmse[2]:>15.4f}"
-            f" {rmse[1] / rmse[0]:>11.2f} {rmse[2] / rmse[0]:>14.2f}"
-        )
+def shapiq_estimate(name: str, v: np.ndarray, n: int, budget: int, seed: int) -> tuple[np.ndarray, int]:
+    import shapiq.approximator as approx
+
+    weights = 1 << np.arange(n)
+    seen: set[int] = set()
+
+    def game(coalitions: np.ndarray) -> np.ndarray:
+        c = np.asarray(coalitions, dtype=bool)
+        idx = np.atleast_1d(c.reshape(-1, n) @ weights)
+        seen.update(int(i) for i in idx)
+        return v[idx]
+
+    if name == "KernelSHAP":
+        a = approx.KernelSHAP(n, pairing_trick=True, random_state=seed)
+    else:
+        a = getattr(approx, name)(n, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        iv = a.approximate(budget, game)
+    est = np.array([iv[(i,)] for i in range(n)], dtype=float)
+    est = np.where(np.isfinite(est), est, 0.0)  # a NaN estimate counts as 0 (a large error)
+    assert len(seen) <= budget, (name, len(seen), budget)
+    return est, len(seen)
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--n", type=int, nargs="+", default=[6, 8, 10, 12])
+    p.add_argument("--mult", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES))
+    args = p.parse_args()
     started = time.perf_counter()
-    rng = np.random.default_rng(20251214)
+    print(f"relative RMSE over {args.reps} games per cell; ratio = karn / best shapiq (<= 1.0: karn at least as good)")
     print(
-        f"Shapley sampling RMSE at equal distinct evaluations D (n = {N_PLAYERS}, 2**n = {1 << N_PLAYERS},"
-        f" {REPLICATIONS} replications per row; ratio = plain RMSE / antithetic RMSE, > 1 favours antithetic)"
+        f"{'family':<18} {'n':>3} {'budget':>6} {'karn':>8} "
+        + " ".join(f"{s[:10]:>10}" for s in SHAPIQ)
+        + f" {'best':>10} {'ratio':>6}"
     )
-    run("decaying", random_game(N_PLAYERS, rng, decay=0.5))
-    run("flat", random_game(N_PLAYERS, rng, decay=1.0))
-    print(f"\nelapsed {time.perf_counter() - started:.1f} s")
+    ratios = []
+    for family in args.families:
+        for n in args.n:
+            for mult in args.mult:
+                budget = mult * n
+                if budget >= 1 << n:
+                    continue
+                sq = {name: [] for name in ("karn",) + SHAPIQ}
+                for r in range(args.reps):
+                    rng = np.random.default_rng(1_000_003 * r + 7919 * n + FAMILIES.index(family))
+                    v = make_game(family, n, rng)
+                    exact = shapley_exact(v, n)
+                    norm2 = float(np.sum(exact**2)) or 1.0
+                    est, _ = karn_estimate(v, n, budget, seed=r)
+                    sq["karn"].append(np.sum((est - exact) ** 2) / norm2)
+                    for name in SHAPIQ:
+                        est, _ = shapiq_estimate(name, v, n, budget, seed=r)
+                        sq[name].append(np.sum((est - exact) ** 2) / norm2)
+                rmse = {k: math.sqrt(float(np.mean(e))) for k, e in sq.items()}
+                best = min(SHAPIQ, key=lambda k: rmse[k])
+                ratio = rmse["karn"] / rmse[best]
+                ratios.append(ratio)
+                print(
+                    f"{family:<18} {n:>3} {budget:>6} {rmse['karn']:>8.4f} "
+                    + " ".join(f"{min(rmse[s], 9999.0):>10.4f}" for s in SHAPIQ)
+                    + f" {best[:10]:>10} {ratio:>6.2f}",
+                    flush=True,
+                )
+    r = np.array(ratios)
+    print(
+        f"\n{len(r)} cells: ratio median {np.median(r):.2f}, max {r.max():.2f}, cells <= 1.0: {(r <= 1.0).sum()}"
+        f"; elapsed {time.perf_counter() - started:.0f} s"
+    )
 
 
 if __name__ == "__main__":
