@@ -15,6 +15,17 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_live_counters_left() -> Iterator[None]:
+    """Killed and faulted runs keep their live counter in /dev/shm (that is their point):
+    remove the ones this test created."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()
+    yield
+    for p in (set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()) - before:
+        p.unlink(missing_ok=True)
+
+
 def _sh(*cmd: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 

@@ -26,6 +26,17 @@ from tests.test_collector import host
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _no_live_counters_left():
+    """Runs a test leaves unclosed on purpose keep their live counter in /dev/shm: remove the
+    ones this test created."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()
+    yield
+    for p in (set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()) - before:
+        p.unlink(missing_ok=True)
+
+
 def _collector(tmp_path: Path, **kw) -> kc.KarnCollector:
     c = kc.KarnCollector(KarnConfig(out_dir=tmp_path, console="off", strict=True))
     c.add_sink(RunLogSink(tmp_path, c.run_id, **kw))
@@ -358,3 +369,32 @@ def test_the_run_log_never_deletes_checkpoints(tmp_path):
     c.emit(HostBaseline(1.0, 0.1, ck, "delete_after_run"))
     c.close()
     assert ck.exists(), "retention is applied by the trainer that wrote the checkpoint, not by a sink"
+
+
+def test_otel_losses_at_shutdown_reach_the_run_logs_final_accounting(tmp_path):
+    """The issue's case: OTel's drop counts were written before OTel shut down, so they never
+    reached `karn inspect`. The run log now closes last, with every other sink's final counts."""
+    import socket
+
+    import karn_otel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens there once closed
+    c = karn_otel.configure(
+        KarnConfig(
+            out_dir=tmp_path, console="off", otlp_endpoint=f"http://127.0.0.1:{dead}", otel_shutdown_timeout_s=1.0
+        ),
+        processors=False,
+    )
+    otel = next(s for s in c.sinks if type(s).__name__ == "OTelSink")
+    c.emit(make_context())
+    for e in range(1, 4):
+        c.emit(host(epoch=e))
+    karn_otel.shutdown(timeout=3.0)
+    lost = {f"OTelSink:{k}": v for k, v in otel.dropped().items()}
+    assert lost, "spans to a dead endpoint are lost, and counted"
+    closed = json.loads((tmp_path / c.run_id / "run.json").read_text())["closed"]
+    assert {k: v for k, v in closed["dropped"].items() if k.startswith("OTelSink:")} == lost
+    line = read_run(tmp_path / c.run_id).accounting.lines()[1]
+    assert line.startswith("  other sinks dropped: OTelSink:")
