@@ -177,7 +177,7 @@ EMITS = st.tuples(
 )
 
 FUZZ = settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     database=None,
