@@ -340,7 +340,7 @@ class Run:
             ep = _as_int(epoch)
             if ep is None or ep < 0:
                 self._reject("bad_epoch", "epoch", f"Karn rejected epoch={_short(epoch)} (an integer >= 0); ignored")
-                ok = False
+                ep, ok = None, False
         st: int | None = None
         if step is not None:
             st = _as_int(step)
@@ -364,7 +364,10 @@ class Run:
         scalars: dict[str, float] = {}
         for key, raw in values.items():
             name = key if isinstance(key, str) else str(key)
-            x = _as_float(raw)
+            try:
+                x = _as_float(raw)
+            except Exception:  # noqa: BLE001 (a hostile __float__ or .item(): this value only)
+                x = None
             if x is None:
                 self._reject(
                     "type_error", name, f"Karn rejected {name!r}: {_type(raw)} is not a number (the rest is recorded)"
