@@ -398,3 +398,33 @@ def test_otel_losses_at_shutdown_reach_the_run_logs_final_accounting(tmp_path):
     assert {k: v for k, v in closed["dropped"].items() if k.startswith("OTelSink:")} == lost
     line = read_run(tmp_path / c.run_id).accounting.lines()[1]
     assert line.startswith("  other sinks dropped: OTelSink:")
+
+
+def test_a_log_from_before_framing_is_read_and_appended_to(tmp_path):
+    """Old run dirs (no framing in run.json) read line by line, unverified, as before; reopening
+    one appends framed blocks after the old part (``framed_from``)."""
+    import re
+
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", run_id="old"))
+    c.add_sink(RunLogSink(tmp_path, "old"))
+    c.emit(make_context())
+    for e in (1, 2):
+        c.emit(host(epoch=e))
+    c.close()
+    run_dir = tmp_path / "old"
+    path = run_dir / "events.jsonl"
+    path.write_bytes(re.sub(rb',"\$block":\{[^}]*\}', b"", path.read_bytes()))  # the old format
+    (run_dir / "run.json").write_text(json.dumps({"run_id": "old", "schema_version": 1}))
+    rec = read_run(run_dir)
+    assert len(rec.events) == 3 and not rec.skipped and rec.accounting is None
+    sink = RunLogSink(tmp_path, "old")
+    c2 = kc.KarnCollector(KarnConfig(out_dir=None, console="off", run_id="old"), sinks=[sink])
+    c2.emit(make_context(episode_id="ep-2"))
+    c2.emit(host(epoch=1))
+    c2.close()
+    rec = read_run(run_dir)
+    assert [e.event_type.value for e in rec.events] == ["episode_started", "host_snapshot", "host_snapshot"] * 1 + [
+        "episode_started",
+        "host_snapshot",
+    ]
+    assert not rec.skipped and rec.integrity.blocks == 1
