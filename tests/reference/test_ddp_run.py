@@ -37,3 +37,53 @@ def test_two_rank_run_reports_every_rank_and_replays(tmp_path):
     assert set(beats) == {"rank0.json", "rank1.json"}
     rp = karn("replay", str(run_dir))
     assert rp.returncode == 0 and "identical" in rp.stdout, rp.stdout + rp.stderr
+
+
+def test_two_rank_run_over_otlp_per_rank_means_per_rank(tmp_path):
+    """Decoded OTLP from `karn run --nproc 2`: rank k's series and spans are rank k's own; the job-wide
+    values have their own identity (scope="job", no rank); one trace per episode for both ranks."""
+    from tests.otlp_receiver import OTLPReceiver
+
+    with OTLPReceiver("http/protobuf") as rx:
+        r = karn(
+            "run", "--nproc", "2", "--epochs", "3", "--no-live", "--out", str(tmp_path),
+            "--otlp-endpoint", rx.endpoint, "--otlp-protocol", "http/protobuf",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+        rank0, rank1 = read_run(run_dir), read_run(run_dir / "ranks" / "rank1")
+        local0 = [e.payload for e in rank0.events if e.event_type.value == "host_snapshot" and not e.is_reduced]
+        reduced = [e.payload for e in rank0.events if e.event_type.value == "host_snapshot" and e.is_reduced]
+        local1 = [e.payload for e in rank1.events if e.event_type.value == "host_snapshot"]
+        assert local0[0].train_loss != reduced[0].train_loss, "the ranks' losses differ: the test can tell"
+
+        def losses(**attrs) -> list[float]:
+            return [
+                p.value
+                for p in rx.metric_points()
+                if p.name == "karn.host.train_loss" and all(p.attributes.get(k) == v for k, v in attrs.items())
+            ]
+
+        per_rank0 = [v for v in losses(rank=0) if v is not None]
+        assert per_rank0 == [h.train_loss for h in local0], "one point per epoch, rank 0's own values"
+        assert losses(rank=1) == [h.train_loss for h in local1]
+        job = [p for p in rx.metric_points() if p.name == "karn.host.train_loss" and p.attributes.get("scope") == "job"]
+        assert [p.value for p in job] == [h.train_loss for h in reduced]
+        assert all("rank" not in p.attributes for p in job), "job-wide values belong to no rank"
+        assert not [p for p in rx.metric_points() if p.attributes.get("rank") == 0 and p.attributes.get("scope")]
+
+        spans = rx.spans()
+        episode_id = rank0.events[0].episode_id
+        assert rank1.events[0].episode_id == episode_id, "rank 0 chose the episode id for both"
+        assert {s.trace_id for s in spans} == {episode_id}, "one trace for the episode, both ranks in it"
+        epochs: dict[int, list[int]] = {0: [], 1: []}
+        for s in spans:
+            if s.name == "karn.epoch":
+                epochs[s.resource["karn.rank"]].append(s.attributes["karn.epoch"])
+        assert {k: sorted(v) for k, v in epochs.items()} == {0: [1, 2, 3], 1: [1, 2, 3]}, "one epoch span per rank"
+        reductions = [s for s in spans if s.name == "karn.reduction"]
+        assert [s.attributes["karn.train_loss"] for s in reductions] == [h.train_loss for h in reduced]
+        assert {s.resource["karn.rank"] for s in reductions} == {0}
+        roots = [s for s in spans if s.name == "karn.episode"]
+        assert sorted(s.resource["karn.rank"] for s in roots) == [0, 1]
+        assert all(s.status == "UNSET" for s in roots), "both episodes completed"

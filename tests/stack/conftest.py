@@ -59,6 +59,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_free_ports() -> int:
+    """A base port whose successor is free too (rank k listens on base + k)."""
+    for _ in range(50):
+        base = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no two consecutive free ports")
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     """Terminate a child process, then kill it if it does not exit within 10 s."""
     if proc.poll() is None:
@@ -186,11 +199,11 @@ class Prometheus(Service):
 
 @pytest.fixture(scope="session")
 def start_prometheus(tmp_path_factory):
-    """``start_prometheus(config: dict) -> Prometheus`` on a free loopback port; all are stopped at the end."""
+    """``start_prometheus(config: dict, *flags) -> Prometheus`` on a free loopback port; all are stopped at the end."""
     binary_path = require(PROMETHEUS, "prometheus", "prometheus")
     started: list[Service] = []
 
-    def start(config: dict) -> Prometheus:
+    def start(config: dict, *flags: str) -> Prometheus:
         workdir = tmp_path_factory.mktemp("prometheus")
         cfg_path = workdir / "prometheus.yml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -201,6 +214,7 @@ def start_prometheus(tmp_path_factory):
             f"--storage.tsdb.path={workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
             "--log.level=warn",
+            *flags,
         ]
         svc = start_service("prometheus", cmd, f"http://127.0.0.1:{port}", workdir)
         prom = Prometheus(svc.name, svc.proc, svc.url, svc.log)
@@ -251,14 +265,15 @@ class Webhook:
     payloads: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def alerts(self, **labels: str) -> list[dict]:
-        """Every alert delivered so far whose labels include ``labels``."""
+    def alerts(self, status: str | None = None, **labels: str) -> list[dict]:
+        """Every alert delivered so far whose labels include ``labels`` (and, if given, with that status)."""
         with self.lock:
             return [
                 a
                 for p in self.payloads
                 for a in p.get("alerts", [])
                 if all(a.get("labels", {}).get(k) == v for k, v in labels.items())
+                and (status is None or a.get("status") == status)
             ]
 
 

@@ -8,8 +8,8 @@ Protocol: one JSON object per line on stdout.
 * ``{"event": "port", "port": N, "run_id": ...}`` once the endpoint is up (before training);
 * ``{"event": "ready", "run_dir": ..., "failing": [...]}`` after training, with the run log
   flushed and the HealthMonitor's failing checks (also written to ``--report``); with
-  ``--inject-loss-spike-epoch`` set to the last epoch, the run ends with real host-check failures
-  (loss spike, accuracy drop) for the alert rules to agree with;
+  ``--inject-loss-spike-epoch`` the labels are shuffled for that one epoch: a real loss spike the
+  HealthMonitor raises (an alert event) and the run recovers from;
 * ``{"event": "done", "cmd": ...}`` after each command read from stdin:
 
   - ``faults``: a sink that fails on every event is added and an event is emitted through it

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.stack.conftest import REPO, Prometheus, free_port, stop_process, wait_until
+from tests.stack.conftest import REPO, Prometheus, stop_process, two_free_ports, wait_until
 
 pytestmark = pytest.mark.stack
 
 
-def _two_free_ports() -> int:
-    """A base port whose successor is free too (rank k listens on base + k)."""
-    for _ in range(50):
-        base = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError("no two consecutive free ports")
-
-
 def test_prometheus_scrapes_every_rank(start_prometheus, tmp_path):
-    base = _two_free_ports()
+    base = two_free_ports()
     targets = [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
     prom: Prometheus = start_prometheus(
         {
@@ -57,7 +43,7 @@ def test_prometheus_scrapes_every_rank(start_prometheus, tmp_path):
     try:
 
         def both_ranks():
-            res = prom.query('karn_host_epoch{world_size="2"}')
+            res = prom.query('karn_host_epoch{world_size="2", rank!=""}')
             ranks = {r["metric"]["rank"] for r in res if float(r["value"][1]) >= 4}
             return ranks if ranks == {"0", "1"} else None
 

@@ -1,22 +1,26 @@
 """The stack for real: Karn processes scraped by a real Prometheus that evaluates the real alert
 rules and sends to a real Alertmanager, which delivers to a webhook on loopback.
 
-Two Karn processes run side by side, each with its embedded /metrics endpoint (the `karn` scrape
-job of stack/prometheus/prometheus.yml, pointed at their loopback ports):
+Karn processes, each with its embedded /metrics endpoint (the `karn` scrape job of
+stack/prometheus/prometheus.yml, pointed at their loopback ports):
 
 * the *driver* (tests/stack/karn_driver.py): the reference system with the heuristic controller,
-  a short lifecycle so seeds germinate and get attributed, and the labels shuffled in its last
-  epoch (a real loss spike and accuracy drop that the run ends with); then, on command, faults
+  a short lifecycle so seeds germinate and get attributed, and the labels shuffled for one epoch
+  in the middle of the run (a real one-epoch loss spike that recovers); then, on command, faults
   (a failing sink, a rejected event) and a rank that dies mid-episode;
-* ``karn run --controller ppo --inject-entropy-collapse --prometheus-port P --serve-after ...``:
-  the user's command, with a real PPO controller whose policy has collapsed.
+* ``karn run --controller ppo --episodes 2 --inject-entropy-collapse-episodes 1``: the user's
+  command, with a real PPO controller whose policy collapses in episode 1 and recovers in episode 2;
+* ``karn run --epochs 40``: a clean run that exits by itself (after the final scrape);
+* ``karn run --nproc 2 --epochs 40``: a DDP job whose rank 1 is SIGKILLed mid-episode.
 
-The rules file is the committed one with every ``for:`` shortened to 1 s (checked: nothing else
-differs); Alertmanager's config is the committed one with second-scale grouping and the webhook
-URL on loopback.
+Intervals: Prometheus scrapes and evaluates every 1 s instead of the shipped 15 s, and every
+duration of the committed rules is scaled by the same 1/15 (``for: 1m`` -> 4 s, ``[5m]`` -> 20 s;
+tests/stack/conftest.py checks that nothing else differs), so the rules behave as shipped, 15
+times faster. Alertmanager's config is the committed one with second-scale grouping and the
+webhook URL on loopback.
 
-The tests share one set of processes (module scope) and run in file order: the last one kills
-the driver.
+The tests share one set of processes (module scope) and run in file order: the driver is killed
+after the tests that read it.
 """
 
 from __future__ import annotations
@@ -35,16 +39,18 @@ import pytest
 
 from karn_otel.contracts import TelemetryEventType as ET
 from karn_otel.sinks.runlog import read_run
-from karn_otel.stack_rules import alert_name
 from tests.stack.conftest import (
     REPO,
     STACK,
+    TEST_INTERVAL_S,
+    TIME_SCALE,
     Prometheus,
     alertmanager_config_for_tests,
     free_port,
     prometheus_config_for_tests,
     rules_for_tests,
     stop_process,
+    two_free_ports,
     wait_until,
 )
 
@@ -54,8 +60,12 @@ DRIVER = Path(__file__).with_name("karn_driver.py")
 DASHBOARDS = REPO / "dashboards"
 RULES = STACK / "prometheus" / "rules" / "karn-alerts.yml"
 DRIVER_EPOCHS = 12  # ends with an isolated seed (leakage measured) and attributed ones
-PPO_EPOCHS = 4
-PROCESS_TIMEOUT_S = 240  # both Karn processes exit by themselves after this, whatever happens here
+SPIKE_EPOCH = 9  # one epoch of shuffled labels, 3 before the end: the run recovers from it
+PPO_EPOCHS = 3
+PPO_EPISODES = 2  # the policy collapses in episode 1 and recovers in episode 2
+CLEAN_EPOCHS = 40
+PROCESS_TIMEOUT_S = 240  # the Karn processes exit by themselves after this, whatever happens here
+HOLD_S = 300 * TIME_SCALE  # stack_rules.HOLD (5m), scaled: how long a health alert holds after its event
 
 # Panels whose query legitimately returns nothing while the run is healthy and complete, and why.
 # Everything else must return data for one of the two runs.
@@ -65,6 +75,7 @@ EXPECTED_EMPTY = {
         "Missing ranks",
     ): "only while a rank is gone; test_rank_killed_mid_episode checks it returns data then",
 }
+NOT_A_RUN_ALERT = {"KarnWatchdog"}  # always firing, and about the stack, not a run
 
 # Grafana's built-in variables, as Grafana would substitute them for a 1 h dashboard.
 BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
@@ -77,12 +88,7 @@ class KarnProcess:
         self.name = name
         self.lines: queue.Queue[str] = queue.Queue()
         self.all_lines: list[str] = []
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OTEL_EXPORTER_OTLP_ENDPOINT")
-        }
-        env["PYTHONUNBUFFERED"] = "1"
+        env = karn_env()
         self.stderr = open(log, "wb")
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
@@ -134,13 +140,17 @@ class LiveStack:
         self.webhook = webhook
         self.driver_run_id = f"stack-driver-{os.getpid()}"
         driver_port, ppo_port = free_port(), free_port()
+        self.clean_port = free_port()
+        self.ddp_base = two_free_ports()
         self.report_path = tmp / "driver-health.json"
         # Alertmanager and Prometheus first (their fixtures stop them), then the Karn processes.
         self.am = start_alertmanager(alertmanager_config_for_tests(webhook.url))
         rules = rules_for_tests(RULES, tmp / "karn-alerts.yml")
         self.prom: Prometheus = start_prometheus(
             prometheus_config_for_tests(
-                rules, [f"127.0.0.1:{driver_port}", f"127.0.0.1:{ppo_port}"], self.am.url.split("//")[1]
+                rules,
+                [f"127.0.0.1:{p}" for p in (driver_port, ppo_port, self.clean_port, self.ddp_base, self.ddp_base + 1)],
+                self.am.url.split("//")[1],
             )
         )
         self.processes: list[KarnProcess] = []
@@ -163,7 +173,7 @@ class LiveStack:
                     "--timeout",
                     str(PROCESS_TIMEOUT_S),
                     "--inject-loss-spike-epoch",
-                    str(DRIVER_EPOCHS),
+                    str(SPIKE_EPOCH),
                 ],
             )
             self.ppo = self._spawn(
@@ -175,7 +185,10 @@ class LiveStack:
                     "run",
                     "--controller",
                     "ppo",
-                    "--inject-entropy-collapse",
+                    "--inject-entropy-collapse-episodes",
+                    "1",
+                    "--episodes",
+                    str(PPO_EPISODES),
                     "--epochs",
                     str(PPO_EPOCHS),
                     "--no-live",
@@ -186,6 +199,12 @@ class LiveStack:
                     "--serve-after",
                     str(PROCESS_TIMEOUT_S),
                 ],
+            )
+            # The clean run trains beside the others and exits by itself (after its final scrape).
+            self.clean = self._spawn(
+                "karn run (clean)",
+                [sys.executable, "-m", "karn_otel.cli", "run", "--epochs", str(CLEAN_EPOCHS), "--no-live"]
+                + ["--out", str(tmp / "clean-runs"), "--prometheus-port", str(self.clean_port)],
             )
             self.ppo.expect(r"metrics: http://127\.0\.0\.1:(\d+)/metrics", timeout=60)
             self.driver.expect(r'"event": "port"', timeout=60)
@@ -213,9 +232,9 @@ class LiveStack:
         self.ppo_run_id = self.ppo_run_dir.name
         self.driver_run_dir = self.tmp / "runs" / self.driver_run_id
         self.report = json.loads(self.report_path.read_text())
-        for run_id, epochs in ((self.driver_run_id, DRIVER_EPOCHS), (self.ppo_run_id, PPO_EPOCHS)):
+        for run_id in (self.driver_run_id, self.ppo_run_id):
             wait_until(
-                lambda: self.prom.query(f'karn_episode_epochs_completed{{run_id="{run_id}"}} == {epochs}'),
+                lambda: self.prom.query(f'karn_episode_complete{{run_id="{run_id}"}} == 1'),
                 30,
                 f"Prometheus to scrape the end of run {run_id}",
             )
@@ -271,66 +290,79 @@ def karn_alerts(prom: Prometheus, run_id: str, state: str | None = None) -> list
 # --------------------------------------------------------------------------- alerts
 
 
-def test_health_alerts_agree_with_the_runs_health_monitor(live):
-    """Prometheus fires exactly the health alerts whose checks the run's own HealthMonitor fails.
+def raised_checks(run_dir: Path) -> list[tuple[int, str]]:
+    """(epoch, check) of every non-ok HealthAlert in a run log: what the run's HealthMonitor raised."""
+    return [
+        (e.epoch, e.payload.check)
+        for e in read_run(run_dir).events
+        if e.event_type is ET.HEALTH_ALERT and e.payload.severity.value != "ok"
+    ]
 
-    The driver's run ends with its labels shuffled for one epoch: a real loss spike and accuracy
-    drop, judged by the monitor over its epoch history, exported as karn_health_status and
-    turned into KarnLossSpike / KarnAccuracyDrop by the rules. Nothing else may fire.
+
+def delivered_checks(webhook, run_id: str) -> set[str]:
+    return {a["labels"]["check"] for a in webhook.alerts(run_id=run_id) if "check" in a["labels"]}
+
+
+def test_one_epoch_loss_spike_is_delivered_and_resolves(live):
+    """Epoch 9 of 12 has its labels shuffled: a real loss spike that lasts one epoch.
+
+    The HealthMonitor raises loss_spike for that epoch only; KarnLossSpike reaches the webhook
+    with the run and rank labels, then resolves by itself once the hold has passed. Every health
+    alert delivered for the run is a check the monitor raised (nothing Prometheus made up).
     """
     live.ready()
-    expected = live.report["failing"]
-    assert "loss_spike" in expected, expected
-
-    def firing_checks() -> list[str]:
-        return sorted(
-            {
-                a["labels"]["check"]
-                for a in karn_alerts(live.prom, live.driver_run_id, "firing")
-                if "check" in a["labels"]
-            }
-        )
-
-    wait_until(lambda: firing_checks() == expected, 20, f"Prometheus to fire {expected}")
-    time.sleep(2)  # and nothing more, over a couple of evaluations
-    assert firing_checks() == expected
-    if not live.faults_injected:  # no other Karn alert either (pending or firing)
-        assert {a["labels"]["alertname"] for a in karn_alerts(live.prom, live.driver_run_id)} == {
-            alert_name(c) for c in expected
-        }
+    raised = raised_checks(live.driver_run_dir)
+    assert (SPIKE_EPOCH, "loss_spike") in raised, raised
+    assert live.report["failing"] == [] or "loss_spike" not in live.report["failing"], "the spike lasted one epoch"
     spike = wait_until(
-        lambda: live.webhook.alerts(alertname="KarnLossSpike", run_id=live.driver_run_id),
-        20,
+        lambda: live.webhook.alerts(alertname="KarnLossSpike", run_id=live.driver_run_id, status="firing"),
+        30,
         "KarnLossSpike at the webhook",
     )[0]
+    assert spike["labels"]["rank"] == "0" and spike["labels"]["world_size"] == "1"
     assert spike["labels"]["check"] == "loss_spike" and spike["labels"]["severity"] == "warning"
+    assert spike["annotations"]["runbook_url"] == "docs/alerts.md#karnlossspike"
+    assert live.driver_run_id in spike["annotations"]["explore"]
     assert "Latest value: " in spike["annotations"]["description"]
+    assert delivered_checks(live.webhook, live.driver_run_id) <= {c for _, c in raised}
+    wait_until(
+        lambda: live.webhook.alerts(alertname="KarnLossSpike", run_id=live.driver_run_id, status="resolved"),
+        HOLD_S + 30,
+        "KarnLossSpike to resolve by itself",
+    )
 
 
-def test_entropy_collapse_is_delivered_by_alertmanager(live):
-    """`karn run --controller ppo --inject-entropy-collapse`: KarnEntropyCollapse reaches the webhook."""
+def test_entropy_collapse_that_recovers_is_delivered_and_resolves(live):
+    """`karn run --controller ppo --episodes 2 --inject-entropy-collapse-episodes 1`."""
     live.ready()
+    raised = raised_checks(live.ppo_run_dir)
+    assert "entropy_collapse" in {c for _, c in raised}
+    updates = [e.payload for e in read_run(live.ppo_run_dir).events if e.event_type is ET.PPO_UPDATE]
+    assert min(updates[-1].entropy.values()) > 0.5, "episode 2's policy has recovered"
     delivered = wait_until(
-        lambda: live.webhook.alerts(alertname="KarnEntropyCollapse", run_id=live.ppo_run_id),
+        lambda: live.webhook.alerts(alertname="KarnEntropyCollapse", run_id=live.ppo_run_id, status="firing"),
         30,
         "KarnEntropyCollapse at the webhook",
     )
     alert = delivered[0]
-    assert alert["status"] == "firing"
     assert alert["labels"]["rank"] == "0"
     assert alert["labels"]["severity"] == "warning"
     assert alert["labels"]["check"] == "entropy_collapse"
     assert live.ppo_run_id in alert["annotations"]["summary"] and "rank 0" in alert["annotations"]["summary"]
-    assert "Latest value: " in alert["annotations"]["description"]
     payload = next(p for p in live.webhook.payloads if alert in p["alerts"])
     assert payload["groupLabels"] == {"alertname": "KarnEntropyCollapse", "run_id": live.ppo_run_id}
+    assert delivered_checks(live.webhook, live.ppo_run_id) <= {c for _, c in raised}
+    wait_until(
+        lambda: live.webhook.alerts(alertname="KarnEntropyCollapse", run_id=live.ppo_run_id, status="resolved"),
+        HOLD_S + 30,
+        "KarnEntropyCollapse to resolve once the policy recovered",
+    )
 
-    # Every health alert Prometheus fires for the run is a check its HealthMonitor raised.
-    events = read_run(live.ppo_run_dir).events
-    raised = {e.payload.check for e in events if e.event_type is ET.HEALTH_ALERT and e.payload.severity.value != "ok"}
-    firing = {a["labels"]["check"] for a in karn_alerts(live.prom, live.ppo_run_id, "firing") if "check" in a["labels"]}
-    assert "entropy_collapse" in firing
-    assert firing <= raised, f"Prometheus fires {firing - raised} that the run's HealthMonitor never raised"
+
+def test_watchdog_is_delivered(live):
+    live.ready()
+    [w, *_] = wait_until(lambda: live.webhook.alerts(alertname="KarnWatchdog"), 20, "the watchdog")
+    assert w["labels"]["severity"] == "none" and "run_id" not in w["labels"]
 
 
 def test_telemetry_dropping_fires_when_a_sink_fails(live):
@@ -387,18 +419,21 @@ def substitute(expr: str, **variables: str) -> str:
 
 
 def test_every_dashboard_query_returns_data(live):
-    """Each panel's PromQL, variables substituted, returns series for the driver's or the PPO run."""
+    """Each panel's PromQL, variables substituted, returns series for the driver's or the PPO run
+    (at some time during the runs, as a dashboard scrolled back would show it)."""
     live.inject_faults()  # so that Karn's drop/reject counters and an alert exist too
     wait_until(lambda: live.prom.query('ALERTS{alertstate="firing"}'), 20, "a firing alert (the ALERTS panels)")
     queries = dashboard_queries()
     assert len(queries) > 60
     empty = []
     end = time.time()
-    for uid, title, expr, instant in queries:
+    for uid, title, expr, _instant in queries:
 
         def has_data(run_id: str) -> bool:
             q = substitute(expr, run_id=run_id, rank="0")
-            return bool(live.prom.query(q) if instant else live.prom.query_range(q, live.t0, end))
+            # An instant panel shows the value at the dashboard's time: some time during the runs
+            # (a one-epoch alert has resolved by now).
+            return bool(live.prom.query_range(q, live.t0, end))
 
         if any(has_data(run_id) for run_id in (live.driver_run_id, live.ppo_run_id)):
             continue
@@ -461,6 +496,107 @@ def test_prometheus_holds_the_run_logs_last_values(live):
     for head, h in ppo.entropy.items():
         if h == h:  # NaN entropies (no sample for the head) are not exported
             assert v(f'karn_ppo_entropy{{{psel}, head="{head}"}}') == pytest.approx(h, rel=1e-12, abs=1e-15), head
+
+
+# --------------------------------------------------------------------------- finished is not missing
+
+
+def karn_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OTEL_EXPORTER_OTLP_ENDPOINT", "KARN_PROMETHEUS_FINAL_SCRAPE_S")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def only_run_dir(parent: Path) -> Path:
+    runs = [p for p in parent.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def quiet_for(prom: Prometheus, run_id: str, seconds: float) -> None:
+    """No alert of the run pending or firing at any evaluation over ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert not karn_alerts(prom, run_id), karn_alerts(prom, run_id)
+        time.sleep(0.25)
+
+
+def test_clean_run_delivers_no_alert_at_all(live):
+    """`karn run --epochs 40 --prometheus-port P`: Prometheus sees epoch 40 and the completion, and no
+    alert (KarnRankMissing included) is pending, firing or delivered while the run trains or after it exits."""
+    live.ready()
+    out = live.tmp / "clean-runs"
+    live.clean.expect(r"^events: \d+ accepted", timeout=PROCESS_TIMEOUT_S)
+    assert live.clean.proc.wait(timeout=60) == 0, "\n".join(live.clean.all_lines[-20:])
+    run_dir = only_run_dir(out)
+    run_id = run_dir.name
+    assert raised_checks(run_dir) == [], "a clean run: its HealthMonitor raised nothing"
+    sel = f'run_id="{run_id}"'
+    # The final scrape happened before the endpoint stopped: the end of the run is in Prometheus.
+    assert live.prom.value(f"last_over_time(karn_host_epoch{{{sel}}}[10m])") == CLEAN_EPOCHS
+    assert live.prom.value(f"last_over_time(karn_episode_complete{{{sel}}}[10m])") == 1
+    wait_until(lambda: not live.prom.query(f"karn_episode_complete{{{sel}}}"), 20, "the run's series to go stale")
+    # Three evaluation intervals, and KarnRankMissing's for: (4 s scaled) on top.
+    quiet_for(live.prom, run_id, 3 * TEST_INTERVAL_S + 60 * TIME_SCALE + 2)
+    assert not live.prom.query(f"count_over_time(ALERTS{{{sel}}}[10m])"), "never pending, never firing"
+    assert not live.webhook.alerts(run_id=run_id)
+
+
+def test_ddp_rank_killed_is_the_only_rank_missing(live):
+    """`karn run --nproc 2 --epochs 40`, rank 1 SIGKILLed mid-episode: KarnRankMissing for rank 1 only.
+
+    Rank 0 stops too (its peer is gone) but shuts Karn down on the way out (karn_episode_stopped 1,
+    read by the final scrape): the rank that took the job down is the one paged.
+    """
+    live.ready()
+    out = live.tmp / "ddp-runs"
+    log = open(live.tmp / "ddp.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "karn_otel.cli", "run", "--nproc", "2", "--epochs", str(CLEAN_EPOCHS), "--no-live"]
+        + ["--out", str(out), "--prometheus-port", str(live.ddp_base)],
+        cwd=REPO,
+        env=karn_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def both_ranks_training():
+            res = live.prom.query('karn_host_epoch{world_size="2", rank!=""} >= 3')
+            return res if {r["metric"]["rank"] for r in res} == {"0", "1"} else None
+
+        run_id = wait_until(both_ranks_training, 120, "both ranks at epoch 3 in Prometheus")[0]["metric"]["run_id"]
+        heartbeat = json.loads((out / run_id / "heartbeats" / "rank1.json").read_text())
+        os.kill(heartbeat["pid"], 9)  # SIGKILL rank 1: no goodbye
+        firing = wait_until(
+            lambda: live.prom.firing(alertname="KarnRankMissing", run_id=run_id), 60, "KarnRankMissing for rank 1"
+        )
+        assert [a["labels"]["rank"] for a in firing] == ["1"]
+        assert firing[0]["labels"]["world_size"] == "2"
+        delivered = wait_until(
+            lambda: live.webhook.alerts(alertname="KarnRankMissing", run_id=run_id), 20, "KarnRankMissing delivered"
+        )
+        assert {a["labels"]["rank"] for a in delivered} == {"1"}
+        proc.wait(timeout=120)  # the launcher ends the job
+        assert proc.returncode != 0
+        sel = f'run_id="{run_id}", rank="0"'
+        wait_until(lambda: not live.prom.query(f"karn_episode_complete{{{sel}}}"), 60, "rank 0's series to go stale")
+        assert live.prom.value(f"last_over_time(karn_episode_stopped{{{sel}}}[10m])") == 1, "rank 0 said goodbye"
+        deadline = time.monotonic() + 3 * TEST_INTERVAL_S + 60 * TIME_SCALE + 2
+        while time.monotonic() < deadline:
+            ranks = {a["labels"]["rank"] for a in live.prom.alerts() if a["labels"].get("run_id") == run_id}
+            assert ranks <= {"1"}, ranks
+            time.sleep(0.25)
+        assert {a["labels"]["rank"] for a in live.webhook.alerts(run_id=run_id)} == {"1"}
+    finally:
+        stop_process(proc)
+        log.close()
 
 
 # --------------------------------------------------------------------------- a rank dies

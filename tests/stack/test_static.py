@@ -269,8 +269,8 @@ def test_prometheus_config():
     cfg = load_yaml(PROMETHEUS_YML)
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     collector = jobs["otel-collector"]
-    assert collector["honor_labels"] is True
-    assert collector["static_configs"][0]["targets"] == ["otel-collector:8889"]
+    assert "honor_labels" not in collector, "the Collector's own metrics: this scrape's job/instance"
+    assert collector["static_configs"][0]["targets"] == ["otel-collector:8888"]
     karn_targets = jobs["karn"]["static_configs"][0]["targets"]
     assert karn_targets[0] == "host.docker.internal:9464", "Karn's default base port, rank 0"
     assert karn_targets == [f"host.docker.internal:{9464 + k}" for k in range(len(karn_targets))], "one port per rank"
@@ -620,17 +620,22 @@ def test_collector_config_components_and_pipelines():
         assert p["processors"][0] == "memory_limiter" and p["processors"][-1] == "batch", name
     for kind in used:
         assert used[kind] == defined[kind], f"defined but unused {kind}: {defined[kind] - used[kind]}"
-    assert pipelines["metrics"]["exporters"] == ["prometheus"] and pipelines["traces"]["exporters"] == ["otlp/tempo"]
+    assert pipelines["metrics"]["exporters"] == ["prometheusremotewrite"]
+    assert pipelines["traces"]["exporters"] == ["otlp/tempo"]
 
 
 def test_collector_endpoints_agree_with_prometheus_tempo_and_compose():
     cfg = load_yaml(COLLECTOR)
     protocols = cfg["receivers"]["otlp"]["protocols"]
     assert protocols["grpc"]["endpoint"] == "0.0.0.0:4317" and protocols["http"]["endpoint"] == "0.0.0.0:4318"
-    prom = cfg["exporters"]["prometheus"]
-    assert prom["resource_to_telemetry_conversion"]["enabled"] is True
-    port = prom["endpoint"].rsplit(":", 1)[1]
-    assert load_yaml(PROMETHEUS_YML)["scrape_configs"][0]["static_configs"][0]["targets"] == [f"otel-collector:{port}"]
+    rw = cfg["exporters"]["prometheusremotewrite"]
+    assert rw["resource_to_telemetry_conversion"]["enabled"] is True
+    assert rw["endpoint"] == "http://prometheus:9090/api/v1/write", "Prometheus' remote-write receiver"
+    services = load_yaml(COMPOSE)["services"]
+    assert "--web.enable-remote-write-receiver" in services["prometheus"]["command"]
+    own = cfg["service"]["telemetry"]["metrics"]["address"].rsplit(":", 1)[1]
+    jobs = {j["job_name"]: j for j in load_yaml(PROMETHEUS_YML)["scrape_configs"]}
+    assert jobs["otel-collector"]["static_configs"][0]["targets"] == [f"otel-collector:{own}"]
     tempo = cfg["exporters"]["otlp/tempo"]
     host, tport = tempo["endpoint"].split(":")
     assert host in load_yaml(COMPOSE)["services"]
@@ -664,6 +669,53 @@ def test_collector_gives_karns_metrics_the_embedded_endpoints_names():
         assert collector_prometheus_name(m.name, unit, m.kind) == m.prometheus_name, m.name
     ratio = [m for m in reg.METRICS if collector_prometheus_name(m.name, m.unit, m.kind) != m.prometheus_name]
     assert ratio and all(m.unit == "1" and m.kind == "gauge" for m in ratio)
+
+
+def test_the_stack_watches_itself():
+    """Prometheus scrapes the Collector's, Tempo's, Alertmanager's and its own metrics; the Watchdog fires."""
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in load_yaml(PROMETHEUS_YML)["scrape_configs"]}
+    assert jobs["otel-collector"] == ["otel-collector:8888"]
+    assert jobs["tempo"] == [f"tempo:{load_yaml(TEMPO)['server']['http_listen_port']}"]
+    assert jobs["alertmanager"] == ["alertmanager:9093"]
+    assert jobs["prometheus"] == ["localhost:9090"]
+    assert "KarnWatchdog" in {r["alert"] for r in rules()}
+
+
+def test_compose_services_are_healthy_before_their_dependents_start():
+    services = load_yaml(COMPOSE)["services"]
+    one_shot = {
+        n
+        for s in services.values()
+        for n, d in (s.get("depends_on") or {}).items()
+        if isinstance(d, dict) and d.get("condition") == "service_completed_successfully"
+    }
+    for name, svc in services.items():
+        if name in one_shot:
+            continue
+        check = svc.get("healthcheck")
+        assert check and check["test"][0] == "CMD", f"{name}: no healthcheck"
+        for dep, cond in (svc.get("depends_on") or {}).items():
+            assert isinstance(cond, dict), f"{name}: depends_on {dep} without a condition"
+            want = "service_completed_successfully" if dep in one_shot else "service_healthy"
+            assert cond["condition"] == want, (name, dep)
+    assert services["grafana"]["depends_on"].keys() >= {"prometheus", "tempo", "alertmanager"}
+    assert services["otel-collector"]["depends_on"].keys() >= {"prometheus", "tempo"}, "it writes into both"
+
+
+def test_collector_memory_is_bounded():
+    """memory_limiter in absolute MiB under the container's limit, and GOMEMLIMIT at the limiter's limit."""
+    limiter = load_yaml(COLLECTOR)["processors"]["memory_limiter"]
+    svc = load_yaml(COMPOSE)["services"]["otel-collector"]
+    mem_limit_mib = int(svc["mem_limit"].removesuffix("m"))
+    assert limiter["limit_mib"] + limiter["spike_limit_mib"] <= mem_limit_mib
+    assert svc["environment"]["GOMEMLIMIT"] == f"{limiter['limit_mib']}MiB"
+
+
+def test_prometheus_is_pinned_with_the_remote_write_and_otlp_receivers():
+    svc = load_yaml(COMPOSE)["services"]["prometheus"]
+    assert svc["image"] == "prom/prometheus:v2.54.1"
+    assert "--web.enable-remote-write-receiver" in svc["command"]
+    assert "--enable-feature=otlp-write-receiver" in svc["command"]
 
 
 def test_tempo_config():
