@@ -6,8 +6,8 @@
     from karn_otel.adapters.tensorboard import SummaryWriter   # after
 
 Scalars (``add_scalar``, ``add_scalars``) become Karn :class:`~karn_otel.contracts.Scalars`,
-one event per ``global_step`` (the values of a step are gathered until the step changes,
-``flush`` or ``close``). The ``"hyperparameters"`` markdown table CleanRL writes with
+one event per ``global_step`` (the values of a step are gathered until the step changes, a
+tag repeats, ``flush`` or ``close``; nothing is overwritten). The ``"hyperparameters"`` markdown table CleanRL writes with
 ``add_text`` and ``add_hparams``' dict become the run's hyperparameters. Images, histograms,
 graphs and the other non-scalar calls are accepted and not recorded (said once).
 
@@ -127,10 +127,11 @@ class SummaryWriter:
                 return
             self._open(tag if isinstance(tag, str) else None)
             step = global_step if global_step is None or isinstance(global_step, int) else _int(global_step)
-            if step != self._step and self._values:
+            name = tag if isinstance(tag, str) else str(tag)
+            if self._values and (step != self._step or name in self._values):  # a repeated tag: never overwritten
                 self._emit()
             self._step = step
-            self._values[tag if isinstance(tag, str) else str(tag)] = scalar_value
+            self._values[name] = scalar_value
         except Exception as exc:  # noqa: BLE001 (never into the training loop)
             self._say("error", f"Karn SummaryWriter could not record {tag!r}: {type(exc).__name__}")
 
