@@ -180,7 +180,9 @@ def spawn(
     (seconds; None = no limit). ``collective_timeout_s`` is the process group's timeout.
     ``watch=(heartbeat_dir, timeout_s)``: the supervisor reads the ranks' heartbeat files
     (:mod:`karn_otel.distributed.liveness`) and, when a rank's pulse is older than
-    ``timeout_s`` (a stopped or hung process: a rank waiting in a collective keeps pulsing),
+    :func:`end_after` ``(timeout_s)`` = ``timeout_s + max(2, timeout_s / 2)`` (a stopped or
+    hung process: a rank waiting in a collective keeps pulsing; rank 0's watcher has raised
+    its alert at ``timeout_s``),
     ends the job and names that rank alone in :attr:`SpawnResult.hung`. A rank that has not
     written its first heartbeat yet gets :data:`STARTUP_ALLOWANCE_S` (or 10 x ``timeout_s``).
     Never raises for a failing rank: the :class:`SpawnResult` names it.
@@ -226,11 +228,18 @@ def spawn(
     return SpawnResult(codes, first_failure, errors, timed_out or bool(hung), tuple(hung))
 
 
+def end_after(timeout_s: float) -> float:
+    """Seconds without a pulse after which the supervisor ends a watched job."""
+    return timeout_s + max(2.0, 0.5 * timeout_s)
+
+
 def _hung_ranks(watch: tuple[str | os.PathLike[str], float], n: int, started_wall: float) -> list[int]:
     from karn_otel.distributed.liveness import missing_ranks, read_heartbeats
 
     directory, timeout = watch
-    missing = missing_ranks(directory, n, timeout)
+    # Rank 0's watcher raises the rank_missing alert at ``timeout``; the job ends a little
+    # later, so that alert is on disk (the run log flushes every 100 ms) before rank 0 goes.
+    missing = missing_ranks(directory, n, end_after(timeout))
     if not missing:
         return []
     reported = read_heartbeats(directory, n)

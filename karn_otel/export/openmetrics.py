@@ -22,7 +22,7 @@ What comes from where (the registry's sources):
 
 Values the live path drops are dropped here too: ``None`` (not measured) and non-finite floats.
 Labels: ``run_id``, ``rank``, ``world_size`` on every series; job-wide (reduced) records carry
-``scope="job"`` instead of describing a rank.
+``scope="job"`` and no ``rank`` label (they describe no rank), as on the live path.
 """
 
 from __future__ import annotations
@@ -123,10 +123,9 @@ def _objects(source: str, ev: TelemetryEvent) -> Iterator[tuple[Any, dict[str, s
 
 
 def _scope_labels(ev: TelemetryEvent) -> dict[str, str]:
-    labels = {"run_id": ev.run_id, "rank": str(ev.rank), "world_size": str(ev.world_size)}
-    if ev.is_reduced:
-        labels["scope"] = "job"
-    return labels
+    if ev.is_reduced:  # job-wide: its own series, never a rank's (as the live path)
+        return {"run_id": ev.run_id, "world_size": str(ev.world_size), "scope": "job"}
+    return {"run_id": ev.run_id, "rank": str(ev.rank), "world_size": str(ev.world_size)}
 
 
 class _Families:

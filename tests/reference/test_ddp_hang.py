@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from karn_otel.contracts import HealthAlert
+from karn_otel.distributed.launch import end_after
 from karn_otel.sinks.runlog import read_run
 
 HEARTBEAT_TIMEOUT = 4.0
@@ -54,8 +55,8 @@ def test_a_stopped_rank_is_named_alone_and_the_job_ends(tmp_path):
             proc.communicate()
     assert proc.returncode == 1, out + err
     assert "rank 1 stopped responding" in err and "rank 0 stopped" not in err, err
-    # bound: the timeout, plus one supervisor poll and the ranks' termination
-    assert ended_after < HEARTBEAT_TIMEOUT + 15, ended_after
+    # bound: end_after(timeout), plus one supervisor poll and the ranks' termination
+    assert ended_after < end_after(HEARTBEAT_TIMEOUT) + 15, ended_after
     alerts = [e.payload for e in read_run(run_dir).events if isinstance(e.payload, HealthAlert)]
     missing = [a for a in alerts if a.check == "rank_missing"]
     assert missing, [a.check for a in alerts]
