@@ -28,13 +28,13 @@ import base64
 import html
 import io
 import math
-import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from karn_otel.analytics import all_off_accuracy
+from karn_otel.config import redact_hyperparameters
 from karn_otel.contracts import (
     CounterfactualMatrix,
     DenseTrace,
@@ -56,7 +56,6 @@ from karn_otel.sinks.runlog import RunRecord, read_run
 
 SECTIONS_RUN = ("accuracy", "params", "shapley", "matrix", "lifecycle", "ppo", "timeline", "context")
 SECTIONS_EXPERIMENT = ("runs", "compare")
-SECRET = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|(^|_)key$)", re.IGNORECASE)
 _STAGE_ORDER = list(SeedStage)
 
 
@@ -331,7 +330,8 @@ def fig_timeline(events: Sequence[TelemetryEvent]) -> str:
 
 
 def redact(hp: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("[redacted]" if SECRET.search(str(k)) else v) for k, v in hp.items()}
+    """Secret-looking hyperparameters redacted (the collector's rule; a run dir may predate it)."""
+    return dict(redact_hyperparameters(hp)[0])
 
 
 def _context_table(ctx: EpisodeContext | None) -> str:
