@@ -72,6 +72,9 @@ LABEL_VALUES: dict[str, str] = {
 REJECTION_REASONS: tuple[str, ...] = (
     "malformed",
     "type_error",
+    "out_of_range",
+    "invalid_string",
+    "invalid_id",
     "bad_rank",
     "bad_epoch",
     "negative_param_count",

@@ -678,9 +678,14 @@ def test_every_counter_has_its_known_series_at_zero_in_the_first_scrape(tmp_path
 def test_rejection_reasons_are_every_reason_the_collector_uses():
     import re
 
-    src = "".join(Path(m.__file__).read_text() for m in (kc, __import__("karn_otel.pipeline").pipeline))
+    import karn_otel.codec
+    import karn_otel.pipeline
+
+    src = "".join(Path(m.__file__).read_text() for m in (kc, karn_otel.pipeline))
     used = set(re.findall(r'TelemetryValidationError\(\s*"([a-z_]+)"', src))
     used |= set(re.findall(r'rejected\["([a-z_]+)"\]', src))
+    # The codec's checkers name the reason of a type or value problem (the collector passes it on).
+    used |= set(re.findall(r'Problem\(\s*"([a-z_]+)"', Path(karn_otel.codec.__file__).read_text())) - {"ok"}
     assert used and used <= set(reg.REJECTION_REASONS), used - set(reg.REJECTION_REASONS)
 
 
