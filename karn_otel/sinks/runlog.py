@@ -35,6 +35,7 @@ import logging
 import operator
 import os
 import re
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -82,7 +83,11 @@ log = logging.getLogger("karn")
 EVENTS_FILE = "events.jsonl"
 RUN_FILE = "run.json"
 _BATCH = 64  # events per block: one C encode call and one CRC (about 45 KB of 20-scalar steps)
-_BUDGET_S = 0.004  # encode batches for up to this long per write call
+# Encode batches for up to this long per write call: just under the interpreter's switch
+# interval. A training thread holding the GIL takes it back after one switch interval
+# anyway, so the writer's share is its turn over (turn + interval): ending the turn early with
+# the writev (which hands the GIL over) only shortens its share.
+_BUDGET_S = max(0.001, sys.getswitchinterval() - 0.0003)
 _MAX_PER_WRITE = 16_384  # events per write call at most (bounds the writer's memory)
 _MAX_BLOCK_BYTES = 4 << 20  # a bigger batch is split (blocks stay small enough to verify)
 _SIDE_FILE_TYPES = frozenset({TelemetryEventType.EPISODE_STARTED})
@@ -406,7 +411,7 @@ class RunLogSink:
         q = self._q
         popleft = q.popleft
         while q and not self._abandoned:
-            # Encode C-sized batches for up to _BUDGET_S (under the interpreter's 5 ms switch
+            # Encode C-sized batches for up to _BUDGET_S (just under the interpreter's switch
             # interval, so a training thread waiting for the GIL gets it at the usual time),
             # then write them all with one writev, which also hands the GIL back.
             parts: list[Any] = []
