@@ -183,13 +183,13 @@ class RunLogSink:
         self._ctr = self.counter.slots
         try:
             self._open()
-        except OSError as exc:  # read-only or full at start: training goes on, everything counted
+        except (OSError, ValueError) as exc:  # read-only, full or unreadable at start: training goes on, all counted
             self._fd = -1
             self.counter.remove()  # nothing on disk to account for
             log.warning(
                 "Karn run log: cannot write %s (%s); events are dropped and counted",
                 self.run_dir,
-                exc.strerror or exc,
+                getattr(exc, "strerror", None) or exc,
             )
         self._thread = threading.Thread(target=self._run, name="karn-runlog", daemon=True)
         self._thread.start()
@@ -203,7 +203,7 @@ class RunLogSink:
         framed_from = 0
         if events.is_file() and events.stat().st_size > 0:
             framed = previous.get("framing") == FRAMING
-            framed_from = int(previous.get("framed_from", 0)) if framed else events.stat().st_size
+            framed_from = _int(previous.get("framed_from")) if framed else events.stat().st_size
             info = Integrity()
             for _ in scan(
                 events, framed=framed, framed_from=framed_from, max_record_bytes=self.max_record_bytes, integrity=info
@@ -226,14 +226,14 @@ class RunLogSink:
         self._meta = {
             "run_id": self.run_id,
             "schema_version": SCHEMA_VERSION,
-            "created": previous.get("created") or datetime.now(timezone.utc).isoformat(),
+            "created": previous.get("created") if isinstance(previous.get("created"), str) else _now(),
             "framing": FRAMING,
             "framed_from": framed_from,
             "flush_interval_s": self.flush_interval_s,
             "live_counter": self.counter.name,
         }
         if previous:
-            self._meta["reopened"] = datetime.now(timezone.utc).isoformat()
+            self._meta["reopened"] = _now()
         _write_json_atomic(self.run_dir / RUN_FILE, self._meta, self.file_mode)
         self._fd = os.open(events, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.file_mode)
         self._good_size = os.fstat(self._fd).st_size
@@ -609,6 +609,10 @@ class RunLogSink:
             ep_dir = self.run_dir / "episodes" / p.episode_id
             ep_dir.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
             _write_json_atomic(ep_dir / "context.json", None, self.file_mode, text=to_json(p) + "\n")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
 
 def _int(v: Any) -> int:
