@@ -1,0 +1,161 @@
+"""The cost of karn_otel.init / run.log on a plain PyTorch loop (issue 18), measured in one run.
+
+A digits MLP trained for a few epochs (minibatches of 64, ~23 per epoch), four ways,
+interleaved (base, per-epoch, per-batch, [wandb offline] ...) so slow drifts cancel:
+
+  * base        — no telemetry;
+  * per-epoch   — ``run.log({train_loss, val_loss, val_accuracy, lr}, epoch=e)`` once per epoch
+                  (target <= 1.02x);
+  * per-batch   — also ``run.log({"loss": loss, "lr": lr}, step=i)`` every minibatch (the
+                  loss is a 0-d tensor: on the CPU reading it is free of device syncs);
+  * wandb       — W&B offline with the same per-epoch and per-batch logging, when wandb is
+                  installed (TensorBoard too when ``torch.utils.tensorboard`` works).
+
+Each Karn run has its run log and the health processors (what ``init`` configures), no
+console. Prints the median of per-pair wall-time ratios and the process-CPU-time ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import karn_otel  # noqa: E402
+from karn_otel.reference.data import load_digits_data  # noqa: E402
+
+
+def train(epochs: int, logger, per_batch: bool, data) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        for i in range(0, len(data.y_train), 64):
+            loss = F.cross_entropy(model(data.x_train[i : i + 64]), data.y_train[i : i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if per_batch and logger is not None:
+                logger.batch({"loss": loss.detach(), "lr": 0.1}, step)
+            step += 1
+        model.eval()
+        with torch.no_grad():
+            tl = F.cross_entropy(model(data.x_train), data.y_train)
+            out = model(data.x_val)
+            vl = F.cross_entropy(out, data.y_val)
+            va = (out.argmax(1) == data.y_val).float().mean()
+        if logger is not None:
+            logger.epoch({"train_loss": tl, "val_loss": vl, "val_accuracy": va, "lr": 0.1}, epoch)
+
+
+class KarnLogger:
+    def __init__(self, out: Path) -> None:
+        self.run = karn_otel.init(config={"lr": 0.1, "epochs": 0}, out_dir=out, console="off")
+
+    def batch(self, values, step):
+        self.run.log(values, step=step)
+
+    def epoch(self, values, epoch):
+        self.run.log(values, epoch=epoch)
+
+    def close(self):
+        self.run.finish()
+
+
+class WandbLogger:
+    def __init__(self, out: Path) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(mode="offline", dir=str(out), config={"lr": 0.1}, settings=wandb.Settings(silent=True))
+
+    def batch(self, values, step):
+        self.run.log({k: float(v) for k, v in values.items()})
+
+    def epoch(self, values, epoch):
+        self.run.log({k: float(v) for k, v in values.items()})
+
+    def close(self):
+        self.run.finish()
+
+
+FIXED: dict[str, list[float]] = {}
+
+
+def timed(kind: str, epochs: int, data, out: Path) -> tuple[float, float]:
+    """The loop's wall and CPU time with its logging; opening and closing the run are timed
+    apart (FIXED), as they are paid once per run, not per epoch."""
+    logger = None
+    t = time.perf_counter()
+    if kind.startswith("karn"):
+        logger = KarnLogger(out)
+    elif kind.startswith("wandb"):
+        logger = WandbLogger(out)
+    opened = time.perf_counter() - t
+    t0, c0 = time.perf_counter(), time.process_time()
+    train(epochs, logger, kind.endswith("batch"), data)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    t = time.perf_counter()
+    if logger is not None:
+        logger.close()  # the last flush
+    FIXED.setdefault(kind.split("-")[0], []).append(opened + time.perf_counter() - t)
+    return wall, cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-wandb", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    data = load_digits_data(0)
+    kinds = ["base", "karn-epoch", "karn-batch"]
+    if not args.no_wandb:
+        try:
+            import wandb  # noqa: F401
+
+            kinds += ["wandb-epoch", "wandb-batch"]
+        except ImportError:
+            print("wandb not installed: W&B rows skipped")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for k in kinds:
+            timed(k, 1, data, out)  # warm-up: imports, allocator
+        res: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for k in kinds:
+                res[k].append(timed(k, args.epochs, data, out))
+    base = res["base"]
+    batches = args.epochs * -(-len(data.y_train) // 64)
+    print(f"plain loop: {args.epochs} epochs x {batches // args.epochs} minibatches, {args.repeats} interleaved rounds")
+    print(f"  base: median {statistics.median(w for w, _ in base):.3f} s wall")
+    for k in kinds[1:]:
+        wall = statistics.median(w / b[0] for (w, _), b in zip(res[k], base))
+        cpu = statistics.median(c / b[1] for (_, c), b in zip(res[k], base))
+        spread = sorted(w / b[0] for (w, _), b in zip(res[k], base))
+        target = "  (target <= 1.02x)" if k == "karn-epoch" else ""
+        print(f"  {k:12s} {wall:.3f}x wall (pairs {spread[0]:.3f}-{spread[-1]:.3f}), {cpu:.3f}x CPU{target}")
+        if k.endswith("batch"):
+            extra = statistics.median((w - b[0]) / batches * 1e6 for (w, _), b in zip(res[k], base))
+            print(f"  {'':12s} ~{extra:.0f} us per minibatch log call (includes the per-epoch logging)")
+    for name, ts in FIXED.items():
+        if name != "base":
+            print(f"  {name}: open + finish {1e3 * statistics.median(ts):.0f} ms once per run (not in the ratios)")
+
+
+if __name__ == "__main__":
+    main()
