@@ -64,6 +64,7 @@ def test_full_filesystem(small_tmpfs, caplog):
     assert not rec.skipped and not rec.integrity.bad
     acc = rec.accounting
     assert acc.emitted == 3001 and acc.on_disk + lost == 3001
+    assert acc.on_disk > 0, "the whole blocks of a write cut short by the full disk are kept"
     _unlink_counter(sink)
 
 
