@@ -528,6 +528,10 @@ def kernel_shap_design(n: int, budget: int, rng: np.random.Generator) -> tuple[l
     # otherwise each unit's stratum is drawn with probability proportional to its share, so
     # that no stratum is left out by design (its omission would be a bias no interval shows).
     stratified = left >= sum(2 * unit_cost[k] for k in open_strata)
+    if stratified:  # two units in every open size first: each one is then sampled (and has an error)
+        for k in open_strata:
+            alloc[k] = min(2, capacity[k])
+            left -= alloc[k] * unit_cost[k]
     while True:
         fits = [k for k in open_strata if alloc[k] < capacity[k] and unit_cost[k] <= left]
         if not fits:
@@ -601,11 +605,21 @@ def _kernel_jackknife(
 
     Only the random units are deleted (the complete strata and the core are fixed by the
     design); a finite-population correction ``1 - units / available units`` is applied.
-    Returns ``(se, n_units)``; NaN when fewer than two units were sampled.
+    Returns ``(se, n_units)``. NaN when fewer than two units were sampled, and when some
+    coalition size is neither complete nor sampled: the estimate then extrapolates over that
+    size, an error no resampling of the units can show (measured coverage of such intervals
+    was about 80%, docs/counterfactual-validity.md).
     """
     p = len(units)
     if p < 2:
         return np.full(n, np.nan), p
+    present = np.bincount(_popcount(np.asarray(list(masks), dtype=np.int64)), minlength=n + 1)
+    sampled = {min(bin(u[0]).count("1"), n - bin(u[0]).count("1")) for u in units}
+    for k in range(1, n // 2 + 1):
+        have = present[k] + (present[n - k] if n - k != k else 0)
+        total = math.comb(n, k) + (math.comb(n, n - k) if n - k != k else 0)
+        if have < total and k not in sampled:
+            return np.full(n, np.nan), p
     masks = list(masks)
     reps = np.empty((p, n))
     for u, unit in enumerate(units):
