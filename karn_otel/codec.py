@@ -824,6 +824,23 @@ _INLINE: dict[Any, str] = {
         "if type({v}) is not str or not {v}.isascii():\n    r = _c_str({v})\n    if r is not None: return _at(r, {w})\n"
     ),
     bool: "if {v} is not True and {v} is not False: return _at(_expected('bool', {v}), {w})\n",
+    # dict[str, float], the per-step shape (see _c_str_float_dict), without a call.
+    dict[str, float]: (
+        "ok = False\n"
+        "if type({v}) is dict:\n"
+        "    try:\n"
+        "        ok = ''.join({v}).isascii() and all(map(_is_float, {v}.values()))\n"
+        "    except TypeError:\n"
+        "        pass\n"
+        "if ok:\n"
+        "    s = sum({v}.values(), 0.0)\n"
+        "    ok = s - s == 0.0\n"
+        "if not ok:\n"
+        "    r = _c_str_float_dict({v})\n"
+        "    if r is not None:\n"
+        "        if r is not _NF: return _at(r, {w})\n"
+        "        nf = True\n"
+    ),
 }
 
 
@@ -836,6 +853,8 @@ def _generate(cls: type) -> _Check:
         "_c_float": _c_float,
         "_c_int": _c_int,
         "_c_str": _c_str,
+        "_c_str_float_dict": _c_str_float_dict,
+        "_is_float": _is_float,
         "_at": _at,
         "_expected": _expected,
         "_NF": _NF,
@@ -853,7 +872,7 @@ def _generate(cls: type) -> _Check:
         optional = typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
         inner = [a for a in typing.get_args(tp) if a is not type(None)] if optional else [tp]
         leaf = inner[0] if len(inner) == 1 else None
-        if leaf in _INLINE and not (ident and leaf is str):
+        if leaf in _INLINE and not (ident and leaf in (str, dict[str, float])):
             src = _INLINE[leaf].format(v=v, w=w)
             if optional:
                 src = f"if {v} is not None:\n" + "".join("    " + line + "\n" for line in src.splitlines())

@@ -105,6 +105,8 @@ class KarnCollector:
         self._episode_id = ""
         self._slot_ids: frozenset[str] = frozenset()
         self._epoch = 0
+        self._route = self.pipeline.route  # bound once: the per-step path calls them every event
+        self._derive = self._stamp_derived
         # The envelope of every event, its constant fields filled in (copied once per event).
         self._template: dict[str, Any] = dict.fromkeys(_EVENT_FIELDS)
         self._template.update(
@@ -168,44 +170,54 @@ class KarnCollector:
             env = None
             try:  # the per-step path, inlined: a simple payload, valid, in an open episode
                 plan = _PLANS.get(type(event))
-                if plan is not None and plan[3] and epoch is None and is_reduced is False and self._episode is not None:
-                    r = plan[1](event)
-                    if r is None or r is MAYBE_NONFINITE:
-                        ep = event.epoch if plan[2] else self._epoch
-                        slots = plan[4]
-                        if ep >= self._epoch and (slots is None or self._slot_ids.issuperset(slots(event))):
-                            d = self._template.copy()
-                            d["event_type"] = plan[0]
-                            d["episode_id"] = self._episode_id
-                            d["epoch"] = self._epoch = ep
-                            d["timestamp"] = _now()
-                            d["payload"] = event
-                            if r is None:
-                                d[FINITE_FLAG] = True
-                            env = _new_object(TelemetryEvent)
-                            _set_attr(env, "__dict__", d)
+                if plan is not None and epoch is None and is_reduced is False and self._episode_id:
+                    et, check, has_epoch, simple, slots = plan
+                    if simple:
+                        r = check(event)
+                        if r is None or r is MAYBE_NONFINITE:
+                            ep = event.epoch if has_epoch else self._epoch
+                            if ep >= self._epoch and (slots is None or self._slot_ids.issuperset(slots(event))):
+                                d = self._template.copy()
+                                d["event_type"] = et
+                                d["episode_id"] = self._episode_id
+                                d["epoch"] = self._epoch = ep
+                                d["timestamp"] = _now()
+                                d["payload"] = event
+                                if r is None:
+                                    d[FINITE_FLAG] = True
+                                env = _new_object(TelemetryEvent)
+                                _set_attr(env, "__dict__", d)
             except Exception:
                 env = None  # _accept below checks again, and rejects with the reason
+            if env is not None:
+                try:
+                    self._route(env, self._derive)
+                except Exception as exc:
+                    self._route_failed(exc)
+                return True
+            env = self._accept(event, epoch, is_reduced)
             if env is None:
-                env = self._accept(event, epoch, is_reduced)
-                if env is None:
-                    return False
+                return False
             ended = env.event_type is ET.EPISODE_ENDED
             try:
                 if ended:
                     # Karn's own accounting goes into the log just before the summary.
                     self.pipeline.deliver_unprocessed(self._own(self.stats(), env.epoch))
-                self.pipeline.route(env, self._stamp_derived)
+                self._route(env, self._derive)
             except Exception as exc:
-                if self.config.strict:
-                    raise
-                self.pipeline.sink_errors["pipeline"] += 1
-                self.pipeline.report_once(
-                    "pipeline", f"Karn could not route an event: {type_name(exc)} (further failures counted)"
-                )
+                self._route_failed(exc)
         if ended:
             self.flush()
         return True
+
+    def _route_failed(self, exc: Exception) -> None:
+        """A processor or sink failed on an accepted event: raised in strict mode, else counted."""
+        if self.config.strict:
+            raise exc
+        self.pipeline.sink_errors["pipeline"] += 1
+        self.pipeline.report_once(
+            "pipeline", f"Karn could not route an event: {type_name(exc)} (further failures counted)"
+        )
 
     def _accept(self, event: Any, epoch: Any, is_reduced: Any) -> TelemetryEvent | None:
         """Validate and envelope ``event``; update the episode state. None when rejected."""
