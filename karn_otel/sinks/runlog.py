@@ -611,6 +611,19 @@ class RunLogSink:
             _write_json_atomic(ep_dir / "context.json", None, self.file_mode, text=to_json(p) + "\n")
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine: the live counter is in /dev/shm)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
@@ -661,6 +674,7 @@ class Accounting:
     unreadable: int  # lines on disk that failed their checks
     gaps: int  # sequence numbers missing between good blocks
     flush_interval_s: float | None
+    writer_pid: int | None = None  # the live counter's writer, when it is still running
 
     @property
     def missing(self) -> int | None:
@@ -680,8 +694,10 @@ class Accounting:
         out = []
         if self.source == "closed":
             head = "closed cleanly"
+        elif self.source == "live counter" and self.writer_pid is not None:
+            head = f"NOT closed: the writing process (pid {self.writer_pid}) is still running"
         elif self.source == "live counter":
-            head = "NOT closed (the writing process was killed, or is still running)"
+            head = "NOT closed: the writing process died without closing it (killed?)"
         else:
             head = "NOT closed, and the emitted count is unknown (no final accounting, no live counter on this machine)"
         if self.emitted is None:
@@ -699,7 +715,9 @@ class Accounting:
                 parts.append("dropped " + ", ".join(f"{k.split(':', 1)[1]} {v:,}" for k, v in sorted(counted.items())))
             if self.unreadable:
                 parts.append(f"{self.unreadable:,} unreadable on disk")
-            if lost:
+            if lost and self.writer_pid is not None:
+                parts.append(f"{lost:,} not written yet: in the writer's queue")
+            elif lost:
                 interval = f" (at most the last {self.flush_interval_s:g} s)" if self.flush_interval_s else ""
                 parts.append(f"{lost:,} never written: in memory when the process died{interval}")
             why = f" ({'; '.join(parts)})" if parts and self.missing else ""
@@ -860,5 +878,6 @@ def accounting(meta: Mapping[str, Any], info: Integrity, on_disk: int) -> Accoun
             dropped["RunLogSink:queue_full"] = live.refused
         if live.writer_dropped:
             dropped["RunLogSink:writer_errors"] = live.writer_dropped
-        return Accounting(on_disk, live.handled, "live counter", dropped, info.unreadable, gaps, flush_interval)
+        alive = live.pid if live.pid and not live.closed and _alive(live.pid) else None
+        return Accounting(on_disk, live.handled, "live counter", dropped, info.unreadable, gaps, flush_interval, alive)
     return Accounting(on_disk, None, None, {}, info.unreadable, gaps, flush_interval)

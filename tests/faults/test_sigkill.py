@@ -134,7 +134,7 @@ def test_inspect_prints_the_loss_of_a_killed_run(kills):
     assert out.returncode == 0, out.stderr
     acc = r["rec"].accounting
     assert (
-        f"run log: NOT closed (the writing process was killed, or is still running); {acc.emitted:,} events emitted"
+        f"run log: NOT closed: the writing process died without closing it (killed?); {acc.emitted:,} events emitted"
         in out.stdout
     )
     assert f"{acc.missing:,} missing" in out.stdout and " 0 missing" not in out.stdout

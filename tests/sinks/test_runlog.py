@@ -391,11 +391,16 @@ def test_otel_losses_at_shutdown_reach_the_run_logs_final_accounting(tmp_path):
     c.emit(make_context())
     for e in range(1, 4):
         c.emit(host(epoch=e))
+    before = sum(otel.dropped().values())
     karn_otel.shutdown(timeout=3.0)
     lost = {f"OTelSink:{k}": v for k, v in otel.dropped().items()}
     assert lost, "spans to a dead endpoint are lost, and counted"
     closed = json.loads((tmp_path / c.run_id / "run.json").read_text())["closed"]
-    assert {k: v for k, v in closed["dropped"].items() if k.startswith("OTelSink:")} == lost
+    recorded = {k: v for k, v in closed["dropped"].items() if k.startswith("OTelSink:")}
+    # What OTel counted while it shut down is in the run log (an export thread OTel left
+    # behind at its own bound could still count more afterwards, never less).
+    assert recorded and sum(recorded.values()) >= max(before, 1)
+    assert all(0 < v <= lost[k] for k, v in recorded.items())
     line = read_run(tmp_path / c.run_id).accounting.lines()[1]
     assert line.startswith("  other sinks dropped: OTelSink:")
 
