@@ -317,3 +317,20 @@ def test_init_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.stdout.split() == ["False", "-1", "True"], out.stderr
+
+
+def test_the_standard_otel_variables_are_honoured(tmp_path, monkeypatch):
+    from tests.otlp_receiver import OTLPReceiver
+
+    with OTLPReceiver("http/protobuf") as rx:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rx.endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "my-plain-loop")
+        run = init(config={"lr": 0.1}, out_dir=tmp_path, console="off")
+        for e in range(2):
+            run.log({"train_loss": 1.0 - e / 4, "val_loss": 1.0, "val_accuracy": 0.5 + e / 10}, epoch=e)
+        run.finish()
+        spans = rx.wait_for(lambda: [s for s in rx.spans() if s.resource.get("service.name") == "my-plain-loop"])
+        assert "karn.episode" in {s.name for s in spans}
+        points = rx.wait_for(lambda: [p for p in rx.metric_points() if p.name == "karn.host.val_accuracy"])
+        assert points and points[-1].value == 0.6
