@@ -15,9 +15,12 @@ the field holds a mapping (``per_head_kl``) or a contract of named terms
 so ``karn.ppo.head_kl_divergence{head="op"}``. ``None`` means "not measured" and produces
 no point, and so does a non-finite value (the OTel SDK drops NaN and inf); booleans are 0/1.
 
-Every instrument is asynchronous (observable): values are read from Karn's state when a
-reader collects, never recorded on the training thread (a synchronous record costs 6-9 us).
-So there are no histograms, and no bucket boundaries to fit.
+Every instrument but one is asynchronous (observable): values are read from Karn's state when
+a reader collects, never recorded on the training thread (a synchronous record costs 6-9 us).
+The one histogram, ``karn.epoch.duration``, is recorded once per epoch (at its HostSnapshot),
+inside the epoch's span, so each of its points carries an exemplar with the epoch span's trace
+and span id (Grafana opens the epoch's trace from it); its buckets are
+:data:`EPOCH_DURATION_BUCKETS_S`.
 
 Prometheus names. ``prometheus_name`` is what ``opentelemetry-exporter-prometheus`` 0.66b2
 exposes, verified by scraping in tests/sinks/test_otel.py:
@@ -46,8 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["gauge", "counter"]
-"""``gauge``: ObservableGauge (a current value). ``counter``: ObservableCounter (a monotonic total)."""
+Kind = Literal["gauge", "counter", "histogram"]
+"""``gauge``: ObservableGauge (a current value). ``counter``: ObservableCounter (a monotonic total).
+``histogram``: a synchronous Histogram, recorded once per epoch (Prometheus: ``_bucket``, ``_sum``,
+``_count``)."""
+
+EPOCH_DURATION_BUCKETS_S: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+"""Bucket boundaries of ``karn.epoch.duration`` (seconds): reference epochs take ~0.3 s, real ones minutes."""
 
 COMMON_LABELS: tuple[str, ...] = ("run_id", "rank", "world_size")
 """Labels on every series. Bounded per process: one run, one rank."""
@@ -135,6 +143,12 @@ _SOURCE_LIST = (
         "then 1 for the rest of the endpoint's life; `stopped` 1 once Karn shut down with the episode open",
     ),
     Source("summary", (), "the `EpisodeSummary` (once the episode has ended)"),
+    Source(
+        "epochs",
+        (),
+        "each epoch's wall time (the previous epoch's end, or the episode's start, to its `HostSnapshot`), "
+        "recorded once per epoch with an exemplar of the epoch's span",
+    ),
     Source("analytics", (), "`MorphogeneticAnalytics` over the collector's store"),
     Source(
         "health",
@@ -173,6 +187,12 @@ class MetricDef:
     def prometheus_name(self) -> str:
         return prometheus_name(self.name, self.unit, self.kind)
 
+    @property
+    def prometheus_series(self) -> tuple[str, ...]:
+        """The sample names Prometheus stores: the name itself, or a histogram's three."""
+        base = self.prometheus_name
+        return (base + "_bucket", base + "_sum", base + "_count") if self.kind == "histogram" else (base,)
+
 
 def _g(name: str, unit: str, source: str, field: str, description: str, key: str | None = None) -> MetricDef:
     return MetricDef(name, "gauge", unit, description, source, field, key)
@@ -180,6 +200,10 @@ def _g(name: str, unit: str, source: str, field: str, description: str, key: str
 
 def _c(name: str, unit: str, source: str, field: str, description: str, key: str | None = None) -> MetricDef:
     return MetricDef(name, "counter", unit, description, source, field, key)
+
+
+def _h(name: str, unit: str, source: str, description: str) -> MetricDef:
+    return MetricDef(name, "histogram", unit, description, source)
 
 
 FRACTION = "Fraction in [0, 1]."
@@ -449,6 +473,12 @@ METRICS: tuple[MetricDef, ...] = (
         "1 when Karn was shut down with the episode still open (an error, Ctrl-C, a launcher stopping the rank), "
         "else 0: the rank said goodbye, so KarnRankMissing does not page for it.",
     ),
+    _h(
+        "karn.epoch.duration",
+        "s",
+        "epochs",
+        "Wall time of each epoch; each point's exemplar is the epoch's span (trace id, span id).",
+    ),
     # --- MorphogeneticAnalytics: is morphogenesis winning?
     _g(
         "karn.analytics.accuracy_delta",
@@ -596,8 +626,8 @@ def validate(metrics: tuple[MetricDef, ...] = METRICS) -> None:
         if m.name in seen:
             raise ValueError(f"{m.name}: defined twice")
         seen.add(m.name)
-        if m.kind not in ("gauge", "counter"):
-            raise ValueError(f"{m.name}: kind must be gauge or counter")
+        if m.kind not in ("gauge", "counter", "histogram"):
+            raise ValueError(f"{m.name}: kind must be gauge, counter or histogram")
         if m.source not in SOURCES:
             raise ValueError(f"{m.name}: unknown source {m.source!r}")
         for label in m.labels:
@@ -605,10 +635,10 @@ def validate(metrics: tuple[MetricDef, ...] = METRICS) -> None:
                 raise ValueError(f"{m.name}: label {label!r} is not a bounded label (LABEL_VALUES)")
         if len(set(m.labels)) != len(m.labels):
             raise ValueError(f"{m.name}: repeated label")
-        p = m.prometheus_name  # raises for an unknown unit
-        if p in prom:
-            raise ValueError(f"{m.name}: Prometheus name {p} collides with another metric")
-        prom.add(p)
+        for p in m.prometheus_series:  # prometheus_name raises for an unknown unit
+            if p in prom:
+                raise ValueError(f"{m.name}: Prometheus name {p} collides with another metric")
+            prom.add(p)
         if not m.description.strip():
             raise ValueError(f"{m.name}: needs a description")
 
@@ -628,6 +658,7 @@ _GROUP_TITLES = {
     "ppo": "PPO updates (PPOUpdateStats)",
     "baseline": "Host baseline (HostBaseline)",
     "episode": "Episode (EpisodeContext, EpisodeSummary)",
+    "epoch": "Epochs",
     "analytics": "Is it winning? (MorphogeneticAnalytics)",
     "health": "Health",
     "controller": "Controller",
@@ -694,7 +725,7 @@ def render_markdown() -> str:
         for m in metrics:
             labels = ", ".join(f"`{lb}`" for lb in m.labels) or "-"
             cells = [
-                f"`{m.prometheus_name}`",
+                " ".join(f"`{p}`" for p in m.prometheus_series),
                 f"`{m.name}`",
                 m.kind,
                 f"`{m.unit}`",

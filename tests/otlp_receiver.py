@@ -67,6 +67,7 @@ class MetricPoint:
     value: Any
     resource: dict[str, Any] = field(default_factory=dict)
     time_ns: int = 0  # the point's time_unix_nano
+    exemplars: list[tuple[str, str, float]] = field(default_factory=list)  # (trace id, span id, value), hex
 
 
 class OTLPReceiver:
@@ -209,7 +210,18 @@ class OTLPReceiver:
                     for m in sm.metrics:
                         kind = m.WhichOneof("data")
                         for p in getattr(m, kind).data_points:
-                            value = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
+                            if kind == "histogram":
+                                value: Any = (p.count, p.sum)
+                            else:
+                                value = p.as_double if p.WhichOneof("value") == "as_double" else p.as_int
+                            exemplars = [
+                                (
+                                    e.trace_id.hex(),
+                                    e.span_id.hex(),
+                                    e.as_double if e.WhichOneof("value") == "as_double" else e.as_int,
+                                )
+                                for e in p.exemplars
+                            ]
                             out.append(
                                 MetricPoint(
                                     m.name,
@@ -220,6 +232,7 @@ class OTLPReceiver:
                                     value,
                                     res,
                                     p.time_unix_nano,
+                                    exemplars,
                                 )
                             )
         return out

@@ -208,6 +208,7 @@ def test_reference_episode_over_otlp(tmp_path, protocol):
         check_resource(rx, c)
         check_trace(rx.spans(), episode_id)
         check_otlp_metrics(rx)
+        check_epoch_exemplars(rx, tmp_path / c.run_id)
     check_prometheus(scraped, c, expect=[m for m in reg.METRICS if m.name not in NOT_IN_SHORT_REFERENCE_RUN])
     # With the HealthMonitor attached (configure() does), every check has a status, passing or not.
     assert {lb["check"] for lb, _ in scraped["karn_health_status"]} == set(CHECK_NAMES)
@@ -261,10 +262,26 @@ def check_trace(spans: list, episode_id: str) -> None:
     assert {s.name for s in spans} == {"karn.episode", "karn.epoch", "karn.counterfactual", "karn.dense_window"}
 
 
+def check_epoch_exemplars(rx: OTLPReceiver, run_dir: Path) -> None:
+    """karn.epoch.duration: one record per epoch, each with an exemplar that is that epoch's span."""
+    epochs = {s.span_id: s for s in rx.spans() if s.name == "karn.epoch"}
+    points = [p for p in rx.metric_points() if p.name == "karn.epoch.duration"]
+    assert points and points[-1].value[0] == 3, "three epochs recorded"
+    exemplars = {(t, sid): v for p in points for t, sid, v in p.exemplars}
+    assert {sid for _, sid in exemplars} == set(epochs), "every epoch's span, and only those"
+    for (trace_id, span_id), v in exemplars.items():
+        span = epochs[span_id]
+        assert trace_id == span.trace_id
+        assert v == pytest.approx((span.end_ns - span.start_ns) / 1e9, abs=2e-3), "the epoch's wall time"
+    hosts = [e for e in read_run(run_dir).events if e.event_type is TelemetryEventType.HOST_SNAPSHOT]
+    starts = [read_run(run_dir).events[0].timestamp] + [h.timestamp for h in hosts[:-1]]
+    assert points[-1].value[1] == pytest.approx(sum(h.timestamp - t for h, t in zip(hosts, starts)), abs=1e-3)
+
+
 def check_otlp_metrics(rx: OTLPReceiver) -> None:
     points = rx.metric_points()
     assert points
-    kinds = {"gauge": "gauge", "counter": "sum"}
+    kinds = {"gauge": "gauge", "counter": "sum", "histogram": "histogram"}
     names = set()
     for p in points:
         m = reg.by_name(p.name)  # KeyError: a metric the registry does not know
@@ -284,15 +301,15 @@ def check_prometheus(scraped: dict, c: kc.KarnCollector, expect: list) -> None:
             assert labels["run_id"] == c.run_id and labels["rank"] == str(c.rank), name
             assert labels["world_size"] == str(c.world_size), name
     assert scraped["target_info"][0][0]["service_instance_id"] == f"{c.run_id}-rank{c.rank}"
-    known = {m.prometheus_name: m for m in reg.METRICS}
+    known = {p: m for m in reg.METRICS for p in m.prometheus_series}
     for name, series in scraped.items():
         if name == "target_info":
             continue
         m = known.get(name)
         assert m is not None, f"{name} is exposed but is no registry prometheus_name"
         for labels, _ in series:
-            assert set(labels) == COMMON | set(m.labels), name
-    missing = [m.name for m in expect if m.prometheus_name not in scraped]
+            assert set(labels) == COMMON | set(m.labels) | ({"le"} if name.endswith("_bucket") else set()), name
+    missing = [m.name for m in expect if not set(m.prometheus_series) <= set(scraped)]
     assert not missing, f"registry metrics not exposed under their prometheus_name: {missing}"
 
 
@@ -808,3 +825,52 @@ def test_standard_sampler_env_is_honoured(monkeypatch):
         assert provider.sampler.get_description() == "AlwaysOffSampler"
     finally:
         provider.shutdown()
+
+
+def test_epoch_reader_never_waits_for_a_slow_backend_and_stays_bounded(monkeypatch):
+    """Each epoch is one collection; a backend that hangs costs queue slots (bounded, drops counted), never training time."""
+    import threading
+
+    from opentelemetry.sdk.metrics.export import MetricExportResult
+
+    from karn_otel.sinks.otel import epochs
+
+    monkeypatch.setattr(epochs, "MAX_PENDING_COLLECTIONS", 3)
+    gate = threading.Event()
+
+    class Hanging(MetricExporter):
+        def __init__(self):
+            super().__init__()
+            self.exports = 0
+
+        def export(self, metrics_data, timeout_millis=10_000, **kwargs):
+            gate.wait(20)
+            self.exports += 1
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis=10_000):
+            return True
+
+        def shutdown(self, timeout_millis=30_000, **kwargs):
+            pass
+
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", otel_export_interval_s=60.0))
+    hanging = Hanging()
+    sink = OTelSink(c.config, c.view, metric_exporters=[hanging])
+    c.add_sink(sink)
+    try:
+        c.emit(make_context())
+        t0 = time.monotonic()
+        for k in range(1, 11):
+            c.emit(HostSnapshot(k, 1.8, 0.4, 1.9, 0.5, 1674, 0, 1674, 0, 0.5, {}, None))
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 2, "the training thread never waits for the backend"
+        reader = sink._epoch_readers[0]
+        assert len(reader._pending) <= 3
+        lost = sink.dropped()
+        # 10 epochs: one export in flight, 3 waiting, the rest dropped (or merged, if they came too fast).
+        assert lost.get("metric_collections_dropped", 0) + lost.get("metric_epochs_merged", 0) == 10 - 1 - 3, lost
+    finally:
+        gate.set()
+        c.close()
+    assert hanging.exports >= 4

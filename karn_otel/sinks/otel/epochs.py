@@ -6,13 +6,15 @@ of points. :class:`EpochMetricReader` collects when the sink tells it an epoch e
 (:meth:`EpochMetricReader.epoch_ended`, a non-blocking signal from the training thread) and
 also every interval for what changes between epochs (Karn's own counters, PPO updates). Each
 collection is stamped with its time, so each epoch's values are one data point at the epoch's
-end, and the export (network) runs on the reader's own thread, never the training thread.
+end. Collecting and exporting run on two threads of the reader, never the training thread, so
+a slow backend never delays a collection; epochs shorter than one collection (about a
+millisecond) are merged into the latest and counted (``metric_epochs_merged``).
 
 Exactly one point per epoch for the per-epoch series: the metrics of :data:`EPOCH_SOURCES`
 (HostSnapshot, SlotSnapshot, CounterfactualMatrix: they only change at an epoch boundary) are
 left out of the periodic and final collections. Collections wait in a bounded queue
-(:data:`MAX_PENDING_COLLECTIONS`); when the backend is slower than the epochs the oldest is
-dropped and counted (``metric_collections_dropped``).
+(:data:`MAX_PENDING_COLLECTIONS`, memory bounded); when the backend is slower than the epochs the
+oldest is dropped and counted (``metric_collections_dropped``).
 
 The Collector turns each point into a remote-write sample (``prometheusremotewrite`` into
 Prometheus' remote-write receiver), so Prometheus holds every epoch. The embedded pull
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -64,8 +67,12 @@ class EpochMetricReader(MetricReader):
         self._exporting = False
         self._stopped = False
         self._next_is_epoch = False
-        self._thread = threading.Thread(target=self._run, name="karn-otel-epoch-metrics", daemon=True)
-        self._thread.start()
+        # Two threads: collecting (fast, at each epoch boundary) never waits behind an export
+        # (network, up to its timeout), which only fills the bounded queue.
+        self._collector = threading.Thread(target=self._collect_loop, name="karn-otel-epoch-collect", daemon=True)
+        self._exporter_thread = threading.Thread(target=self._export_loop, name="karn-otel-epoch-export", daemon=True)
+        self._collector.start()
+        self._exporter_thread.start()
 
     # ------------------------------------------------------------------ training thread
 
@@ -94,33 +101,40 @@ class EpochMetricReader(MetricReader):
             self._pending.append(data)
             self._cv.notify_all()
 
-    def _run(self) -> None:
+    def _collect_loop(self) -> None:
+        next_tick = time.monotonic() + self._interval_s
         while True:
             with self._cv:
-                if not (self._stopped or self._epochs_requested or self._pending):
-                    self._cv.wait(self._interval_s)
+                while not (self._stopped or self._epochs_requested):
+                    left = next_tick - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)  # other notifications (exports) just loop back here
                 if self._stopped:
                     return
                 epochs, self._epochs_requested = self._epochs_requested, 0
-            if epochs:
-                self._collect_now(epoch=True)  # one collection: the values of the latest epoch
-            elif not self._pending:
-                self._collect_now(epoch=False)  # the interval passed without an epoch
-            self._export_pending()
+            next_tick = time.monotonic() + self._interval_s
+            if epochs > 1:
+                # Epochs that ended faster than one collection: only the latest one's values exist.
+                self._ledger.count("metric_epochs_merged", epochs - 1)
+            self._collect_now(epoch=epochs > 0)  # the values of the latest epoch, or the interval's
 
-    def _export_pending(self) -> None:
+    def _export_loop(self) -> None:
         while True:
             with self._cv:
+                while not self._pending and not self._stopped:
+                    self._cv.wait()
                 if not self._pending:
-                    self._exporting = False
-                    self._cv.notify_all()
-                    return
+                    return  # stopped, nothing left
                 data = self._pending.popleft()
                 self._exporting = True
             try:
                 self._exporter.export(data, timeout_millis=self._timeout_ms)
             except Exception as exc:
                 log.warning("Karn metric export failed: %r", exc)
+            with self._cv:
+                self._exporting = False
+                self._cv.notify_all()
 
     # ------------------------------------------------------------------ MetricReader
 
@@ -132,12 +146,13 @@ class EpochMetricReader(MetricReader):
             return self._cv.wait_for(lambda: not self._pending and not self._exporting, timeout_millis / 1000)
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        """A last collection, export what is pending (bounded by the caller), stop the thread and the exporter."""
+        """A last collection, export what is pending (bounded by the caller), stop the threads and the exporter."""
         self.force_flush(timeout_millis)
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
-        self._thread.join(timeout_millis / 1000)
+        self._collector.join(timeout_millis / 1000)
+        self._exporter_thread.join(timeout_millis / 1000)
         self._exporter.shutdown(timeout_millis=timeout_millis)
 
 

@@ -34,13 +34,21 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Histogram, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
 from karn_otel import __version__
 from karn_otel.contracts import ActionOp, SeedStage, Severity, TelemetryEvent, TelemetryEventType
 from karn_otel.health import CHECKS
-from karn_otel.metrics_registry import METRICS, REJECTION_REASONS, SINK_DROP_REASONS, SOURCES, MetricDef
+from karn_otel.metrics_registry import (
+    EPOCH_DURATION_BUCKETS_S,
+    METRICS,
+    REJECTION_REASONS,
+    SINK_DROP_REASONS,
+    SOURCES,
+    MetricDef,
+)
 from karn_otel.pipeline import StoreView
 from karn_otel.sinks.otel.lifecycle import ExportLedger
 
@@ -65,6 +73,9 @@ class MetricInstruments:
         self._alerts: Counter[tuple[str, str]] = Counter({(c.name, c.severity.value): 0 for c in CHECKS})
         self._decisions: Counter[str] = Counter({op.value: 0 for op in ActionOp})
         self._lifecycle: list[tuple[Any, dict[str, Any]]] = []  # [] until the first episode starts
+        self._epoch_duration: Histogram | None = None
+        self._epoch_mark: float | None = None  # when the epoch in progress started (s)
+        self._epoch_elapsed: float | None = None  # the epoch that just ended, not yet recorded
 
     def reset_episode(self) -> None:
         # New objects, not .clear(): a callback on a reader thread may be iterating the old ones.
@@ -80,11 +91,15 @@ class MetricInstruments:
         if et is ET.EPISODE_STARTED:
             self.reset_episode()
             self._lifecycle = [(_Progress(0, 0), {})]
+            self._epoch_mark = event.timestamp
         elif et is ET.EPISODE_ENDED:
             self._lifecycle = [(_Progress(1, 0), {})]
         if et is ET.HOST_SNAPSHOT and event.is_reduced:
             self._job_host = p  # job-wide: its own series (scope="job"), never this rank's
             return
+        if et is ET.HOST_SNAPSHOT and self._epoch_mark is not None:
+            self._epoch_elapsed = max(0.0, event.timestamp - self._epoch_mark)
+            self._epoch_mark = event.timestamp
         self._latest[et] = p
         if et is ET.SLOT_SNAPSHOT:
             self._slots[p.slot_id] = p
@@ -96,6 +111,12 @@ class MetricInstruments:
             self._decisions[p.action.op.value] += 1
         elif et is ET.DENSE_TRACE:
             self._ledger.dense_windows += 1
+
+    def record_epoch_duration(self, context: Context | None) -> None:
+        """Record the epoch that just ended (once), inside ``context`` (its span: the exemplar)."""
+        elapsed, self._epoch_elapsed = self._epoch_elapsed, None
+        if elapsed is not None and self._epoch_duration is not None:
+            self._epoch_duration.record(elapsed, self._common, context=context)
 
     def mark_stopped(self) -> None:
         """Karn is shutting down: an episode still open was stopped (said goodbye), not lost."""
@@ -110,6 +131,14 @@ class MetricInstruments:
         if missing:
             raise RuntimeError(f"registry sources and OTelSink readers differ: {sorted(missing)}")
         for m in METRICS:
+            if m.kind == "histogram":  # recorded at the epoch boundary (record_epoch_duration)
+                self._epoch_duration = meter.create_histogram(
+                    m.name,
+                    unit=m.unit,
+                    description=m.description,
+                    explicit_bucket_boundaries_advisory=EPOCH_DURATION_BUCKETS_S,
+                )
+                continue
             create = meter.create_observable_counter if m.kind == "counter" else meter.create_observable_gauge
             create(m.name, callbacks=[self._callback(m, sources[m.source])], unit=m.unit, description=m.description)
 
@@ -153,6 +182,7 @@ class MetricInstruments:
             "context": lambda: latest(ET.EPISODE_STARTED),
             "summary": lambda: latest(ET.EPISODE_ENDED),
             "lifecycle": lambda: self._lifecycle,
+            "epochs": lambda: [],  # a histogram, recorded rather than read
             "analytics": self._read_analytics,
             "health": self._read_health,
             "alerts": lambda: [(n, {"check": c, "severity": s}) for (c, s), n in _copy(self._alerts).items()],

@@ -115,6 +115,9 @@ class OTelSink:
         self._metrics.handle(event)
         if self._traces is not None:
             self._traces.handle(event)
+        if event.event_type is TelemetryEventType.HOST_SNAPSHOT and not event.is_reduced:
+            # Inside the epoch's span (just ended), so the point's exemplar links to it.
+            self._metrics.record_epoch_duration(self._traces.epoch_context() if self._traces else None)
         if self._epoch_readers and event.event_type is TelemetryEventType.HOST_SNAPSHOT:
             # One data point per epoch: rank 0 of a DDP job collects after the job-wide
             # snapshot that follows its own, every other process after its own.

@@ -223,6 +223,10 @@ class EpisodeTraces:
         span.set_attribute("error.type", error_type)
         span.set_status(Status(StatusCode.ERROR, description))
 
+    def epoch_context(self) -> Context | None:
+        """The context of the epoch span that ended last (for an exemplar), if any."""
+        return self._last_epoch_ctx
+
     def _job_reduction(self, event: TelemetryEvent) -> None:
         """Rank 0's job-wide snapshot: a ``karn.reduction`` child of its own epoch span, never a second epoch."""
         h: Any = event.payload
