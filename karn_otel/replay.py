@@ -133,14 +133,23 @@ def comparable(event: TelemetryEvent) -> dict[str, Any]:
     return {"event_type": event.event_type.value, "epoch": event.epoch, "payload": payload}
 
 
+def _show(v: Any, limit: int = 200) -> str:
+    """repr of a recorded (untrusted) value, bounded; never raises."""
+    try:
+        text = repr(v)
+    except Exception:
+        return safe_repr(v)
+    return text if len(text) <= limit else text[:limit] + f"...(+{len(text) - limit} chars)"
+
+
 def first_difference(recorded: Any, replayed: Any, path: str = "") -> str | None:
     """Path and values of the first difference between two JSON-able values, or None."""
     if isinstance(recorded, dict) and isinstance(replayed, dict):
         for key in list(recorded) + [k for k in replayed if k not in recorded]:
             if key not in replayed:
-                return f"{path}.{key}: recorded {recorded[key]!r}, missing in replay"
+                return f"{path}.{key}: recorded {_show(recorded[key])}, missing in replay"
             if key not in recorded:
-                return f"{path}.{key}: not recorded, replay has {replayed[key]!r}"
+                return f"{path}.{key}: not recorded, replay has {_show(replayed[key])}"
             d = first_difference(recorded[key], replayed[key], f"{path}.{key}")
             if d:
                 return d
@@ -154,7 +163,7 @@ def first_difference(recorded: Any, replayed: Any, path: str = "") -> str | None
                 return d
         return None
     if type(recorded) is not type(replayed) or recorded != replayed:
-        return f"{path}: recorded {recorded!r}, replayed {replayed!r}"
+        return f"{path}: recorded {_show(recorded)}, replayed {_show(replayed)}"
     return None
 
 
