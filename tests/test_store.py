@@ -35,3 +35,38 @@ def test_new_episode_starts_clean():
     c.emit(make_context(episode_id="ep-2"))
     assert c.store.latest_host() is None
     assert c.store.context.episode_id == "ep-2"
+
+
+def test_readers_see_whole_steps_of_the_lock_free_scalars_path():
+    """The per-step path updates the store without its lock: a reader must still never see
+    half a step (every name of one step carries that step's value here)."""
+    import threading
+
+    from karn_otel import collector as kc
+    from karn_otel.config import KarnConfig
+    from karn_otel.contracts import Scalars
+    from tests.conftest import make_context
+
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True))
+    c.emit(make_context())
+    names = [f"m{i}" for i in range(20)]
+    stop = threading.Event()
+    torn: list[dict[str, float]] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            snap = c.view.scalars()
+            if snap and len(set(snap.values())) != 1:
+                torn.append(snap)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for step in range(20_000):
+            c.emit(Scalars(step, dict.fromkeys(names, float(step))))
+    finally:
+        stop.set()
+        reader.join()
+    assert not torn, torn[:1]
+    assert c.view.scalars() == dict.fromkeys(names, 19_999.0)
+    assert c.store.counts()["scalars"] == 20_000

@@ -122,6 +122,10 @@ CORPUS: list[tuple[str, Callable[[Path], Path]]] = [
     ),
     ("huge_float_literal", lambda d: _write(d, _good_lines() + [_line_with(["payload", "val_loss"], "1e400")])),
     ("huge_int_literal", lambda d: _write(d, _good_lines() + [_line_with(["payload", "total_params"], "9" * 6000)])),
+    (
+        "huge_int_in_float_field",
+        lambda d: _write(d, _good_lines() + [_line_with(["payload", "val_loss"], "1" + "0" * 400)]),
+    ),
     ("huge_int_epoch", lambda d: _write(d, _good_lines() + [_line_with(["epoch"], "1" + "0" * 30)])),
     (
         "huge_string",
