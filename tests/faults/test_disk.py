@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from karn_otel import collector as kc
@@ -197,3 +198,19 @@ def test_checkpoint_written_whole_and_loadable(tmp_path):
     assert not (tmp_path / "a" / "b.pt.tmp").exists()
     (tmp_path / "file").write_text("x")
     assert save_checkpoint(state, tmp_path / "file" / "c.pt") is False  # parent is a file
+
+
+@pytest.mark.slow
+def test_the_reference_trainer_survives_a_full_disk_for_its_checkpoint(small_tmpfs, memory_collector, caplog):
+    """The issue's crash: the trainer's unguarded torch.save of the initial checkpoint ended a
+    run on a full filesystem. Now the episode runs to its end without it, and says so."""
+    from karn_otel.contracts import TelemetryEventType as ET
+    from karn_otel.reference.trainer import ReferenceTrainer, RunConfig
+
+    (small_tmpfs / "filler").write_bytes(b"\0" * (250 << 10))
+    trainer = ReferenceTrainer(RunConfig(epochs=1, seed=0), small_tmpfs / "checkpoints")
+    trainer.run()
+    assert trainer.initial_checkpoint is None
+    assert "could not write checkpoint" in caplog.text and "No space left on device" in caplog.text
+    sink = memory_collector.sinks[0]
+    assert [e.event_type for e in sink.events][-1] is ET.EPISODE_ENDED, "the episode ran to its end"
