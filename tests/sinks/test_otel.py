@@ -263,7 +263,8 @@ def check_trace(spans: list, episode_id: str) -> None:
 
 
 def check_epoch_exemplars(rx: OTLPReceiver, run_dir: Path) -> None:
-    """karn.epoch.duration: one record per epoch, each with an exemplar that is that epoch's span."""
+    """karn.epoch.duration: one record per epoch, each with an exemplar that is that epoch's span;
+    the host (loss) points carry their epoch's span as exemplar too."""
     epochs = {s.span_id: s for s in rx.spans() if s.name == "karn.epoch"}
     points = [p for p in rx.metric_points() if p.name == "karn.epoch.duration"]
     assert points and points[-1].value[0] == 3, "three epochs recorded"
@@ -273,6 +274,12 @@ def check_epoch_exemplars(rx: OTLPReceiver, run_dir: Path) -> None:
         span = epochs[span_id]
         assert trace_id == span.trace_id
         assert v == pytest.approx((span.end_ns - span.start_ns) / 1e9, abs=2e-3), "the epoch's wall time"
+    # The loss points link to their epoch: each exemplar's span has that point's train loss.
+    loss = [p for p in rx.metric_points() if p.name == "karn.host.train_loss"]
+    assert loss
+    for p in loss:
+        [(trace_id, span_id, v)] = p.exemplars
+        assert v == p.value == epochs[span_id].attributes["karn.train_loss"]
     hosts = [e for e in read_run(run_dir).events if e.event_type is TelemetryEventType.HOST_SNAPSHOT]
     starts = [read_run(run_dir).events[0].timestamp] + [h.timestamp for h in hosts[:-1]]
     assert points[-1].value[1] == pytest.approx(sum(h.timestamp - t for h, t in zip(hosts, starts)), abs=1e-3)

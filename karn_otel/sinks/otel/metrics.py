@@ -76,6 +76,7 @@ class MetricInstruments:
         self._epoch_duration: Histogram | None = None
         self._epoch_mark: float | None = None  # when the epoch in progress started (s)
         self._epoch_elapsed: float | None = None  # the epoch that just ended, not yet recorded
+        self._epoch_ctx: Context | None = None  # the latest epoch's span: the host points' exemplar
 
     def reset_episode(self) -> None:
         # New objects, not .clear(): a callback on a reader thread may be iterating the old ones.
@@ -92,6 +93,7 @@ class MetricInstruments:
             self.reset_episode()
             self._lifecycle = [(_Progress(0, 0), {})]
             self._epoch_mark = event.timestamp
+            self._epoch_ctx = None
         elif et is ET.EPISODE_ENDED:
             self._lifecycle = [(_Progress(1, 0), {})]
         if et is ET.HOST_SNAPSHOT and event.is_reduced:
@@ -113,7 +115,12 @@ class MetricInstruments:
             self._ledger.dense_windows += 1
 
     def record_epoch_duration(self, context: Context | None) -> None:
-        """Record the epoch that just ended (once), inside ``context`` (its span: the exemplar)."""
+        """Record the epoch that just ended (once), inside ``context`` (its span: the exemplar).
+
+        The host series' points carry the same exemplar from now on (the loss of an epoch links
+        to that epoch's trace), until the next epoch.
+        """
+        self._epoch_ctx = context
         elapsed, self._epoch_elapsed = self._epoch_elapsed, None
         if elapsed is not None and self._epoch_duration is not None:
             self._epoch_duration.record(elapsed, self._common, context=context)
@@ -146,10 +153,12 @@ class MetricInstruments:
         """One instrument's callback: walk ``m.field`` into each source object, one point per value."""
         path = m.field.split(".") if m.field else []
         common = self._common
+        linked = m.source == "host"  # per-rank host points link to their epoch's span (exemplar)
 
         def observe(options: CallbackOptions) -> list[Observation]:
             points: list[Observation] = []
             try:
+                ctx = self._epoch_ctx if linked else None
                 for obj, labels in source():
                     for value, key in _values(_walk(obj, path), m.key_label is not None):
                         attrs: dict[str, Any] = {**common, **labels}
@@ -157,7 +166,7 @@ class MetricInstruments:
                             del attrs["rank"]  # a job-wide value belongs to no rank
                         if key is not None:
                             attrs[str(m.key_label)] = key
-                        points.append(Observation(value, attrs))
+                        points.append(Observation(value, attrs, context=None if "scope" in labels else ctx))
             except Exception as exc:  # a broken reader must cost one metric, not the whole scrape
                 self._report_once(m.name, f"Karn metric {m.name} could not be read: {exc!r}")
                 return []
