@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,16 +58,20 @@ class Freezable:
     def __init__(self, mnt: Path) -> None:
         self.mnt = mnt
         self.frozen = False
-        self._timer: threading.Timer | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def freeze(self, safety_s: float = 30.0) -> None:
         r = _sh("fsfreeze", "-f", str(self.mnt))
         if r.returncode != 0:
             pytest.skip(f"fsfreeze failed: {r.stderr.strip()}")
         self.frozen = True
-        self._timer = threading.Timer(safety_s, self.thaw)  # never leave it frozen
-        self._timer.daemon = True
-        self._timer.start()
+        # Never leave it frozen, even if this process dies: a detached watchdog thaws it.
+        self._watchdog = subprocess.Popen(
+            ["sh", "-c", f"sleep {safety_s:g}; fsfreeze -u '{self.mnt}'"],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def make_read_only(self) -> None:
         """What a failing disk does to ext4 mounted errors=remount-ro: an error, and from then
@@ -89,8 +93,9 @@ class Freezable:
         if self.frozen:
             _sh("fsfreeze", "-u", str(self.mnt))
             self.frozen = False
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            os.killpg(self._watchdog.pid, signal.SIGKILL)  # its own session: the sh and its sleep
+            self._watchdog.wait(5)
 
 
 @pytest.fixture
