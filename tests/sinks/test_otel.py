@@ -881,3 +881,36 @@ def test_epoch_reader_never_waits_for_a_slow_backend_and_stays_bounded(monkeypat
         gate.set()
         c.close()
     assert hanging.exports >= 4
+
+
+def test_a_timed_ppo_update_is_a_child_span_of_its_epoch():
+    """A PPO update that reports its elapsed_s becomes a timed karn.ppo_update child of its epoch."""
+    from types import SimpleNamespace
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from karn_otel.sinks.otel.lifecycle import ExportLedger
+    from karn_otel.sinks.otel.traces import EpisodeIdGenerator, EpisodeTraces
+
+    exporter = InMemorySpans()
+    ids = EpisodeIdGenerator()
+    provider = TracerProvider(id_generator=ids)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    traces = EpisodeTraces(provider.get_tracer("t"), ids, ExportLedger())
+    ET_ = TelemetryEventType
+
+    def ev(et, payload, t):
+        return SimpleNamespace(event_type=et, payload=payload, timestamp=t, is_reduced=False)
+
+    update = SimpleNamespace(
+        update_index=1, policy_loss=0.1, value_loss=0.2, kl_divergence=0.01, explained_variance=0.5, elapsed_s=0.25
+    )
+    traces.handle(ev(ET_.EPISODE_STARTED, make_context(episode_id=uuid.uuid4().hex), 100.0))
+    traces.handle(ev(ET_.PPO_UPDATE, update, 101.0))
+    traces.handle(ev(ET_.HOST_SNAPSHOT, HostSnapshot(1, 1.8, 0.4, 1.9, 0.5, 1674, 0, 1674, 0, 0.5, {}, None), 102.0))
+    spans = {s.name: s for s in exporter.spans}
+    ppo, epoch = spans["karn.ppo_update"], spans["karn.epoch"]
+    assert ppo.parent.span_id == epoch.context.span_id
+    assert (ppo.start_time, ppo.end_time) == (int(100.75e9), int(101e9))
+    assert "karn.ppo_update" not in [e.name for e in epoch.events], "a child span, not also an event"

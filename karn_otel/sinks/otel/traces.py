@@ -8,8 +8,12 @@ run-log line finds its trace in Tempo; other ids are hashed to 128 bits; see
 - ``karn.epoch``, one per rank's own HostSnapshot, a child of the root, created when the snapshot
   arrives with explicit times (start = the previous epoch's end) and ended at once, so it is
   exported during the run. The epoch's gate evaluations, stage transitions, controller
-  decisions, counterfactual passes, alerts and PPO updates are its span events (at most
-  MAX_EPOCH_EVENTS; more are counted as ``span_events_over_limit``).
+  decisions, alerts and PPO updates are its span events (at most MAX_EPOCH_EVENTS; more are
+  counted as ``span_events_over_limit``). Status ERROR with ``error.type`` when the epoch's
+  loss is not finite (``non_finite_loss``) or a critical health alert came in it (the check).
+- timed operations as child spans of their epoch, from ``elapsed_s`` before the event to the
+  event: ``karn.counterfactual`` (every pass), ``karn.ppo_update`` (when the update reports an
+  ``elapsed_s``; until then it stays a span event).
 - ``karn.reduction``: rank 0's job-wide HostSnapshot in a DDP job (``is_reduced``), a child
   of rank 0's epoch span with ``karn.scope = "job"`` (so there is one epoch span per rank).
 - ``karn.dense_window``, one per DenseTrace, with the trigger reason and window bounds as
@@ -19,7 +23,7 @@ The long-lived root is only exported when the episode ends. Meanwhile Tempo alre
 the finished epochs: a trace lookup by episode id shows them under a missing parent ("root
 span not yet received"); once the episode ends the root arrives and the trace is whole. A
 run that stops without EPISODE_ENDED gets its root ended by the sink's ``close()`` with
-``karn.episode.complete = false``.
+``karn.episode.complete = false`` and status ERROR (``error.type = karn.episode_abandoned``).
 
 The span attribute and span event builders (``_*_attributes``, ``_*_event``) live here too:
 they are the only place that names span attributes.
@@ -143,6 +147,8 @@ class EpisodeTraces:
             self._dense_window(event)
         elif et is ET.COUNTERFACTUAL:
             self._counterfactual(event)
+        elif et is ET.PPO_UPDATE and _elapsed(event.payload) is not None:
+            self._timed_child(event, *_ppo_event(event.payload))
         elif et is ET.EPISODE_ENDED:
             self._end_episode(event)
         else:
@@ -207,12 +213,14 @@ class EpisodeTraces:
 
     def _counterfactual(self, event: TelemetryEvent) -> None:
         """A counterfactual pass: a timed ``karn.counterfactual`` child of its epoch's span."""
-        cf: Any = event.payload
+        self._timed_child(event, *_counterfactual_event(event.payload))
+
+    def _timed_child(self, event: TelemetryEvent, name: str, attrs: dict[str, Any]) -> None:
+        """A timed operation (its payload's ``elapsed_s``) as a child span of its epoch, ending at the event."""
         end = _ns(event.timestamp)
-        elapsed = cf.elapsed_s if isinstance(cf.elapsed_s, (int, float)) and math.isfinite(cf.elapsed_s) else 0.0
-        start = max(self._epoch_start, end - _ns(max(0.0, elapsed)))
+        elapsed = _elapsed(event.payload) or 0.0
+        start = max(self._epoch_start, end - _ns(elapsed))
         parent = trace.set_span_in_context(self._open_epoch())
-        name, attrs = _counterfactual_event(cf)
         span = self._tracer.start_span(
             name, context=parent, attributes={"karn.episode_id": self._episode_id, **attrs}, start_time=start
         )
@@ -302,6 +310,14 @@ class EpisodeTraces:
     def _end(self, span: Any, end_ns: int) -> None:
         self._ledger.span_ended()
         span.end(end_time=end_ns)
+
+
+def _elapsed(payload: Any) -> float | None:
+    """A payload's measured duration in seconds (``elapsed_s``), or None when it has none."""
+    v = getattr(payload, "elapsed_s", None)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+        return float(v)
+    return None
 
 
 def _spread(n: int, k: int) -> list[int]:
