@@ -11,14 +11,22 @@ What goes where
   merged with ``OTEL_RESOURCE_ATTRIBUTES``), the OTLP endpoint and protocol, the OTLP
   exporters (gRPC or HTTP).
 * ``traces.py``: **traces** (only when an OTLP endpoint is configured), one per episode, its
-  trace id derived from ``episode_id``: ``karn.episode`` root, ``karn.epoch`` children with
-  the epoch's events as span events, ``karn.dense_window`` spans with bounded batch events.
+  trace id derived from ``episode_id`` (which every rank of a DDP job shares):
+  ``karn.episode`` root, one ``karn.epoch`` child per rank's own epoch with the epoch's events
+  as span events (status ERROR for a non-finite loss or a critical alert), timed
+  ``karn.counterfactual`` children, rank 0's ``karn.reduction`` (the job-wide snapshot),
+  ``karn.dense_window`` spans with bounded batch events; an abandoned episode's root is ERROR.
 * ``metrics.py``: **metrics**, one observable instrument per entry of
   :mod:`karn_otel.metrics_registry`. ``handle`` only stores the latest payloads (O(1) dict
   writes); the instruments' callbacks read them and the view when a reader collects, on the
-  reader's thread. Every point carries ``run_id``, ``rank`` and ``world_size``.
+  reader's thread. Every point carries ``run_id``, ``rank`` and ``world_size`` (the job-wide
+  host values: ``scope="job"`` and no rank); every counter's known label sets start at 0;
+  ``karn.episode.complete`` / ``karn.episode.stopped`` tell a finished rank from a lost one.
+* ``epochs.py``: the push readers (OTLP, extra exporters such as remote write) collect at
+  every epoch boundary, so each epoch is one data point, and export on their own threads.
 * ``endpoint.py``: the embedded **Prometheus** endpoint, served from this process with its
-  own CollectorRegistry on ``prometheus_host:prometheus_port + LOCAL_RANK``.
+  own CollectorRegistry on ``prometheus_host:prometheus_port + LOCAL_RANK``; sampled by the
+  scrape; at shutdown it waits (bounded) for a final scrape.
 * ``lifecycle.py``: **outage and shutdown**. The exporters run on background threads with
   short timeouts (at most 2 s, a third of ``otel_shutdown_timeout_s``); the span queue is
   bounded. Failed exports, lost spans and queue overflows are counted
