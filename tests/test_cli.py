@@ -67,6 +67,9 @@ def test_replay_names_the_first_tampered_value(run_dir, tmp_path):
     ev["payload"]["val_loss"] += 1e-9
     lines[i] = json.dumps(ev, separators=(",", ":"))
     path.write_text("\n".join(lines) + "\n")
+    from karn_otel.sinks.runlog_format import reseal
+
+    reseal(path)  # a hand edit fails its block's checksum; re-seal it so the edit is a value difference
     r = karn("replay", str(copy))
     assert r.returncode == 1
     assert "DIFFERENT" in r.stdout and "host_snapshot, epoch 2" in r.stdout and "payload.val_loss" in r.stdout

@@ -128,7 +128,16 @@ def _child_main(
         os.environ.setdefault(_ENV_GLOO_IFNAME, loopback)
     from karn_otel.torch import collectives  # imports torch: after the environment is set
 
+    class _Terminated(BaseException):
+        """The launcher ended this rank (SIGTERM): unwind, so ``fn``'s cleanup (Karn's flush) runs."""
+
+    def _terminated(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, _terminated)  # runs once the main thread is back in Python
+
     code = 0
+    terminated = False
     try:
         # num_threads: N ranks x all cores each would oversubscribe.
         collectives.init_process_group(
@@ -142,6 +151,8 @@ def _child_main(
         fn(RankInfo(rank, nproc, rank), *args)
     except SystemExit as exc:  # fn chose its exit code
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except _Terminated:
+        terminated = True
     except BaseException:
         Path(error_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         sys.stderr.write(f"[karn rank {rank}] " + traceback.format_exc())
@@ -150,6 +161,9 @@ def _child_main(
         collectives.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
+    if terminated:  # die of the signal after the cleanup, so the launcher sees exit code -15
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
     if code:
         os._exit(code)  # skip interpreter teardown: nothing left to flush, and it can block on dead peers
 
