@@ -104,6 +104,13 @@ class TelemetryStore:
         """
         p = event.payload
         cls = type(p)
+        if cls is Scalars:  # the per-step record, first (see the lock-free branch below)
+            self._counts_by_class[Scalars] += 1
+            epoch = event.epoch
+            if epoch > self.epoch:
+                self.epoch = epoch
+            self.scalars.update(p.values)  # type: ignore[union-attr]
+            return
         if cls in _LOCK_FREE:
             # The per-step/per-batch path, without the lock: the pipeline is the only writer
             # (it holds the collector's lock), the scalars are merged by one C call (atomic
