@@ -112,6 +112,8 @@ class KarnCollector:
         self._template.update(
             run_id=self.run_id, rank=rank, world_size=world, is_reduced=False, schema_version=SCHEMA_VERSION
         )
+        # The flag's slot is in the template, so setting it never grows (resizes) the copy.
+        self._template[FINITE_FLAG] = False
         self._closed = False
 
     # ------------------------------------------------------------------ wiring (composition root)
@@ -491,9 +493,8 @@ def _make_event(
         "world_size": world_size,
         "is_reduced": is_reduced,
         "schema_version": SCHEMA_VERSION,
+        FINITE_FLAG: finite,
     }
-    if finite:
-        d[FINITE_FLAG] = True
     ev: TelemetryEvent = _new_object(TelemetryEvent)
     _set_attr(ev, "__dict__", d)
     return ev
