@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from karn_otel.claims import ALPHA, Claim, final_verdict, live_claim
+from karn_otel.claims import ALPHA, Claim, final_verdict, live_claim, live_claim_chain
 from karn_otel.contracts import ActionOp, CounterfactualMatrix, ShapleyEstimate
 from karn_otel.pipeline import HealthSource
 from karn_otel.store import TelemetryStore
@@ -124,6 +124,8 @@ class MorphogeneticAnalytics:
         self.store = store
         self.health = health
         self.reference_curve = reference_curve
+        # (slot, threshold) -> the live chain so far: [(epoch, id of the estimate, claim)]
+        self._chains: dict[tuple[str, float], list[tuple[int, int, Claim]]] = {}
 
     # === Claim 1: accuracy ===
 
@@ -217,10 +219,54 @@ class MorphogeneticAnalytics:
         if cf is latest and self.store.summary is not None:
             return final_verdict(cf.shapley_values, cf.epoch, alpha=ALPHA, threshold=threshold)
         horizon, n_slots = self._rule_scope(cf)
-        return {
-            sid: live_claim(sid, est, cf.epoch, horizon=horizon, n_slots=n_slots, alpha=ALPHA, threshold=threshold)
-            for sid, est in cf.shapley_values.items()
-        }
+        if cf is not latest:  # an old matrix on its own: one test, no carried alpha
+            return {
+                sid: live_claim(sid, est, cf.epoch, horizon=horizon, n_slots=n_slots, alpha=ALPHA, threshold=threshold)
+                for sid, est in cf.shapley_values.items()
+            }
+        out: dict[str, Claim] = {}
+        for sid in cf.shapley_values:
+            chain = self.live_chain(sid, threshold)
+            if chain and chain[-1].epoch == cf.epoch:
+                out[sid] = chain[-1]
+        return out
+
+    def live_chain(self, slot_id: str, threshold: float = 0.0) -> list[Claim]:
+        """The live rule's claims for ``slot_id`` at every epoch in the store's history.
+
+        Computed with the online fallback (karn_otel.claims.live_claim_chain) and extended
+        incrementally as epochs arrive (the console asks several times a second).
+        """
+        by_epoch: dict[int, ShapleyEstimate] = {}
+        scope: CounterfactualMatrix | None = None
+        for m in self.store.counterfactual_history():
+            est = (m.shapley_values or {}).get(slot_id)
+            if est is not None:
+                by_epoch[m.epoch] = est  # the last matrix of an epoch wins
+                scope = m
+        if scope is None:
+            return []
+        history = sorted(by_epoch.items())
+        key = (slot_id, float(threshold))
+        cached = self._chains.get(key, [])
+        k = 0
+        while k < len(cached) and k < len(history) and cached[k][:2] == (history[k][0], id(history[k][1])):
+            k += 1
+        if k < len(cached):  # the history changed under the cache (a new episode): start again
+            cached, k = [], 0
+        horizon, n_slots = self._rule_scope(scope)
+        new = live_claim_chain(
+            slot_id,
+            history[k:],
+            horizon=horizon,
+            n_slots=n_slots,
+            alpha=ALPHA,
+            threshold=threshold,
+            after=cached[-1][2] if cached else None,
+        )
+        cached = cached + [(e, id(est), c) for (e, est), c in zip(history[k:], new)]
+        self._chains[key] = cached
+        return [c for _, _, c in cached]
 
     def seed_contributions(self) -> dict[str, SeedContributionSummary]:
         """Per-slot attribution: Shapley with its interval when measured, else removal cost.
@@ -265,16 +311,9 @@ class MorphogeneticAnalytics:
         slot has no Shapley interval (a removal cost alone cannot support an onset claim).
         Only the epochs still in the store's history are scanned.
         """
-        for cf in self.store.counterfactual_history():
-            est = (cf.shapley_values or {}).get(slot_id)
-            if est is None:
-                continue
-            horizon, n_slots = self._rule_scope(cf)
-            claim = live_claim(
-                slot_id, est, cf.epoch, horizon=horizon, n_slots=n_slots, alpha=ALPHA, threshold=threshold / 100.0
-            )
-            if claim.helps:
-                return cf.epoch
+        for claim in self.live_chain(slot_id, threshold / 100.0):
+            if claim.helps:  # the chain's first claim is made at the epoch's own share of alpha
+                return claim.epoch
         return None
 
     # === Policy quality ===

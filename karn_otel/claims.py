@@ -8,12 +8,16 @@ Two kinds of statement are kept apart (docs/counterfactual-validity.md, "Claims"
 * **Claims**, made by one of two rules whose false-claim rate is bounded **per run** (over
   every epoch and every seed looked at):
 
-  - the **live rule** (:func:`live_claim`, ``rule = "alpha-spending"``): at epoch ``e`` each
-    of the ``m`` slots is tested one-sided at level ``alpha * w(e) / m`` with
-    ``sum over e of w(e) <= 1`` (Bonferroni over seeds, alpha spending over looks). By the
-    union bound the probability of *any* false claim in the run is <= alpha, whatever the
-    correlation between epochs and seeds, and however often the console looks. It is
+  - the **live rule** (:func:`live_claim_chain`, ``rule = "alpha-spending"``): at epoch ``e``
+    each of the ``m`` slots is tested one-sided at level ``alpha * w(e) / m`` with
+    ``sum over e of w(e) <= 1`` (Bonferroni over seeds, alpha spending over looks), plus,
+    when the same slot was claimed at epoch ``e - 1``, the level that claim was made at
+    (the *online fallback* of Tian & Ramdas 2021, a Bonferroni-based graphical procedure: a
+    claim passes its alpha on to the slot's next epoch, so a real, lasting effect keeps its
+    claim). The family-wise error over every epoch and slot is <= alpha under arbitrary
+    dependence between epochs and seeds, however often the console looks. It is
     anytime-valid: the run may stop at any epoch, or go on past the planned horizon.
+    :func:`live_claim` is one test without the carried alpha (the first claim of a chain).
   - the **final verdict** (:func:`final_verdict`, ``rule = "final-epoch Holm"``): one pre-set
     look at the final epoch's matrix, one-sided tests of every slot, Holm's step-down over
     the slots at level alpha (family-wise error <= alpha over seeds).
@@ -37,7 +41,7 @@ Pure Python (statistics from the standard library; the Student-t quantile from
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -51,6 +55,7 @@ __all__ = [
     "Claim",
     "final_verdict",
     "live_claim",
+    "live_claim_chain",
     "live_test_level",
     "lower_bound",
     "one_sided_p",
@@ -180,6 +185,43 @@ def live_claim(
         int(epoch),
         threshold,
     )
+
+
+def live_claim_chain(
+    slot_id: str,
+    history: Sequence[tuple[int, ShapleyEstimate]],
+    *,
+    horizon: int | None,
+    n_slots: int,
+    alpha: float = ALPHA,
+    threshold: float = 0.0,
+    after: Claim | None = None,
+) -> list[Claim]:
+    """The live rule over one slot's epochs (increasing), with the online fallback.
+
+    The level at epoch ``e`` is the spent share ``alpha * w(e) / n_slots`` plus, when the
+    slot was claimed at epoch ``e - 1`` (the immediately preceding epoch, tested), the level
+    of that claim; an epoch without a claim, or without a matrix, passes nothing on.
+    ``after`` continues a chain: the last claim of the epochs already processed.
+    """
+    out: list[Claim] = []
+    carry = after.test_level if after is not None and after.helps else 0.0
+    prev_epoch = after.epoch if after is not None else None
+    for epoch, est in history:
+        if prev_epoch is not None and epoch <= prev_epoch:
+            raise ValueError(f"epochs must increase: {epoch} after {prev_epoch}")
+        if prev_epoch is None or epoch != prev_epoch + 1:
+            carry = 0.0
+        base = live_test_level(epoch, horizon=horizon, n_slots=n_slots, alpha=alpha)
+        level = min(base + carry, alpha / max(1, int(n_slots)))
+        bound = lower_bound(est, level) if level > 0 else float("nan")
+        helps = bool(bound > threshold)
+        out.append(
+            Claim(slot_id, helps, LIVE_RULE, alpha, level, bound, one_sided_p(est, threshold), int(epoch), threshold)
+        )
+        carry = level if helps else 0.0
+        prev_epoch = epoch
+    return out
 
 
 def final_verdict(

@@ -173,3 +173,16 @@ def test_equivalent_traditional_params(tmp_path, setup):
     assert loaded.params_for_accuracy(0.80) == 1000
     assert loaded.params_for_accuracy(0.95) is None, "no extrapolation beyond the curve"
     assert loaded.params_for_accuracy(0.5) is None
+
+
+def test_a_lasting_claim_keeps_its_star_through_the_fallback(setup):
+    c, a = setup
+    c.emit(slot("mid", seed_params=500))
+    # z = 3.0 at epoch 1 (> 2.98: claimed), then z = 2.8 (< 2.98 alone, > 2.76 with the carried level)
+    for e, mean in [(1, 0.030), (2, 0.028), (3, 0.028)]:
+        est = ShapleyEstimate(mean, 0.01, 200, "exact_enumeration", mean - 0.02, mean + 0.02)
+        c.emit(cf(e, 0.8, 0.8 - mean, shapley={"mid": est}))
+        assert a.seed_contributions()["mid"].helps, e
+    chain = a.live_chain("mid")
+    assert [x.epoch for x in chain] == [1, 2, 3] and chain[2].test_level == pytest.approx(3 * chain[0].test_level)
+    assert a.contribution_onset_epoch("mid", threshold=0.0) == 1

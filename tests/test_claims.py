@@ -88,3 +88,24 @@ def test_bad_alpha_raises():
         live_test_level(1, horizon=1, n_slots=1, alpha=0.0)
     with pytest.raises(ValueError):
         final_verdict({}, 1, alpha=1.0)
+
+
+def test_live_chain_passes_a_claims_level_to_the_next_epoch():
+    from karn_otel.claims import live_claim_chain
+
+    base = live_test_level(1, horizon=10, n_slots=3)  # the same share at every planned epoch
+    z = {k: NormalDist().inv_cdf(1 - k * base) for k in (1, 2, 3)}  # 2.98, 2.76, 2.63
+    # epoch 1 claimed at its own share; epochs 2 and 3 at 2x and 3x it; epoch 4 misses -> 5 restarts
+    history = [(1, est(3.0, 1)), (2, est(2.8, 1)), (3, est(2.65, 1)), (4, est(2.0, 1)), (5, est(2.8, 1))]
+    chain = live_claim_chain("mid", history, horizon=10, n_slots=3)
+    assert [c.helps for c in chain] == [True, True, True, False, False]
+    assert [c.test_level for c in chain] == pytest.approx([base, 2 * base, 3 * base, 4 * base, base])
+    assert 2.8 > z[2] and 2.8 < z[1], "epoch 5 alone (z 2.8) would have needed the carried alpha"
+    # a gap in the epochs (no matrix at 2) passes nothing on
+    gap = live_claim_chain("mid", [(1, est(3.0, 1)), (3, est(2.8, 1))], horizon=10, n_slots=3)
+    assert [c.helps for c in gap] == [True, False]
+    # continuing a chain gives the same claims as computing it in one go
+    tail = live_claim_chain("mid", history[2:], horizon=10, n_slots=3, after=chain[1])
+    assert [c.test_level for c in tail] == pytest.approx([c.test_level for c in chain[2:]])
+    with pytest.raises(ValueError):
+        live_claim_chain("mid", [(2, est(1, 1)), (2, est(1, 1))], horizon=10, n_slots=3)
