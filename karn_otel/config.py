@@ -161,6 +161,12 @@ class KarnConfig:
     max_epoch_snapshots: int = 10_000  # tier-2 history kept in memory (the run log keeps all)
     max_recent_events: int = 256  # decisions, alerts, transitions kept for the console
     runlog_queue_size: int = 100_000  # events buffered for the writer thread before drops
+    # The write-ahead run log (docs/reliability.md): at most the events of one flush interval
+    # are lost on SIGKILL; "block" waits up to runlog_block_timeout_s for room before dropping.
+    runlog_flush_interval_s: float = 0.1
+    runlog_backpressure: Literal["drop", "block"] = "drop"
+    runlog_block_timeout_s: float = 0.1
+    shutdown_timeout_s: float = 5.0  # shutdown() returns within this, whatever the disk or network does
     console_refresh_hz: float = 4.0
     rank: int | None = None  # None: discovered from the environment
     world_size: int | None = None
@@ -210,6 +216,11 @@ class KarnConfig:
                 raise ValueError(f"{name} must be >= 1")
         if not self.console_refresh_hz > 0:
             raise ValueError("console_refresh_hz must be > 0")
+        for name in ("runlog_flush_interval_s", "runlog_block_timeout_s", "shutdown_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.runlog_backpressure not in ("drop", "block"):
+            raise ValueError(f"runlog_backpressure must be 'drop' or 'block', got {self.runlog_backpressure!r}")
         if self.otlp_protocol not in (None, "grpc", "http/protobuf"):
             raise ValueError(f"otlp_protocol must be grpc or http/protobuf, got {self.otlp_protocol!r}")
         if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:

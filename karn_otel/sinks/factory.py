@@ -25,6 +25,7 @@ def build_pipeline(
 ) -> None:
     """Attach processors, analytics and sinks to ``collector``'s pipeline."""
     pipeline = collector.pipeline
+    pipeline.shutdown_timeout_s = config.shutdown_timeout_s
     if processors:
         from karn_otel.health import HealthMonitor
         from karn_otel.triggers import DenseTriggerEngine
@@ -61,7 +62,20 @@ def default_sinks(config: KarnConfig, collector: KarnCollector) -> list[Sink]:
         run_dir = Path(config.out_dir) / collector.run_id
         if collector.rank > 0:
             run_dir = run_dir / "ranks" / f"rank{collector.rank}"
-        sinks.append(RunLogSink(config.out_dir, collector.run_id, max_queue=config.runlog_queue_size, run_dir=run_dir))
+        sinks.append(
+            RunLogSink(
+                config.out_dir,
+                collector.run_id,
+                max_queue=config.runlog_queue_size,
+                run_dir=run_dir,
+                flush_interval_s=config.runlog_flush_interval_s,
+                backpressure=config.runlog_backpressure,
+                block_timeout_s=config.runlog_block_timeout_s,
+                shutdown_timeout_s=config.shutdown_timeout_s,
+                file_mode=config.file_mode,
+                dir_mode=config.dir_mode,
+            )
+        )
     if config.console != "off":
         from karn_otel.sinks.console import ConsoleSink
 

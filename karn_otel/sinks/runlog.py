@@ -52,6 +52,7 @@ from karn_otel.codec import (
     encode_lines,
     event_from_json,
     from_json,
+    id_problem,
     to_json,
 )
 from karn_otel.contracts import (
@@ -606,8 +607,12 @@ class RunLogSink:
     def _side_files(self, event: TelemetryEvent) -> None:
         p = event.payload
         if isinstance(p, EpisodeContext):
-            ep_dir = self.run_dir / "episodes" / p.episode_id
-            ep_dir.mkdir(mode=self.dir_mode, parents=True, exist_ok=True)
+            if id_problem(p.episode_id) is not None:  # a direct user bypassing the collector's door
+                return
+            episodes = self.run_dir / "episodes"
+            episodes.mkdir(mode=self.dir_mode, exist_ok=True)  # each level with the run dir's mode
+            ep_dir = episodes / p.episode_id
+            ep_dir.mkdir(mode=self.dir_mode, exist_ok=True)
             _write_json_atomic(ep_dir / "context.json", None, self.file_mode, text=to_json(p) + "\n")
 
 

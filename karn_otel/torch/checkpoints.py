@@ -43,7 +43,7 @@ def save_checkpoint(
     def write() -> None:
         tmp = path.with_name(path.name + ".tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, like the run dir
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
             with open(fd, "wb") as f:
                 f.write(data)
