@@ -288,8 +288,7 @@ def _supervise(
         if watch is not None and first_failure is None and not ready:
             hung = [r for r in _hung_ranks(watch, len(procs), started_wall) if r in running]
             if hung:
-                for r in sorted(running):
-                    _terminate(procs[r])
+                _terminate_all([procs[r] for r in sorted(running)])
                 running.clear()
                 break
         for r in sorted(running):
@@ -305,6 +304,24 @@ def _supervise(
                 _terminate(procs[r])
             running.clear()
     return first_failure, timed_out, hung
+
+
+def _terminate_all(procs: list[Any], grace_s: float = 3.0) -> None:
+    """SIGTERM every process at once, give them ``grace_s`` together, then SIGKILL the rest."""
+    for p in procs:
+        p.terminate()
+        if p.pid is not None:
+            try:  # a stopped (SIGSTOP) process handles SIGTERM only once continued
+                os.kill(p.pid, signal.SIGCONT)
+            except OSError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _terminate(proc: Any) -> None:

@@ -53,6 +53,7 @@ def test_a_stopped_rank_is_named_alone_and_the_job_ends(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    print(f"hung rank: the job ended {ended_after:.1f} s after SIGSTOP (timeout {HEARTBEAT_TIMEOUT:g} s)")
     assert proc.returncode == 1, out + err
     assert "rank 1 stopped responding" in err and "rank 0 stopped" not in err, err
     # bound: end_after(timeout), plus one supervisor poll and the ranks' termination
