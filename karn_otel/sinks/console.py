@@ -137,9 +137,11 @@ class ConsoleSink:
         dec = self.store.recent_decisions(1)
         action = dec[-1][1].action.label() if dec else "-"
         ratio_s = "n/a" if ratio is None else f"{ratio:.3f}x"
+        control = _control_delta(self.store.scalars())
+        vs_control = "" if control is None else f", {_pts(control)} vs control (causal)"
         return (
             f"[karn] epoch {h.epoch}{total}  val_acc {100 * h.val_accuracy:5.1f}%"
-            f" ({_pts(delta)} vs host-only)  val_loss {h.val_loss:.4f}"
+            f" ({_pts(delta)} vs host-only removal{vs_control})  val_loss {h.val_loss:.4f}"
             f"  params {ratio_s}  seeds {seeds or '-'}  action {action}"
         )
 
@@ -158,12 +160,20 @@ class ConsoleSink:
             rows.append("  waiting for the first epoch...")
         else:
             delta = a.accuracy_delta()
+            control = _control_delta(st.scalars())
             rows.append(
                 _lr(
-                    f"ACCURACY        {100 * h.val_accuracy:.1f}% ({_pts(delta)} vs host-only)",
-                    _verdict(delta is not None and delta > 0, delta is None),
+                    f"ACCURACY        {100 * h.val_accuracy:.1f}% ({_pts(delta)} vs host-only removal, not causal)",
+                    _verdict(delta is not None and delta > 0, delta is None) if control is None else "",
                 )
             )
+            if control is not None:  # a control twin (karn run --control): the causal comparison
+                rows.append(
+                    _lr(
+                        f"VS CONTROL      {_pts(control)} vs the host-only twin (causal)",
+                        _verdict(control > 0, False),
+                    )
+                )
             ratio = a.param_ratio()
             rows.append(f"PARAM RATIO     {ratio:.2f}x host params" if ratio else "PARAM RATIO     n/a")
             equiv = a.equivalent_traditional_params()
@@ -263,6 +273,12 @@ def _slot_order(store: StoreView, slot_id: str) -> int:
     if ctx is None or slot_id not in ctx.slot_config:
         return 1 << 30
     return list(ctx.slot_config).index(slot_id)
+
+
+def _control_delta(scalars: dict[str, float]) -> float | None:
+    """This epoch's accuracy minus the control twin's, when the run has one (docs/experiments.md)."""
+    v = scalars.get("accuracy_delta_vs_control")
+    return v if isinstance(v, float) and v == v else None
 
 
 def _pts(x: float | None) -> str:

@@ -64,6 +64,9 @@ def experiment(tmp_path_factory) -> Path:
     p = karn("run", "--seeds", "0,1", "--control", "--epochs", "3", "--out", str(out), "--experiment", "e", "--no-live")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "experiment dir:" in p.stdout
+    # the morph runs' console shows both numbers, labelled apart; the control runs only removal
+    morph_lines = [ln for ln in p.stdout.splitlines() if ln.startswith("[karn] epoch") and "vs control (causal)" in ln]
+    assert len(morph_lines) == 2 * 3 and all("vs host-only removal" in ln for ln in morph_lines)
     return out / "e"
 
 

@@ -63,7 +63,8 @@ def test_live_dashboard_renders_every_block(memory_collector):
     text = "\n".join(lines)
     assert all(len(line) == WIDTH + 2 for line in lines), "a closed box"
     assert "Epoch 4/10" in text
-    assert "67.2% (+4.9% vs host-only)" in text and "✓ WIN" in text
+    assert "67.2% (+4.9% vs host-only removal, not causal)" in text and "✓ WIN" in text
+    assert "VS CONTROL" not in text  # no control twin: no causal number is shown
     assert "PARAM RATIO     1.20x" in text
     assert "mid:" in text and "+4.9% [+2.9,+6.9]" in text and "attention" in text
     assert "GERMINATE(mid,attention)" in text
@@ -86,7 +87,7 @@ def test_plain_mode_prints_one_line_per_epoch_and_alerts(memory_collector):
     out = stream.getvalue().splitlines()
     assert len(out) == 2
     assert out[0].startswith("[karn] ALERT warning loss_spike")
-    assert out[1].startswith("[karn] epoch 4/10") and "+4.9% vs host-only" in out[1]
+    assert out[1].startswith("[karn] epoch 4/10") and "+4.9% vs host-only removal)" in out[1]
 
 
 def test_policy_health_block_judges_collapse():
