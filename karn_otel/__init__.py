@@ -7,6 +7,7 @@ OpenTelemetry).
 """
 
 from karn_otel._version import __version__
+from karn_otel.api import Run, init
 from karn_otel.collector import (
     KarnCollector,
     TelemetryValidationError,
@@ -22,10 +23,12 @@ __all__ = [
     "DenseTraceTrigger",
     "KarnCollector",
     "KarnConfig",
+    "Run",
     "TelemetryValidationError",
     "configure",
     "emit",
     "get_collector",
+    "init",
     "shutdown",
     "__version__",
 ]

@@ -22,10 +22,9 @@ CURVE_FILE = "reference_curve.json"  # written by `karn calibrate` into --out, r
 
 
 def _run(args: argparse.Namespace) -> int:
-    import karn_otel
     from karn_otel.config import KarnConfig
     from karn_otel.contracts import OperatingMode
-    from karn_otel.reference.trainer import RunConfig, policy_head_sizes, run_reference
+    from karn_otel.reference.trainer import RunConfig, policy_head_sizes
 
     try:
         cfg = RunConfig(
@@ -38,7 +37,9 @@ def _run(args: argparse.Namespace) -> int:
             nproc=args.nproc,
             inject_loss_spike_epoch=args.inject_loss_spike or 0,
             inject_entropy_collapse=args.inject_entropy_collapse,
+            inject_entropy_collapse_episodes=args.inject_entropy_collapse_episodes,
             device=args.device,
+            heartbeat_timeout_s=args.heartbeat_timeout,
         )
         curve = Path(args.out) / CURVE_FILE
         kcfg = KarnConfig(
@@ -57,34 +58,137 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"karn run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    busy = _busy_port(kcfg.prometheus_host, kcfg.prometheus_port, cfg.nproc)
+    if busy is not None:  # before any run dir exists: nothing to clean up
+        print(
+            f"karn run: error: {kcfg.prometheus_host}:{busy} is in use (another karn run?); "
+            "choose another --prometheus-port, or 0 for any free port",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.seeds is not None or args.repeats is not None or args.control:
+        return _run_experiment(cfg, kcfg, args)
     if cfg.nproc > 1:
         return _run_ranks(cfg, kcfg, args)
+    return _train(cfg, kcfg, args)
+
+
+def _busy_port(host: str, base: int | None, n: int) -> int | None:
+    """The first of ``base .. base + n - 1`` that cannot be bound on ``host`` (None: all free, or no port)."""
+    import socket
+
+    if not base:  # None: no endpoint; 0: the OS picks a free port
+        return None
+    for port in range(base, base + n):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds it
+            try:
+                s.bind((host, port))
+            except OSError:
+                return port
+    return None
+
+
+def _train(cfg, kcfg, args: argparse.Namespace) -> int:
+    """One run of the reference system with Karn recording, in this process."""
+    import karn_otel
+    from karn_otel.reference.trainer import run_reference
+
     collector = karn_otel.configure(kcfg)
-    run_dir = Path(args.out) / collector.run_id
+    run_dir = Path(kcfg.out_dir) / collector.run_id
     for sink in collector.sinks:
         port = getattr(sink, "prometheus_port", None)
         if port is not None:
             print(f"metrics: http://{kcfg.prometheus_host}:{port}/metrics", flush=True)
+    previous_sigterm = _on_sigterm_interrupt()  # SIGTERM flushes and exits like Ctrl-C
     try:
         try:
             run_reference(cfg, checkpoint_dir=run_dir / "checkpoints")
-        except KeyboardInterrupt:
-            print("\nkarn run: interrupted; the run log holds everything up to now", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+            print(f"\nkarn run: {what}; the run log holds everything up to now", file=sys.stderr)
+            return 143 if isinstance(exc, _Terminated) else 130
         if args.serve_after > 0 and args.prometheus_port is not None:
             print(f"training done; serving metrics for {args.serve_after:g} s more (Ctrl-C to stop)", flush=True)
             time.sleep(args.serve_after)
     except KeyboardInterrupt:
         pass
     finally:
+        _ignore_sigterm()  # the shutdown is bounded (5 s): let it finish
         karn_otel.shutdown()
+        _restore_sigterm(previous_sigterm)
     stats = collector.stats()
     print(f"run dir: {run_dir}")
     print(
         f"events: {stats.accepted} accepted, {sum(stats.rejected.values())} rejected, {sum(stats.dropped.values())} dropped"
     )
+    if stats.dropped:
+        print("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.dropped.items())))
     print(f"next:    {_me()} inspect {run_dir}    {_me()} replay {run_dir}")
     return EXIT_OK
+
+
+def _seed_list(args: argparse.Namespace) -> list[int]:
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds needs distinct integers, got {args.seeds!r}")
+        return seeds
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+        return [args.seed + i for i in range(args.repeats)]
+    return [args.seed]
+
+
+def _run_experiment(cfg, kcfg, args: argparse.Namespace) -> int:
+    """Several runs that belong together (seeds, control twins) under one experiment dir."""
+    import dataclasses
+
+    from karn_otel.experiment.runner import open_experiment, run_experiment
+
+    try:
+        seeds = _seed_list(args)
+        if cfg.nproc > 1:
+            raise ValueError("experiments run single-process ranks for now; drop --nproc (or run each seed yourself)")
+        if args.control and cfg.controller == "none":
+            raise ValueError("--control twins a run that grows seeds; --controller none is already host-only")
+        settings = {k: v for k, v in cfg.to_hyperparameters().items() if k != "seed"}
+        exp_dir, manifest, resumed = open_experiment(Path(args.out), args.experiment, seeds, args.control, settings)
+    except ValueError as exc:
+        print(f"karn run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    arms = "morph + control twin" if args.control else "morph"
+    print(
+        f"experiment {manifest.experiment_id}: seeds {','.join(map(str, seeds))} ({arms}), "
+        f"{len(manifest.runs)} runs{' — resuming' if resumed else ''}",
+        flush=True,
+    )
+
+    def run_one(pr, curve: tuple[float, ...]) -> int:
+        run_cfg = dataclasses.replace(
+            cfg,
+            seed=pr.seed,
+            controller="none" if pr.arm == "control" else cfg.controller,
+            experiment_id=manifest.experiment_id,
+            experiment_arm=pr.arm,
+            control_curve=curve,
+        )
+        run_kcfg = dataclasses.replace(kcfg, out_dir=exp_dir, run_id=pr.run_id)
+        return _train(run_cfg, run_kcfg, args)
+
+    try:
+        rc = run_experiment(exp_dir, manifest, run_one, progress=lambda m: print(f"karn run: {m}", flush=True))
+    except KeyboardInterrupt:
+        print(f"\nkarn run: interrupted; run the same command with --experiment {manifest.experiment_id} to resume")
+        return 130
+    if rc == EXIT_OK:
+        print(f"experiment dir: {exp_dir}")
+        print(f"next:    {_me()} compare {exp_dir}    {_me()} report {exp_dir}")
+    return rc
 
 
 def _me() -> str:
@@ -95,6 +199,36 @@ def _me() -> str:
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taking Ctrl-C's path (flush, close, exit status 143)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated
+
+
+def _on_sigterm_interrupt():
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
+def _ignore_sigterm() -> None:
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:
+        pass
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except ValueError:
+            pass
 
 
 def _run_ranks(cfg, kcfg, args: argparse.Namespace) -> int:
@@ -150,98 +284,248 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from karn_otel.contracts import TelemetryEventType as ET
+    """`karn inspect`: a run dir is untrusted input. Every string printed is escaped (no
+    terminal control sequence gets through), secret-looking hyperparameters are redacted,
+    and any failure is one line on stderr with exit status 2, never a traceback."""
+    from karn_otel.codec import printable
     from karn_otel.sinks.runlog import RunDirError, read_run
 
+    where = printable(str(args.run_dir))
     try:
         rec = read_run(args.run_dir)
+        lines = _inspect_lines(rec)
     except RunDirError as exc:
-        print(f"karn inspect: error: {exc}", file=sys.stderr)
+        print(f"karn inspect: error: {printable(str(exc), 500)}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"run {rec.run_id}  ({rec.run_dir})")
+    except Exception as exc:  # noqa: BLE001 (untrusted input: one line, never a traceback)
+        print(f"karn inspect: error: {where}: unreadable run directory ({_why(exc)})", file=sys.stderr)
+        return EXIT_USAGE
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
+def _why(exc: BaseException) -> str:
+    from karn_otel.codec import printable, type_name
+
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001
+        text = ""
+    return f"{type_name(exc)}: {printable(text, 200)}" if text else type_name(exc)
+
+
+def _num(x: object, spec: str = "", scale: float = 1.0) -> str:
+    """A recorded number formatted with ``spec``; anything else (a 10**5000 int, a str) shown
+    safely instead of raising."""
+    from karn_otel.codec import safe_repr
+
+    try:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return safe_repr(x)
+        if isinstance(x, int) and x.bit_length() > 64:
+            return safe_repr(x)
+        return format(x * scale if scale != 1.0 else x, spec)
+    except (ValueError, OverflowError, TypeError):
+        return safe_repr(x)
+
+
+def _ratio(a: object, b: object) -> str:
+    try:
+        return f"{a / b:.3f}x"  # type: ignore[operator]
+    except (ZeroDivisionError, TypeError, OverflowError, ValueError):
+        return "n/a"
+
+
+def _inspect_lines(rec) -> list[str]:
+    from karn_otel.codec import printable as P
+    from karn_otel.config import redact_hyperparameters
+    from karn_otel.contracts import TelemetryEventType as ET
+
+    out = [f"run {P(rec.run_id)}  ({P(str(rec.run_dir))})"]
     for ep_id, ctx in rec.episodes.items():
-        slots = " ".join(f"{k}={v}" for k, v in ctx.slot_config.items())
-        print(
-            f"episode {ep_id}  started {ctx.timestamp.isoformat(timespec='seconds')}  git {ctx.git_commit[:12]}"
-            f"  seed {ctx.base_seed}"
+        slots = " ".join(f"{P(k, 40)}={_num(v)}" for k, v in list(ctx.slot_config.items())[:32])
+        started = P(ctx.timestamp.isoformat(timespec="seconds"))
+        out.append(f"episode {P(ep_id)}  started {started}  git {P(ctx.git_commit[:12])}  seed {_num(ctx.base_seed)}")
+        out.append(
+            f"  host {P(ctx.host_architecture)}, {_num(ctx.host_params, ',')} params; slots {slots};"
+            f" max epochs {_num(ctx.max_epochs)}"
         )
-        print(f"  host {ctx.host_architecture}, {ctx.host_params:,} params; slots {slots}; max epochs {ctx.max_epochs}")
-        hp = ", ".join(f"{k}={v}" for k, v in ctx.hyperparameters.items())
-        print(f"  hyperparameters: {hp}")
+        hp, _ = redact_hyperparameters(ctx.hyperparameters)
+        shown = ", ".join(f"{P(k, 60)}={P(v, 100) if isinstance(v, str) else _num(v)}" for k, v in hp.items())
+        out.append(f"  hyperparameters: {P(shown, 4000)}")
         events = [e for e in rec.events if e.episode_id == ep_id]
         hosts = [e.payload for e in events if e.event_type is ET.HOST_SNAPSHOT]
         summary = next((e.payload for e in events if e.event_type is ET.EPISODE_ENDED), None)
         if hosts:
             h = hosts[-1]
-            print(
-                f"  last epoch {h.epoch}: val acc {100 * h.val_accuracy:.2f}%  val loss {h.val_loss:.4f}"
-                f"  train loss {h.train_loss:.4f}  params {h.total_params:,} ({h.total_params / h.host_params:.3f}x host,"
-                f" {h.fossilized_params:,} fossilized)"
+            out.append(
+                f"  last epoch {_num(h.epoch)}: val acc {_num(h.val_accuracy, '.2f', 100)}%"
+                f"  val loss {_num(h.val_loss, '.4f')}  train loss {_num(h.train_loss, '.4f')}"
+                f"  params {_num(h.total_params, ',')} ({_ratio(h.total_params, h.host_params)} host,"
+                f" {_num(h.fossilized_params, ',')} fossilized)"
             )
         if summary is not None:
             host = summary.host_only_accuracy
-            delta = (
-                ""
-                if host is None
-                else f" ({100 * (summary.final_val_accuracy - host):+.2f} pts vs host-only {100 * host:.2f}%)"
+            delta = ""
+            if host is not None:
+                diff = _num(summary.final_val_accuracy - host, "+.2f", 100)
+                delta = f" ({diff} pts vs host-only {_num(host, '.2f', 100)}%)"
+            out.append(
+                f"  finished: {_num(summary.epochs_completed)} epochs in {_num(summary.wall_time_s, '.1f')}s{delta}"
             )
-            print(f"  finished: {summary.epochs_completed} epochs in {summary.wall_time_s:.1f}s{delta}")
         else:
-            print("  not finished (no episode_ended event: the run was interrupted or is still going)")
+            out.append("  not finished (no episode_ended event: the run was interrupted or is still going)")
         counts = Counter(e.event_type.value for e in events)
-        print("  events: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        out.append("  events: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         stats = [e.payload for e in events if e.event_type is ET.TELEMETRY_STATS]
         if stats:
             s = stats[-1]
-            rej = ", ".join(f"{k} {v}" for k, v in sorted(s.rejected.items())) or "none"
-            drop = ", ".join(f"{k} {v}" for k, v in sorted(s.dropped.items())) or "none"
-            print(f"  rejected: {rej}; dropped: {drop}")
+            rej = ", ".join(f"{P(k, 60)} {_num(v)}" for k, v in sorted(s.rejected.items())) or "none"
+            drop = ", ".join(f"{P(k, 60)} {_num(v)}" for k, v in sorted(s.dropped.items())) or "none"
+            out.append(f"  rejected: {P(rej, 2000)}; dropped: {P(drop, 2000)}")
         alerts = [e.payload for e in events if e.event_type is ET.HEALTH_ALERT]
         if alerts:
-            print(f"  alerts: {len(alerts)} (" + ", ".join(sorted({a.check for a in alerts})) + ")")
-    print(
-        f"lines skipped: {len(rec.skipped)}"
-        + (f" (first: line {rec.skipped[0][0]}: {rec.skipped[0][1]})" if rec.skipped else "")
-    )
-    return EXIT_OK
+            checks = ", ".join(sorted({P(a.check, 60) for a in alerts}))
+            out.append(f"  alerts: {len(alerts)} ({P(checks, 2000)})")
+    skipped = f"lines skipped: {len(rec.skipped)}"
+    if rec.skipped:
+        skipped += f" (first: line {_num(rec.skipped[0][0])}: {P(str(rec.skipped[0][1]), 300)})"
+    out.append(skipped)
+    for line in rec.accounting.lines() if rec.accounting is not None else ():
+        out.append(P(line, 2000))  # emitted vs on disk, from the log's sequence numbers (sinks/runlog.py)
+    return out
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from karn_otel.replay import replay_run
+    """`karn replay`: refuses at once (before torch is imported) a run the reference system
+    did not produce; every recorded field is untrusted (one-line errors, no traceback)."""
+    from karn_otel.codec import printable
+    from karn_otel.replay import ReplayError, check_replayable, replay_run
     from karn_otel.sinks.runlog import RunDirError, read_run
 
+    where = printable(str(args.run_dir))
     try:
         rec = read_run(args.run_dir)
-    except RunDirError as exc:
-        print(f"karn replay: error: {exc}", file=sys.stderr)
+        check_replayable(rec)
+    except (RunDirError, ReplayError) as exc:
+        prefix = f"{where}: " if isinstance(exc, ReplayError) else ""
+        print(f"karn replay: error: {prefix}{printable(str(exc), 500)}", file=sys.stderr)
         return EXIT_USAGE
-    if not rec.episodes:
-        print(f"karn replay: error: {args.run_dir}: no episode context recorded", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 (untrusted input: one line, never a traceback)
+        print(f"karn replay: error: {where}: unreadable run directory ({_why(exc)})", file=sys.stderr)
         return EXIT_USAGE
     if rec.skipped:
-        print(
-            f"note: {len(rec.skipped)} undecodable line(s) skipped (first: line {rec.skipped[0][0]}: {rec.skipped[0][1]})"
-        )
-    print(f"replaying {len(rec.episodes)} episode(s) of run {rec.run_id} ...", flush=True)
+        first = f"line {rec.skipped[0][0]}: {printable(str(rec.skipped[0][1]), 300)}"
+        print(f"note: {len(rec.skipped)} undecodable line(s) skipped (first: {first})")
+    print(f"replaying {len(rec.episodes)} episode(s) of run {printable(rec.run_id)} ...", flush=True)
     try:
         report = replay_run(rec)
     except (ValueError, KeyError) as exc:
-        print(f"karn replay: error: cannot rebuild the run from its context: {exc}", file=sys.stderr)
+        print(f"karn replay: error: cannot rebuild the run from its context: {_why(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001
+        print(f"karn replay: error: the replay failed ({_why(exc)})", file=sys.stderr)
         return EXIT_USAGE
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {printable(note, 1000)}")
     if report.identical:
         print(f"identical: {report.compared} events compared, every recorded value reproduced")
         return EXIT_OK
-    print(f"DIFFERENT after {report.compared} identical events: {report.first_difference}")
+    print(f"DIFFERENT after {report.compared} identical events: {printable(str(report.first_difference), 1000)}")
     return EXIT_DIFFERENT
+
+
+def _diff(args: argparse.Namespace) -> int:
+    """`karn diff RUN_A RUN_B`: two runs of any script compared value by value (ids, wall-clock
+    times and Karn's own accounting aside); names the first difference. Exit 0 when none,
+    1 when one is found, 2 when a run dir cannot be read. Both dirs are untrusted input."""
+    from karn_otel.codec import printable, to_jsonable
+    from karn_otel.contracts import TelemetryEventType as ET
+    from karn_otel.replay import SKIPPED_TYPES, comparable
+    from karn_otel.sinks.runlog import RunDirError, read_run
+
+    try:
+        a, b = read_run(args.run_a), read_run(args.run_b)
+    except RunDirError as exc:
+        print(f"karn diff: error: {printable(str(exc), 500)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 (untrusted input: one line, never a traceback)
+        print(f"karn diff: error: unreadable run directory ({_why(exc)})", file=sys.stderr)
+        return EXIT_USAGE
+    notes, first = [], None
+    ctx_a, ctx_b = list(a.episodes.values()), list(b.episodes.values())
+    if len(ctx_a) != len(ctx_b):
+        first = f"episodes: A has {len(ctx_a)}, B has {len(ctx_b)}"
+    for i, (x, y) in enumerate(zip(ctx_a, ctx_b)):
+        cx, cy = to_jsonable(x), to_jsonable(y)
+        for name in ("git_commit", "software"):  # what the code ran on: said, not the first difference
+            if cx.get(name) != cy.get(name):
+                notes.append(
+                    f"{name} differs: A {printable(str(cx.get(name)), 300)}, B {printable(str(cy.get(name)), 300)}"
+                )
+        for name in ("episode_id", "timestamp", "git_commit", "software"):
+            cx.pop(name, None)
+            cy.pop(name, None)
+        first = first or _first_diff(
+            cx.pop("hyperparameters", {}), cy.pop("hyperparameters", {}), f"episode {i + 1} hyperparameters"
+        )
+        first = first or _first_diff(cx, cy, f"episode {i + 1} context")
+    if first is None:
+        ea, eb = ([e for e in r.events if e.event_type not in SKIPPED_TYPES | {ET.EPISODE_STARTED}] for r in (a, b))
+        for i, (x, y) in enumerate(zip(ea, eb)):
+            d = _first_diff(comparable(x), comparable(y), "")
+            if d:
+                first = f"event #{i + 1} ({x.event_type.value}, epoch {x.epoch}): {d.lstrip('.')}"
+                break
+        if first is None and len(ea) != len(eb):
+            n = min(len(ea), len(eb))
+            extra, who = (ea[n], "A") if len(ea) > n else (eb[n], "B")
+            first = f"event #{n + 1}: only {who} has it ({extra.event_type.value}, epoch {extra.epoch}); A has {len(ea)} events, B {len(eb)}"
+        compared = min(len(ea), len(eb))
+    else:
+        compared = 0
+    for note in notes:
+        print(f"note: {note}")
+    if first is None:
+        print(f"identical: {compared} events compared, every value equal")
+        return EXIT_OK
+    print(f"DIFFERENT: {printable(first, 1000)}")
+    return EXIT_DIFFERENT
+
+
+def _first_diff(a: object, b: object, path: str) -> str | None:
+    """Path and values of the first difference between two JSON-able values (A, B), or None."""
+    from karn_otel.codec import safe_repr
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if key not in b:
+                return f"{path}.{key}: A {safe_repr(a[key])}, missing in B"
+            if key not in a:
+                return f"{path}.{key}: missing in A, B {safe_repr(b[key])}"
+            d = _first_diff(a[key], b[key], f"{path}.{key}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path}: A has {len(a)} items, B {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_diff(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if type(a) is not type(b) or a != b:
+        return f"{path}: A {safe_repr(a)}, B {safe_repr(b)}"
+    return None
 
 
 def _export(args: argparse.Namespace) -> int:
     from karn_otel.export import ExportError, ExportOptions, export
     from karn_otel.sinks.runlog import RunDirError
 
-    default_out = {"parquet": "export", "openmetrics": "export.om"}
+    default_out = {"parquet": "export", "openmetrics": "export.om", "wandb": "export"}
     out = Path(args.out or (Path(args.source) / default_out[args.to]))
     progress = (lambda msg: print(f"karn export: {msg}", file=sys.stderr)) if not args.quiet else (lambda _m: None)
     try:
@@ -255,6 +539,45 @@ def _export(args: argparse.Namespace) -> int:
     print(f"wrote {len(report.written)} file(s), {report.total:,} rows/samples, to {out}")
     for note in report.notes:
         print(note)
+    return EXIT_OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from karn_otel.experiment.compare import compare_runs, load_runs, render, to_json_text
+    from karn_otel.sinks.runlog import RunDirError
+
+    progress = (
+        (lambda m: print(f"karn compare: {m}", file=sys.stderr))
+        if len(args.dirs) > 1 or args.baseline
+        else (lambda _m: None)
+    )
+    try:
+        runs = load_runs(args.dirs, progress)
+        baseline = load_runs(args.baseline, progress) if args.baseline else None
+    except (RunDirError, ValueError) as exc:
+        print(f"karn compare: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    res = compare_runs(runs, baseline, seed=args.bootstrap_seed)
+    print(to_json_text(res) if args.json else render(res), end="" if not args.json else "\n")
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from karn_otel.experiment.report import write_report
+    from karn_otel.sinks.runlog import RunDirError
+
+    out = args.output or (args.source / "report.html")
+    try:
+        path = write_report(
+            args.source, out, args.epoch, progress=lambda m: print(f"karn report: {m}", file=sys.stderr, flush=True)
+        )
+    except (RunDirError, ValueError) as exc:
+        print(f"karn report: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"karn report: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"report: {path}")
     return EXIT_OK
 
 
@@ -278,7 +601,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--episodes", type=int, default=1, help="episodes in the run (PPO learns across them)")
     r.add_argument("--nproc", type=int, default=1, help="data-parallel ranks on this machine (DDP; gloo on CPU)")
     r.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with --nproc: a rank silent this long is reported missing and the job is ended (default 60)",
+    )
+    r.add_argument(
         "--inject-entropy-collapse", action="store_true", help="fault injection: a (near-)deterministic PPO policy"
+    )
+    r.add_argument(
+        "--inject-entropy-collapse-episodes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fault injection: the PPO policy collapses in the first N episodes, then recovers",
     )
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded; replay uses the same)")
     r.add_argument("--strict", action="store_true", help="raise on an invalid telemetry event instead of counting it")
@@ -287,6 +624,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--inject-loss-spike", type=int, metavar="EPOCH", help="fault injection: shuffle the labels for one epoch"
     )
     r.add_argument("--device", default="cpu", help="torch device for the reference system (default cpu)")
+    x = r.add_argument_group("Experiments (several runs under one experiment dir; docs/experiments.md)")
+    x.add_argument("--seeds", metavar="LIST", help="run one run per seed, e.g. 0,1,2,3,4")
+    x.add_argument("--repeats", type=int, metavar="N", help="run N seeds: --seed, --seed+1, ...")
+    x.add_argument(
+        "--control", action="store_true", help="also train each seed's host-only twin (causal baseline; ~2x cost)"
+    )
+    x.add_argument("--experiment", metavar="NAME", help="experiment dir name under --out; an existing one resumes")
     o = r.add_argument_group("OpenTelemetry export (also configurable with the standard OTEL_* variables)")
     o.add_argument(
         "--otlp-endpoint", metavar="URL", help="send traces and metrics over OTLP, e.g. http://127.0.0.1:4317"
@@ -328,16 +672,42 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", type=Path)
     rp.set_defaults(func=_replay)
 
+    df = sub.add_parser(
+        "diff", allow_abbrev=False, help="compare two runs of any script value by value; name the first difference"
+    )
+    df.add_argument("run_a", type=Path)
+    df.add_argument("run_b", type=Path)
+    df.set_defaults(func=_diff)
+
     ex = sub.add_parser(
-        "export", allow_abbrev=False, help="write a run (or an experiment's runs) as Parquet or OpenMetrics"
+        "export",
+        allow_abbrev=False,
+        help="write a run (or an experiment's runs) as Parquet, OpenMetrics or an offline W&B run",
     )
     ex.add_argument("source", type=Path, help="a run directory, or a directory of run directories")
-    ex.add_argument("--to", required=True, choices=["parquet", "openmetrics"], help="output format (docs/export.md)")
+    ex.add_argument(
+        "--to", required=True, choices=["parquet", "openmetrics", "wandb"], help="output format (docs/export.md)"
+    )
     ex.add_argument(
         "--out", type=Path, help="output directory (parquet) or file (openmetrics); default SOURCE/export[.om]"
     )
     ex.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     ex.set_defaults(func=_export)
+
+    cp = sub.add_parser(
+        "compare", allow_abbrev=False, help="cross-run statistics: morph vs control (or vs --baseline runs)"
+    )
+    cp.add_argument("dirs", type=Path, nargs="+", help="experiment or run directories")
+    cp.add_argument("--baseline", type=Path, nargs="+", help="compare against these runs instead of the control twins")
+    cp.add_argument("--json", action="store_true", help="machine-readable output")
+    cp.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    cp.set_defaults(func=_compare)
+
+    rr = sub.add_parser("report", allow_abbrev=False, help="one self-contained HTML report of a run or an experiment")
+    rr.add_argument("source", type=Path, help="a run directory or an experiment directory")
+    rr.add_argument("-o", "--output", type=Path, help="the HTML file to write (default SOURCE/report.html)")
+    rr.add_argument("--epoch", type=int, help="epoch of the counterfactual-matrix heatmap (default: the last)")
+    rr.set_defaults(func=_report)
     return p
 
 

@@ -106,8 +106,16 @@ class EpisodeContext:
     slot_config: dict[str, int]  # slot id -> channel width at that slot
     max_epochs: int
     task_type: str
-    hyperparameters: dict[str, Union[bool, int, float, str]]
+    hyperparameters: dict[str, Union[bool, int, float, str, None]]  # None: a default left unset
     software: dict[str, str] = field(default_factory=dict)  # python/torch/numpy versions
+    # Experiments: runs that belong together share an id; the arm says what this run is in it
+    # ("morph", or "control": the host-only twin). None outside an experiment.
+    experiment_id: str | None = None
+    experiment_arm: str | None = None
+    # Fields of this context the emitter could not know (karn_otel.init on a plain loop): their
+    # values are placeholders (-1 for a seed or max_epochs, 0 for a param count, "unknown"),
+    # never invented. Empty: every field was known.
+    unknown_fields: tuple[str, ...] = ()
 
 
 RetentionPolicy = Literal["keep_all", "keep_last", "delete_after_run"]
@@ -319,6 +327,9 @@ class ShapleyEstimate:
     ci_low: float = float("nan")
     ci_high: float = float("nan")
     confidence: float = 0.95
+    # Degrees of freedom of the t interval (Welch-Satterthwaite for sampling; B - 1 for the
+    # bootstrap); inf = normal. The claim rules (karn_otel.claims) use it for their quantiles.
+    df: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -335,6 +346,17 @@ class CounterfactualMatrix:
     partial: bool = False
     partial_reason: str | None = None
     elapsed_s: float = 0.0
+    # Pairwise interactions with intervals (full matrix only; docs/counterfactual-validity.md).
+    # interaction_effects above is the *removal* interaction (co-Moebius, other slots on);
+    # synergy_dividends is the Moebius dividend v(ab) - v(a) - v(b) + v(0) (other slots off).
+    # *_ci_low/_ci_high: two-sided bootstrap intervals at the matrix's confidence.
+    synergy_dividends: dict[tuple[str, str], float] | None = None
+    synergy_ci_low: dict[tuple[str, str], float] | None = None
+    synergy_ci_high: dict[tuple[str, str], float] | None = None
+    interaction_index_ci_low: dict[tuple[str, str], float] | None = None
+    interaction_index_ci_high: dict[tuple[str, str], float] | None = None
+    removal_interaction_ci_low: dict[tuple[str, str], float] | None = None
+    removal_interaction_ci_high: dict[tuple[str, str], float] | None = None
 
 
 # --------------------------------------------------------------------------- tier 3
@@ -421,6 +443,10 @@ class EpisodeSummary:
     total_params: int
     fossilized_params: int
     wall_time_s: float
+    # The run's headline numbers by name when they are not accuracies (an RL run's final mean
+    # return, its episode length): karn_otel.init fills it from the task's profile.
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    task_type: str | None = None
 
 
 Payload = Union[

@@ -29,11 +29,13 @@ def test_public_names_are_pinned():
         "DenseTraceTrigger",
         "KarnCollector",
         "KarnConfig",
+        "Run",
         "TelemetryValidationError",
         "__version__",
         "configure",
         "emit",
         "get_collector",
+        "init",
         "shutdown",
     ]
     for name in karn_otel.__all__:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,10 +35,12 @@ from karn_otel.contracts import (
     HostBaseline,
     HostSnapshot,
     PolicySnapshot,
+    Scalars,
     SeedStage,
     SlotSnapshot,
 )
 from karn_otel.counterfactual import ConfigEvaluation, attribute
+from karn_otel.distributed.episode import shared_episode_id
 from karn_otel.distributed.evaluation import distributed_attribute, make_distributed_evaluate, shard_indices
 from karn_otel.distributed.liveness import RankHeartbeat
 from karn_otel.distributed.reduction import reduce_host_snapshot
@@ -56,6 +58,7 @@ from karn_otel.reference.ppo import compute_reward
 from karn_otel.reference.slots import LifecycleConfig
 from karn_otel.torch.ablation import evaluate_shared_prefix
 from karn_otel.torch.accumulate import EpochAccumulator
+from karn_otel.torch.checkpoints import save_checkpoint
 from karn_otel.torch.diagnostics import DenseCollector
 
 CONTROLLERS = ("heuristic", "none", "ppo")  # "none": never grows a seed (host-only reference)
@@ -80,15 +83,23 @@ class RunConfig:
     plateau_threshold: float = 0.02  # germinate when val accuracy gained less than this over 2 epochs
     episodes: int = 1  # episodes in the run; a PPO controller learns across them
     nproc: int = 1  # data-parallel ranks (DDP, gloo on CPU); batch_size is the global batch
-    heartbeat_timeout_s: float = 60.0  # a rank silent this long is reported missing (nproc > 1)
+    heartbeat_timeout_s: float = 60.0  # a rank silent this long is reported missing, and the job ended (nproc > 1)
+    collective_timeout_s: float = 300.0  # DDP collectives give up after this long (gloo's default is 30 min)
     inject_loss_spike_epoch: int = 0  # fault injection: shuffle labels for this epoch (0 = off)
     inject_entropy_collapse: bool = False  # fault injection: a (near-)deterministic PPO policy
+    # fault injection: the policy collapses in the first N episodes only, then recovers (0 = off)
+    inject_entropy_collapse_episodes: int = 0
     research: bool = False  # research mode: dense traces every batch (recorded for replay)
     device: str = "cpu"
     compile: str = ""  # torch.compile backend ("" = eager; e.g. "inductor", "aot_eager")
     counterfactual_strategy: str = "auto"  # auto / full_factorial / shapley / ablation_only
     shapley_samples: int = 20
     checkpoint_retention: str = "keep_last"
+    # Experiments (karn_otel/experiment/runner.py): which experiment and arm this run belongs
+    # to, and the control twin's validation accuracy per epoch (recorded beside this run's own).
+    experiment_id: str = ""
+    experiment_arm: str = ""  # "morph" | "control" | "" (not part of an experiment)
+    control_curve: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -122,6 +133,8 @@ class RunConfig:
                 continue
             if k == "widths":
                 v = tuple(int(i) for i in str(v).split(","))
+            elif k == "control_curve":
+                v = tuple(float(i) for i in str(v).split(",") if i)
             kwargs[k] = v
         return cls(**kwargs)
 
@@ -177,6 +190,8 @@ class ReferenceTrainer:
         self.heartbeat = RankHeartbeat(heartbeat_dir, self.dist.rank) if (heartbeat_dir and cfg.nproc > 1) else None
         if self.heartbeat is not None:
             self.heartbeat.beat(0)  # alive from the start: no file reads as "missing"
+            # Pulse from a thread: a rank waiting in a collective for a hung peer stays alive.
+            self.heartbeat.start_pulse(max(cfg.heartbeat_timeout_s / 6, 0.2))
         self.episode_index = episode_index
         self.seed = cfg.seed + episode_index
         self.checkpoint_dir = checkpoint_dir
@@ -214,6 +229,10 @@ class ReferenceTrainer:
             self.controller = make_ppo_controller(cfg, self.slot_ids)
         else:
             self.controller = NoGrowthController() if cfg.controller == "none" else heuristic
+        if cfg.inject_entropy_collapse_episodes and cfg.controller == "ppo":
+            # Fault injection that recovers: collapsed in the first N episodes, healthy after.
+            collapse = cfg.inject_entropy_collapse or episode_index < cfg.inject_entropy_collapse_episodes
+            self.controller.cfg = dataclasses.replace(self.controller.cfg, force_entropy_collapse=collapse)
         # The heuristic decides beside a learned policy (its shadow) for policy_vs_heuristic.
         self.shadow = heuristic if self.controller is not heuristic and cfg.controller == "ppo" else None
         self._pending: dict[int, tuple] = {}  # PPO decision index -> (info, components, reward, shadow)
@@ -444,7 +463,8 @@ class ReferenceTrainer:
     def run(self) -> EpisodeResult:
         cfg, model = self.cfg, self.model
         t_start = time.perf_counter()
-        episode_id = uuid.uuid4().hex
+        # One id per job: rank 0 chooses it, so every rank's spans share the episode's trace.
+        episode_id = shared_episode_id()
         emit(
             EpisodeContext(
                 episode_id=episode_id,
@@ -460,14 +480,16 @@ class ReferenceTrainer:
                 task_type="classification",
                 hyperparameters=cfg.to_hyperparameters(),
                 software=software_versions(),
+                experiment_id=cfg.experiment_id or None,
+                experiment_arm=cfg.experiment_arm or None,
             )
         )
         init_loss, init_acc = self.evaluate()
         ckpt = Path(self.checkpoint_dir or ".") / f"ep{self.episode_index:03d}-{episode_id}-initial.pt"
         if self.checkpoint_dir is not None:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), ckpt)
-            self.initial_checkpoint = ckpt
+            # Guarded (bounded, never raises): a full, read-only or frozen disk costs no training step.
+            if save_checkpoint(model.state_dict(), ckpt):
+                self.initial_checkpoint = ckpt
         baseline = HostBaseline(init_loss, init_acc, ckpt, cfg.checkpoint_retention)  # type: ignore[arg-type]
         emit(baseline, epoch=0)
         self.accuracy_history.append(init_acc)
@@ -603,6 +625,11 @@ class ReferenceTrainer:
             seed_grad_norms=seed_norms,
             grad_isolation_leakage=m["leakage"],
         )
+        if epoch <= len(self.cfg.control_curve):
+            # The control twin's accuracy at this epoch (causal baseline), before the snapshot
+            # that closes the epoch.
+            c = self.cfg.control_curve[epoch - 1]
+            emit(Scalars(epoch, {"control_val_accuracy": c, "accuracy_delta_vs_control": val_acc - c}))
         emit(local)
         if self.cfg.nproc > 1:
             # One fixed-schema collective: every rank's numbers, reduced honestly (sample-
@@ -631,22 +658,29 @@ def run_reference(
             )
             controller = trainer.controller
             results.append(trainer.run())
+            if trainer.heartbeat is not None and k < cfg.episodes - 1:
+                trainer.heartbeat.stop_pulse()  # the next episode's trainer pulses
             if trainer.initial_checkpoint is not None:
                 checkpoints.append(trainer.initial_checkpoint)
             if trainer.heartbeat is not None and k == cfg.episodes - 1:
                 trainer.heartbeat.finish(cfg.epochs)
     finally:
-        apply_checkpoint_retention(checkpoints, cfg.checkpoint_retention)
+        apply_checkpoint_retention(checkpoints, cfg.checkpoint_retention, root=checkpoint_dir)
     return results
 
 
-def apply_checkpoint_retention(checkpoints: list[Path], policy: str) -> list[Path]:
+# The only files retention may delete: the initial checkpoints this trainer names.
+_CHECKPOINT_NAME = re.compile(r"ep\d{3}-[0-9a-f]{32}-initial\.pt")
+
+
+def apply_checkpoint_retention(checkpoints: list[Path], policy: str, root: Path | None = None) -> list[Path]:
     """Apply the run's ``checkpoint_retention`` to the initial checkpoints this trainer wrote,
     in episode order, once the run is over; returns the paths deleted.
 
     ``keep_all`` keeps every one, ``keep_last`` only the last episode's (what ``karn replay``
     compares against), ``delete_after_run`` none. The trainer wrote them, so the trainer
-    deletes them; a file that cannot be removed is left in place.
+    deletes them; a file that cannot be removed is left in place. Only a file named as the
+    trainer names its checkpoints is ever deleted, and with ``root`` only one directly in it.
     """
     if policy == "keep_all":
         doomed: list[Path] = []
@@ -656,6 +690,10 @@ def apply_checkpoint_retention(checkpoints: list[Path], policy: str) -> list[Pat
         doomed = list(checkpoints)
     deleted = []
     for path in doomed:
+        if not _CHECKPOINT_NAME.fullmatch(path.name):
+            continue
+        if root is not None and os.path.realpath(path.parent) != os.path.realpath(root):
+            continue
         try:
             path.unlink(missing_ok=True)
             deleted.append(path)
