@@ -137,6 +137,10 @@ def init(
         karn_config: a full :class:`~karn_otel.KarnConfig` (the arguments above override it).
     """
     task = task or os.environ.get("KARN_TASK") or "classification"
+    for previous in list(_OPEN_RUNS):  # one run at a time, as configure() allows one collector
+        if get_collector() is previous.collector:
+            log.warning("Karn: init() while run %s is open; finishing it first", previous.run_id)
+            previous.finish()
     profile = task_profile(str(task))
     kcfg, notes = _karn_config(karn_config, out_dir, run_id, console, prometheus_port, strict)
     try:
@@ -185,6 +189,7 @@ class Run:
         self._last_val_loss = math.nan
         self._last_val_accuracy = math.nan
         self._returns_monitor: ReturnMonitor | None = None
+        self._kinds: dict[str, str | None] = {}  # logged name -> "return" / "length" / None
         _track(self)
 
     # ------------------------------------------------------------------ opening
@@ -426,7 +431,15 @@ class Run:
     def _remember(self, name: str, x: float) -> None:
         if name in self._last or len(self._last) < _MAX_NAMES:
             self._last[name] = x
-        kind = return_name_kind(name)
+        kind = self._kinds.get(name, "")
+        if kind == "":  # first sight of this name: classify it once
+            kind = return_name_kind(name)
+            if len(self._kinds) < _MAX_NAMES:
+                self._kinds[name] = kind
+            if _looks_like_accuracy(name) and name not in HOST_NAMES and not (0.0 <= x <= 1.0 or math.isnan(x)):
+                self._warn_once(
+                    f"implausible:{name}", f"Karn: {name}={x:g} is not a fraction in [0, 1] (a percentage?)"
+                )
         if kind == "return" and math.isfinite(x):
             self._returns.append(x)
             self._episodes += 1
@@ -745,6 +758,11 @@ def _as_int(v: Any) -> int | None:
             return None
         return _as_int(x) if isinstance(x, int) else None
     return None
+
+
+def _looks_like_accuracy(name: str) -> bool:
+    last = name.rsplit("/", 1)[-1].lower()
+    return last.endswith(("accuracy", "_acc")) or last == "acc"
 
 
 def _type(v: Any) -> str:

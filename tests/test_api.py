@@ -334,3 +334,12 @@ def test_the_standard_otel_variables_are_honoured(tmp_path, monkeypatch):
         assert "karn.episode" in {s.name for s in spans}
         points = rx.wait_for(lambda: [p for p in rx.metric_points() if p.name == "karn.host.val_accuracy"])
         assert points and points[-1].value == 0.6
+
+
+def test_a_second_init_finishes_the_first_run(run_factory, caplog):
+    first = run_factory()
+    first.log({"test_accuracy": 87.5}, step=0)  # any accuracy-like name is checked for plausibility
+    second = run_factory()
+    assert "finishing it first" in caplog.text and "test_accuracy=87.5 is not a fraction" in caplog.text
+    assert [e.event_type for e in read_run(first.run_dir).events][-1] is ET.EPISODE_ENDED
+    assert second.log({"x": 1.0}, step=0)
