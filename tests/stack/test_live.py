@@ -299,6 +299,15 @@ def karn_alerts(prom: Prometheus, run_id: str, state: str | None = None) -> list
 # --------------------------------------------------------------------------- alerts
 
 
+def rfc3339(text: str) -> float:
+    """Alertmanager's timestamps (nanoseconds, Z) as Unix seconds."""
+    from datetime import datetime
+
+    head, _, frac = text.rstrip("Z").partition(".")
+    base = datetime.fromisoformat(head + "+00:00").timestamp()
+    return base + (float("0." + frac) if frac else 0.0)
+
+
 def raised_checks(run_dir: Path) -> list[tuple[int, str]]:
     """(epoch, check) of every non-ok HealthAlert in a run log: what the run's HealthMonitor raised."""
     return [
@@ -329,6 +338,17 @@ def test_one_epoch_loss_spike_is_delivered_and_resolves(live):
         "KarnLossSpike at the webhook",
     )[0]
     assert spike["labels"]["rank"] == "0" and spike["labels"]["world_size"] == "1"
+    # Within two scrape/evaluation intervals of the HealthMonitor's alert (startsAt is the evaluation
+    # that first saw it; the run log stamps the alert event), plus at most one scrape's own duration
+    # (scrape_timeout, 1 s here) on a loaded machine.
+    [raised_at] = [
+        e.timestamp
+        for e in read_run(live.driver_run_dir).events
+        if e.event_type is ET.HEALTH_ALERT and e.payload.check == "loss_spike"
+    ]
+    lag = rfc3339(spike["startsAt"]) - raised_at
+    assert 0 <= lag <= 3 * TEST_INTERVAL_S + 0.25, f"KarnLossSpike active {lag:.2f} s after the alert event"
+    print(f"KarnLossSpike active {lag:.2f} s after the HealthMonitor raised it (intervals of {TEST_INTERVAL_S:g} s)")
     assert spike["labels"]["check"] == "loss_spike" and spike["labels"]["severity"] == "warning"
     assert spike["annotations"]["runbook_url"] == "docs/alerts.md#karnlossspike"
     assert live.driver_run_id in spike["annotations"]["explore"]
