@@ -184,6 +184,9 @@ class KarnConfig:
     otlp_protocol: Literal["grpc", "http/protobuf"] | None = None  # None: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc
     prometheus_port: int | None = None  # base port; each rank listens on base + local_rank
     prometheus_host: str = "127.0.0.1"
+    # After shutdown the embedded endpoint waits for one more scrape, at most this long
+    # (None: KARN_PROMETHEUS_FINAL_SCRAPE_S, else two 15 s scrape intervals; 0: stop at once).
+    prometheus_final_scrape_s: float | None = None
     otel_export_interval_s: float = 5.0
     otel_shutdown_timeout_s: float = 5.0
     # Safety (docs/security.md). Hyperparameters whose names match one of these patterns

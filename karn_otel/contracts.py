@@ -241,6 +241,7 @@ class PPOUpdateStats:
     advantage_stats: AdvantageStats
     ratio_stats: RatioStats
     lstm_health: LSTMHealth | None
+    elapsed_s: float = 0.0  # wall time of the update (the OTel sink makes it a timed span)
 
 
 @dataclass(frozen=True)

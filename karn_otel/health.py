@@ -784,6 +784,10 @@ class HealthMonitor(GuardedProcessor):
         if et is ET.EPISODE_STARTED:
             self.reset()
             return []
+        if et is ET.HOST_SNAPSHOT and event.is_reduced:
+            # Rank 0's job-wide snapshot (DDP): this monitor judges this rank's own values;
+            # mixing the job's means into its rolling histories would blur both.
+            return []
         before = self._failing()
         # Dispatch on the envelope's type, not the payload's class: the checks read fields
         # defensively, so even a payload that slipped past validation is judged, not skipped.

@@ -31,6 +31,7 @@ VOLATILE: dict[ET, frozenset[str]] = {
     ET.EPISODE_STARTED: frozenset({"episode_id", "timestamp", "git_commit", "software"}),
     ET.HOST_BASELINE: frozenset({"initial_checkpoint"}),
     ET.COUNTERFACTUAL: frozenset({"elapsed_s"}),
+    ET.PPO_UPDATE: frozenset({"elapsed_s"}),
     ET.EPISODE_ENDED: frozenset({"wall_time_s"}),
 }
 SKIPPED_TYPES = frozenset({ET.TELEMETRY_STATS})

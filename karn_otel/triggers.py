@@ -169,6 +169,8 @@ class DenseTriggerEngine(GuardedProcessor):
         """
         et, p, t = getattr(event, "event_type", None), getattr(event, "payload", None), self.trigger
         out: list[str] = []
+        if et is ET.HOST_SNAPSHOT and getattr(event, "is_reduced", False):
+            return out  # the job-wide snapshot is not this rank's: no rank-local anomaly in it
         if et is ET.HOST_SNAPSHOT or et is ET.PPO_UPDATE:
             # One evaluation of the shared checks: the pipeline's health monitor (which runs
             # first) has the findings; a standalone engine evaluates them with its own history.
@@ -224,7 +226,7 @@ class DenseTriggerEngine(GuardedProcessor):
             return out  # Research mode: dense always, windows never close
 
         reasons = self.anomalies(event)
-        if isinstance(event.payload, HostSnapshot) and self.health is None:
+        if isinstance(event.payload, HostSnapshot) and self.health is None and not event.is_reduced:
             self._history.update(event.payload)
         elif et is ET.PPO_UPDATE:
             self._policy_anomalies = tuple(r for r in reasons if r in _POLICY_REASONS)

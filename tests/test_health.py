@@ -453,3 +453,28 @@ def test_never_raises_and_non_finite_loss_tracks_the_inputs(rows):
         assert failing == (host_bad or ppo_bad)
     r = m.report()
     assert len(r.checks) == len(CHECK_NAMES)
+
+
+def test_the_job_wide_snapshot_is_not_judged_as_this_ranks():
+    """Rank 0 also sees the reduced (job-wide) HostSnapshot in a DDP job: its monitor judges
+    rank 0's own values only, so a job-wide mean never raises or clears a rank-local alert."""
+    import dataclasses as dc
+
+    from karn_otel.contracts import HostSnapshot, TelemetryEvent, TelemetryEventType
+    from karn_otel.health import HealthMonitor
+    from karn_otel.triggers import DenseTriggerEngine
+
+    def ev(h, reduced):
+        return TelemetryEvent(TelemetryEventType.HOST_SNAPSHOT, "r", "e", h.epoch, 0.0, h, 0, 2, reduced)
+
+    base = HostSnapshot(1, 1.0, 0.5, 1.0, 0.5, 100, 0, 100, 0, 1.0, {}, None)
+    mon = HealthMonitor()
+    for e in range(1, 6):
+        assert mon(ev(dc.replace(base, epoch=e), False)) == []
+    spike = dc.replace(base, epoch=6, train_loss=50.0)
+    assert mon(ev(spike, True)) == []  # a job-wide spike is not rank 0's
+    assert mon(ev(dc.replace(spike, epoch=6), False)) != []  # rank 0's own spike is
+    from karn_otel.config import DenseTraceTrigger
+
+    eng = DenseTriggerEngine(DenseTraceTrigger())
+    assert eng.anomalies(ev(spike, True)) == []

@@ -388,9 +388,11 @@ class ReferenceTrainer:
 
     def ppo_update(self, force: bool) -> None:
         """Run a PPO update when due; emit its stats and the PolicySnapshots of its decisions."""
+        t0 = time.perf_counter()
         stats = self.controller.maybe_update(force=force)
         if stats is None:
             return
+        stats = dataclasses.replace(stats, elapsed_s=time.perf_counter() - t0)
         emit(stats)
         advantages = self.controller.last_advantages() or []
         for idx, adv in zip(self.controller.last_update_decisions, advantages):
