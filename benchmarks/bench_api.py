@@ -9,7 +9,8 @@ interleaved (base, per-epoch, per-batch, [wandb offline] ...) so slow drifts can
   * per-batch   — also ``run.log({"loss": loss, "lr": lr}, step=i)`` every minibatch (the
                   loss is a 0-d tensor: on the CPU reading it is free of device syncs);
   * wandb       — W&B offline with the same per-epoch and per-batch logging, when wandb is
-                  installed (TensorBoard too when ``torch.utils.tensorboard`` works).
+                  installed;
+  * tensorboard — ``torch.utils.tensorboard.SummaryWriter``, the same logging, when installed.
 
 Each Karn run has its run log and the health processors (what ``init`` configures), no
 console. Prints the median of per-pair wall-time ratios and the process-CPU-time ratio.
@@ -93,6 +94,24 @@ class WandbLogger:
 FIXED: dict[str, list[float]] = {}
 
 
+class TensorBoardLogger:
+    def __init__(self, out: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / f"tb-{time.monotonic_ns()}"))
+
+    def batch(self, values, step):
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def epoch(self, values, epoch):
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, epoch)
+
+    def close(self):
+        self.writer.close()
+
+
 def timed(kind: str, epochs: int, data, out: Path) -> tuple[float, float]:
     """The loop's wall and CPU time with its logging; opening and closing the run are timed
     apart (FIXED), as they are paid once per run, not per epoch."""
@@ -102,6 +121,8 @@ def timed(kind: str, epochs: int, data, out: Path) -> tuple[float, float]:
         logger = KarnLogger(out)
     elif kind.startswith("wandb"):
         logger = WandbLogger(out)
+    elif kind.startswith("tensorboard"):
+        logger = TensorBoardLogger(out)
     opened = time.perf_counter() - t
     t0, c0 = time.perf_counter(), time.process_time()
     train(epochs, logger, kind.endswith("batch"), data)
@@ -113,9 +134,29 @@ def timed(kind: str, epochs: int, data, out: Path) -> tuple[float, float]:
     return wall, cpu
 
 
+def direct_costs(data, n: int = 2000) -> tuple[float, float]:
+    """Median-of-5 microseconds of one per-epoch and one per-batch ``run.log`` call (the run
+    log's writer thread included, as it runs while the loop does)."""
+    t = torch.tensor(0.5)
+    epoch_us, batch_us = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(5):
+            run = karn_otel.init(config={"lr": 0.1}, out_dir=Path(tmp), console="off")
+            t0 = time.perf_counter()
+            for e in range(n):
+                run.log({"train_loss": t, "val_loss": t, "val_accuracy": t, "lr": 0.1}, epoch=e)
+            epoch_us.append((time.perf_counter() - t0) / n * 1e6)
+            t0 = time.perf_counter()
+            for i in range(n):
+                run.log({"loss": t, "lr": 0.1}, step=i)
+            batch_us.append((time.perf_counter() - t0) / n * 1e6)
+            run.finish()
+    return statistics.median(epoch_us), statistics.median(batch_us)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-wandb", action="store_true")
@@ -131,6 +172,12 @@ def main() -> None:
             kinds += ["wandb-epoch", "wandb-batch"]
         except ImportError:
             print("wandb not installed: W&B rows skipped")
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+        kinds += ["tensorboard-epoch", "tensorboard-batch"]
+    except ImportError:
+        print("tensorboard not installed: TensorBoard rows skipped")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for k in kinds:
@@ -148,10 +195,19 @@ def main() -> None:
         cpu = statistics.median(c / b[1] for (_, c), b in zip(res[k], base))
         spread = sorted(w / b[0] for (w, _), b in zip(res[k], base))
         target = "  (target <= 1.02x)" if k == "karn-epoch" else ""
-        print(f"  {k:12s} {wall:.3f}x wall (pairs {spread[0]:.3f}-{spread[-1]:.3f}), {cpu:.3f}x CPU{target}")
+        print(f"  {k:17s} {wall:.3f}x wall (pairs {spread[0]:.3f}-{spread[-1]:.3f}), {cpu:.3f}x CPU{target}")
         if k.endswith("batch"):
             extra = statistics.median((w - b[0]) / batches * 1e6 for (w, _), b in zip(res[k], base))
-            print(f"  {'':12s} ~{extra:.0f} us per minibatch log call (includes the per-epoch logging)")
+            print(f"  {'':17s} ~{extra:.0f} us per minibatch log call (includes the per-epoch logging)")
+    # The same costs measured directly (robust to a loaded machine): run.log in a tight loop.
+    per_epoch_us, per_batch_us = direct_costs(data)
+    epoch_s = statistics.median(w for w, _ in base) / args.epochs
+    print(
+        f"  direct: run.log per epoch {per_epoch_us:.0f} us, per batch {per_batch_us:.0f} us -> implied "
+        f"{1 + per_epoch_us * 1e-6 / epoch_s:.4f}x per-epoch, "
+        f"{1 + (per_epoch_us + per_batch_us * batches / args.epochs) * 1e-6 / epoch_s:.3f}x per-batch "
+        f"for this loop's {1e3 * epoch_s:.1f} ms epochs"
+    )
     for name, ts in FIXED.items():
         if name != "base":
             print(f"  {name}: open + finish {1e3 * statistics.median(ts):.0f} ms once per run (not in the ratios)")
