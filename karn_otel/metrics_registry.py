@@ -72,6 +72,7 @@ LABEL_VALUES: dict[str, str] = {
     "op": "ActionOp: WAIT, GERMINATE, FOSSILIZE, CULL",
     "reason": "the collector's rejection reasons (type_error, unknown_slot, ...) or a sink's drop reasons",
     "signal": "traces, metrics",
+    "rule": "the claim rule that made a claim: alpha-spending (live), final-epoch Holm (after the episode)",
     "scope": "`job` on the job-wide (reduced over ranks) host series, which carry no `rank` label; "
     "absent on per-rank series",
 }
@@ -95,6 +96,7 @@ REJECTION_REASONS: tuple[str, ...] = (
     "schema_version",
     "reserved_event_type",
     "derived_budget",
+    "bad_timestamp",
 )
 """Every reason the collector and pipeline reject an event for (tests/sinks/test_otel.py reads
 their source to keep this complete). Each has a ``karn_telemetry_events_rejected_total`` series
@@ -150,6 +152,17 @@ _SOURCE_LIST = (
         "recorded once per epoch with an exemplar of the epoch's span",
     ),
     Source("analytics", (), "`MorphogeneticAnalytics` over the collector's store"),
+    Source(
+        "control",
+        (),
+        "the control twin's accuracy this run records per epoch (`karn run --control`; `Scalars` "
+        "`control_val_accuracy`, `accuracy_delta_vs_control`)",
+    ),
+    Source(
+        "claims",
+        ("slot", "rule"),
+        "`MorphogeneticAnalytics.claims()`: each slot's claim by the multiplicity-safe rule (karn_otel/claims.py)",
+    ),
     Source(
         "health",
         ("check",),
@@ -508,6 +521,31 @@ METRICS: tuple[MetricDef, ...] = (
         "analytics",
         "policy_vs_heuristic.agreement",
         "Fraction of recent decisions where the controller chose what the shadow heuristic would have.",
+    ),
+    _g(
+        "karn.control.val_accuracy",
+        "1",
+        "control",
+        "control_val_accuracy",
+        "Validation accuracy of the host-only control twin at this epoch (same weights, data order, "
+        "seeds never germinated): the causal baseline. " + FRACTION,
+    ),
+    _g(
+        "karn.control.accuracy_delta",
+        "1",
+        "control",
+        "accuracy_delta_vs_control",
+        "This run's validation accuracy minus its control twin's at the same epoch (causal; "
+        "`karn.analytics.accuracy_delta` is vs host-only removal, not causal).",
+    ),
+    _g(
+        "karn.counterfactual.claim",
+        "1",
+        "claims",
+        "helps",
+        "1 when the claim rule says the slot's seed helps (per-run false-claim rate <= 5%; `rule`: "
+        "alpha-spending while the episode runs, final-epoch Holm once it ended), else 0. The Shapley "
+        "intervals themselves are descriptive.",
     ),
     # --- Health
     _g(

@@ -38,6 +38,7 @@ from karn_otel.contracts import (
     PPOUpdateStats,
     RatioStats,
     RewardComponentsTelemetry,
+    Scalars,
     SeedStage,
     Severity,
     ShapleyEstimate,
@@ -74,6 +75,9 @@ NOT_IN_SHORT_REFERENCE_RUN = {
     # The heuristic controller is no PPO policy and has no shadow to agree with.
     *(m.name for m in reg.METRICS if m.source in ("policy", "ppo")),
     "karn.analytics.policy_agreement",
+    # A claim needs a Shapley estimate; a control twin needs karn run --control.
+    "karn.counterfactual.claim",
+    *(m.name for m in reg.METRICS if m.source == "control"),
 }
 INJECTED_REASON = "test_injected_window"
 
@@ -413,6 +417,7 @@ def full_episode(c: kc.KarnCollector) -> None:
             ),
             epoch=1,
         )
+    c.emit(Scalars(1, {"control_val_accuracy": 0.8, "accuracy_delta_vs_control": 0.02}), epoch=1)
     c.emit(HostSnapshot(1, 1.9, 0.4, 1.8, 0.82, 1674, 76, 1750, 0, 0.5, {"mid": 0.2}, 0.001))
     c.emit(dense_trace(1), epoch=1)
     c.emit(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -193,6 +194,8 @@ class MetricInstruments:
             "lifecycle": lambda: self._lifecycle,
             "epochs": lambda: [],  # a histogram, recorded rather than read
             "analytics": self._read_analytics,
+            "claims": self._read_claims,
+            "control": self._read_control,
             "health": self._read_health,
             "alerts": lambda: [(n, {"check": c, "severity": s}) for (c, s), n in _copy(self._alerts).items()],
             "decisions": lambda: [(n, {"op": op}) for op, n in _copy(self._decisions).items()],
@@ -240,6 +243,18 @@ class MetricInstruments:
         analytics = self._view.analytics
         return [] if analytics is None else [(analytics, {})]
 
+    def _read_control(self) -> list[tuple[Any, dict[str, str]]]:
+        values = self._view.scalars()
+        if "control_val_accuracy" not in values:
+            return []
+        return [(types.SimpleNamespace(**{k: values.get(k) for k in _CONTROL_FIELDS}), {})]
+
+    def _read_claims(self) -> list[tuple[Any, dict[str, str]]]:
+        analytics = self._view.analytics
+        if analytics is None:
+            return []
+        return [(c, {"slot": sid, "rule": c.rule}) for sid, c in analytics.claims().items()]
+
     def _read_health(self) -> list[tuple[Any, dict[str, str]]]:
         # The monitor knows every check's state, passing ones and recoveries included; its
         # alerts are edge-triggered, so without it the latest alert per check is the best guess.
@@ -271,6 +286,9 @@ class MetricInstruments:
 class _Progress:
     complete: int  # 0 while the episode is open, 1 once it ended
     stopped: int  # 1 when Karn shut down with the episode still open
+
+
+_CONTROL_FIELDS = ("control_val_accuracy", "accuracy_delta_vs_control")
 
 
 def _walk(obj: Any, path: Sequence[str]) -> Any:
