@@ -525,18 +525,22 @@ def _export(args: argparse.Namespace) -> int:
     from karn_otel.export import ExportError, ExportOptions, export
     from karn_otel.sinks.runlog import RunDirError
 
-    default_out = {"parquet": "export", "openmetrics": "export.om", "wandb": "export"}
+    default_out = {"parquet": "export", "openmetrics": "export.om", "wandb": "export", "otlp": ""}
     out = Path(args.out or (Path(args.source) / default_out[args.to]))
+    target: dict[str, object] = {}
+    if args.to == "otlp":
+        target = {"endpoint": args.endpoint, "protocol": args.protocol, "timeout_s": args.timeout}
     progress = (lambda msg: print(f"karn export: {msg}", file=sys.stderr)) if not args.quiet else (lambda _m: None)
     try:
-        report = export(args.to, args.source, out, ExportOptions(progress=progress))
+        report = export(args.to, args.source, out, ExportOptions(progress=progress), **target)
     except (RunDirError, ExportError) as exc:
         print(f"karn export: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
         print(f"karn export: error: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"wrote {len(report.written)} file(s), {report.total:,} rows/samples, to {out}")
+    if args.to != "otlp":
+        print(f"wrote {len(report.written)} file(s), {report.total:,} rows/samples, to {out}")
     for note in report.notes:
         print(note)
     return EXIT_OK
@@ -686,8 +690,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("source", type=Path, help="a run directory, or a directory of run directories")
     ex.add_argument(
-        "--to", required=True, choices=["parquet", "openmetrics", "wandb"], help="output format (docs/export.md)"
+        "--to",
+        required=True,
+        choices=["parquet", "openmetrics", "otlp", "wandb"],
+        help="output format (docs/export.md)",
     )
+    ex.add_argument("--endpoint", metavar="URL", help="otlp: the endpoint (default OTEL_EXPORTER_OTLP_ENDPOINT)")
+    ex.add_argument(
+        "--protocol", choices=["grpc", "http/protobuf"], help="otlp: default OTEL_EXPORTER_OTLP_PROTOCOL or grpc"
+    )
+    ex.add_argument("--timeout", type=float, default=10.0, metavar="S", help="otlp: seconds per request (default 10)")
     ex.add_argument(
         "--out", type=Path, help="output directory (parquet) or file (openmetrics); default SOURCE/export[.om]"
     )

@@ -8,6 +8,8 @@ writes one format. Each format is one module with one function::
 * ``parquet``     — one Parquet file per table per run (DuckDB, Polars, pandas);
 * ``openmetrics`` — an OpenMetrics text stream, every epoch at its own time, for
   ``promtool tsdb create-blocks-from openmetrics`` (backfill into Prometheus);
+* ``otlp``        — the run's traces and metric points replayed into an OTLP endpoint (the
+  Collector after an outage), with the live run's ids;
 * ``wandb``       — an offline W&B run per Karn run, for ``wandb sync`` (optional extra).
 
 docs/export.md says which tool to use for what, and lists every column.
@@ -24,7 +26,7 @@ from karn_otel.sinks.runlog import EVENTS_FILE, RunDirError, RunRecord, read_run
 
 __all__ = ["FORMATS", "ExportError", "ExportOptions", "ExportReport", "export", "run_dirs_in", "safe_name"]
 
-FORMATS: tuple[str, ...] = ("parquet", "openmetrics", "wandb")
+FORMATS: tuple[str, ...] = ("parquet", "openmetrics", "otlp", "wandb")
 
 
 class ExportError(Exception):
@@ -73,7 +75,9 @@ def safe_name(run_id: str) -> str:
     return name or "run"
 
 
-def export(fmt: str, source: Path | str, out: Path | str, options: ExportOptions | None = None) -> ExportReport:
+def export(
+    fmt: str, source: Path | str, out: Path | str | None, options: ExportOptions | None = None, **kwargs: object
+) -> ExportReport:
     """Export every run under ``source`` to ``out`` in format ``fmt``."""
     options = options or ExportOptions()
     if fmt not in FORMATS:
@@ -84,6 +88,11 @@ def export(fmt: str, source: Path | str, out: Path | str, options: ExportOptions
         from karn_otel.export import parquet
 
         return parquet.export(runs, Path(out), options)
+    if fmt == "otlp":
+        from karn_otel.export import otlp
+
+        return otlp.export(runs, None, options, otlp.OtlpTarget(**kwargs))  # type: ignore[arg-type]
+    assert out is not None, "this format writes files: out is required"
     if fmt == "wandb":
         from karn_otel.export import wandb
 

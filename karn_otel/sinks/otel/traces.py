@@ -60,7 +60,7 @@ def start_tracing(
 ) -> tuple[TracerProvider, EpisodeTraces]:
     """A private tracer provider (never the global one) exporting through ``exporter``, and the
     :class:`EpisodeTraces` that feeds it."""
-    ids = EpisodeIdGenerator()
+    ids = EpisodeIdGenerator(str(resource.attributes.get("service.instance.id", "")))
     # The sampler is the standard OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (the SDK reads
     # them); unset, every span is kept (parentbased_always_on: a trace is a whole episode, and
     # there are few). A ratio sampler decides on the trace id, which every rank of a job shares.
@@ -99,14 +99,31 @@ def _ns(seconds: float) -> int:
 
 
 class EpisodeIdGenerator(RandomIdGenerator):
-    """Random ids, except the next root span's trace id, which the sink sets from the episode id."""
+    """Ids derived from the run, not drawn at random: the next root span's trace id is set by
+    the sink from the episode id, and each span id is a hash of (this process's
+    ``service.instance.id``, the trace id, the span's position in the trace). The same events
+    in the same order — the live run, or ``karn export --to otlp`` replaying its run log —
+    therefore give the same ids, so re-sending a run is idempotent in Tempo, and two ranks of
+    one trace never collide (their instance ids differ)."""
 
-    def __init__(self) -> None:
+    def __init__(self, instance: str = "") -> None:
         self.next_trace_id: int | None = None
+        self._instance = instance
+        self._trace = 0
+        self._n = 0
 
     def generate_trace_id(self) -> int:
         tid, self.next_trace_id = self.next_trace_id, None
-        return tid if tid is not None else super().generate_trace_id()
+        tid = tid if tid is not None else super().generate_trace_id()
+        self._trace, self._n = tid, 0
+        return tid
+
+    def generate_span_id(self) -> int:
+        if not self._trace:
+            return super().generate_span_id()
+        self._n += 1
+        digest = hashlib.sha256(f"{self._instance}:{self._trace:032x}:{self._n}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") or 1
 
     def is_trace_id_random(self) -> bool:
         return False  # derived from episode ids; ratio samplers must not rely on it
