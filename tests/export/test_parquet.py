@@ -112,3 +112,27 @@ def test_docs_list_every_table(table):
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text()
     assert f"`{table}`" in doc
+
+
+def test_a_duckdb_query_across_the_experiment_matches_karn_compare(experiment_dir, tmp_path):
+    """The same number two ways: DuckDB over the Parquet tables, and `karn compare --json`."""
+    import json
+    import subprocess
+    import sys
+
+    export("parquet", experiment_dir, tmp_path)
+    (mean_delta,) = q(
+        f"SELECT avg(final_val_accuracy - host_only_accuracy) FROM "
+        f"(SELECT run_id, last(final_val_accuracy ORDER BY timestamp) AS final_val_accuracy, "
+        f"last(host_only_accuracy ORDER BY timestamp) AS host_only_accuracy "
+        f"FROM '{tmp_path}/episode_summary/*.parquet' GROUP BY run_id)"
+    )[0]
+    p = subprocess.run(
+        [sys.executable, "-m", "karn_otel.cli", "compare", str(experiment_dir), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = {r["quantity"]: r for r in json.loads(p.stdout)["results"]}
+    removal = rows["accuracy delta vs host-only removal (not causal)"]
+    assert removal["stats"]["n"] == 2
+    assert removal["stats"]["mean"] == pytest.approx(mean_delta, abs=1e-12)
