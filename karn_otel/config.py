@@ -187,6 +187,9 @@ class KarnConfig:
     # After shutdown the embedded endpoint waits for one more scrape, at most this long
     # (None: KARN_PROMETHEUS_FINAL_SCRAPE_S, else two 15 s scrape intervals; 0: stop at once).
     prometheus_final_scrape_s: float | None = None
+    # Which ranks export their own series (docs/scaling.md): "all", "reduced", "sampled:K",
+    # or "auto" (all up to 64 ranks, sampled:8 beyond); None: KARN_EXPORT_RANKS, else auto.
+    export_ranks: str | None = None
     otel_export_interval_s: float = 5.0
     otel_shutdown_timeout_s: float = 5.0
     # Safety (docs/security.md). Hyperparameters whose names match one of these patterns
@@ -230,6 +233,10 @@ class KarnConfig:
             raise ValueError(f"prometheus_port {self.prometheus_port} is not a TCP port")
         if not self.otel_export_interval_s > 0 or not self.otel_shutdown_timeout_s > 0:
             raise ValueError("otel_export_interval_s and otel_shutdown_timeout_s must be > 0")
+        if self.export_ranks is not None:
+            from karn_otel.distributed.export_policy import RankExportPolicy
+
+            RankExportPolicy.parse(self.export_ranks, 1)  # raises ValueError naming the accepted forms
         if self.rank is not None and self.rank < 0:
             raise ValueError("rank must be >= 0")
         if self.world_size is not None and self.world_size < 1:

@@ -41,6 +41,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 
 from karn_otel import __version__
 from karn_otel.contracts import ActionOp, SeedStage, Severity, TelemetryEvent, TelemetryEventType
+from karn_otel.distributed.export_policy import RankExportPolicy
 from karn_otel.health import CHECKS
 from karn_otel.metrics_registry import (
     EPOCH_DURATION_BUCKETS_S,
@@ -64,9 +65,13 @@ Reader = Callable[[], Iterable[tuple[Any, dict[str, str]]]]  # a source: (object
 class MetricInstruments:
     """The latest payloads, and the registry's instruments that read them and the view."""
 
-    def __init__(self, view: StoreView, ledger: ExportLedger) -> None:
+    def __init__(self, view: StoreView, ledger: ExportLedger, policy: RankExportPolicy | None = None) -> None:
         self._view = view
         self._ledger = ledger
+        # Which ranks export their own series (karn_otel/distributed/export_policy.py): a rank
+        # outside the policy exports only job-wide values (rank 0), unless its health turns bad.
+        self._policy = policy or RankExportPolicy("all")
+        self._unhealthy = False  # latched: once bad, a sampled-out rank exports for the rest of the run
         self._common = {"run_id": view.run_id, "rank": view.rank, "world_size": view.world_size}
         self._reported: set[str] = set()
         self.reset_episode()
@@ -123,7 +128,7 @@ class MetricInstruments:
         """
         self._epoch_ctx = context
         elapsed, self._epoch_elapsed = self._epoch_elapsed, None
-        if elapsed is not None and self._epoch_duration is not None:
+        if elapsed is not None and self._epoch_duration is not None and self.exports_rank_series():
             self._epoch_duration.record(elapsed, self._common, context=context)
 
     def mark_stopped(self) -> None:
@@ -160,7 +165,10 @@ class MetricInstruments:
             points: list[Observation] = []
             try:
                 ctx = self._epoch_ctx if linked else None
+                own = self.exports_rank_series()
                 for obj, labels in source():
+                    if not own and "scope" not in labels:
+                        continue  # this rank's own series are not exported under the policy
                     for value, key in _values(_walk(obj, path), m.key_label is not None):
                         attrs: dict[str, Any] = {**common, **labels}
                         if "rank" in labels and labels["rank"] is None:
@@ -174,6 +182,16 @@ class MetricInstruments:
             return points
 
         return observe
+
+    def exports_rank_series(self) -> bool:
+        """Whether this rank exports its own series now (the export policy, with health latched)."""
+        view = self._view
+        if self._policy.kind == "all" or view.world_size == 1:
+            return True
+        if not self._unhealthy and self._policy.kind == "sampled":
+            report = view.health_report()
+            self._unhealthy = report is not None and report.overall in (Severity.WARNING, Severity.CRITICAL)
+        return self._policy.exports_rank_series(view.run_id, view.rank, view.world_size, self._unhealthy)
 
     def _sources(self) -> dict[str, Reader]:
         """One reader per registry source: yields (object, labels) pairs at collection time."""

@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from karn_otel import __version__
 from karn_otel.config import KarnConfig
+from karn_otel.distributed import placement
 
 PROTOCOLS = ("grpc", "http/protobuf")
 
@@ -41,6 +42,8 @@ def build_resource(config: KarnConfig, run_id: str, rank: int, world_size: int) 
     }
     if config.service_name:
         attrs["service.name"] = config.service_name
+    # Where the rank runs (SLURM, Kubernetes, torchrun, the stated dp/tp/pp layout); Karn's own keys win.
+    attrs = {**placement.detect(), **attrs}
     resource = Resource.create(attrs)
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "karn"}))

@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from karn_otel.config import KarnConfig
 from karn_otel.contracts import TelemetryEvent, TelemetryEventType
+from karn_otel.distributed.export_policy import RankExportPolicy
 from karn_otel.pipeline import StoreView
 from karn_otel.sinks.otel import resource as otlp
 from karn_otel.sinks.otel.endpoint import DEFAULT_FINAL_SCRAPE_S, PrometheusEndpoint
@@ -55,7 +56,9 @@ class OTelSink:
         self._config = config
         self._view = view
         self._ledger = ExportLedger()
-        self._metrics = MetricInstruments(view, self._ledger)
+        self._metrics = MetricInstruments(
+            view, self._ledger, RankExportPolicy.parse(config.export_ranks, view.world_size)
+        )
         self._closed = False
 
         self.resource = otlp.build_resource(config, view.run_id, view.rank, view.world_size)
