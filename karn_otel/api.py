@@ -18,9 +18,11 @@ names it), never invented.
 ``log`` takes named numbers: Python numbers, numpy scalars, 0-d (or one-element) tensors.
 Well-known names (:data:`HOST_NAMES`) fill the spec's :class:`HostSnapshot` once an epoch has
 both ``train_loss`` and ``val_loss``; everything else is recorded as :class:`Scalars`.
-Converting a tensor to a float is one host-device sync per tensor on an accelerator (on the
-CPU it is a read); log per epoch, or accumulate on the device
-(:class:`karn_otel.torch.accumulate.EpochAccumulator`), to keep per-batch code sync-free.
+Accelerator tensors are read back without a sync per value: a call's tensors travel
+together (one sync per ``log`` call with ``epoch=``), and calls with only ``step=`` (per
+batch) are queued on the device and read back together once every ``sync_every`` calls
+(default 100; and at each new epoch and at ``finish``). CPU tensors are read at once (there
+is no device to wait for).
 
 Nothing passed to ``init`` or ``log`` raises into the loop in lenient mode (the default): a
 value of the wrong type is rejected, counted per reason in the run's accounting (``karn
@@ -108,6 +110,7 @@ def init(
     prometheus_port: int | None = None,
     strict: bool = False,
     code_dir: str | os.PathLike[str] | None = None,
+    sync_every: int = 100,
     karn_config: KarnConfig | None = None,
 ) -> Run:
     """Open a run and its episode, capturing what can be captured; returns the :class:`Run`.
@@ -134,6 +137,9 @@ def init(
         strict: raise :class:`~karn_otel.TelemetryValidationError` on a rejected value
             (tests), instead of counting it.
         code_dir: the directory whose git commit is recorded (default: the working dir).
+        sync_every: accelerator tensors logged with ``step=`` only are read back together,
+            one device sync per ``sync_every`` calls (and at each epoch and at ``finish``);
+            those records reach the sinks that much later. 1: read at every call.
         karn_config: a full :class:`~karn_otel.KarnConfig` (the arguments above override it).
     """
     task = task or os.environ.get("KARN_TASK") or "classification"
@@ -152,6 +158,7 @@ def init(
         kcfg = dataclasses.replace(kcfg, prometheus_port=None)
         collector = configure(kcfg)
     run = Run(collector, kcfg, profile)
+    run._sync_every = max(1, int(sync_every)) if isinstance(sync_every, int) else 100
     for note in notes:
         run._warn(note)
     run._open(config, model, seed, numpy_seed, max_epochs, architecture, slots, code_dir)
@@ -190,6 +197,10 @@ class Run:
         self._last_val_accuracy = math.nan
         self._returns_monitor: ReturnMonitor | None = None
         self._kinds: dict[str, str | None] = {}  # logged name -> "return" / "length" / None
+        self._sync_every = 100
+        self._defer_cpu = False  # tests: treat CPU tensors as a device's
+        self._deferred: list[tuple[int, dict[str, Any]]] = []
+        self.syncs = 0  # batched device read-backs so far
         _track(self)
 
     # ------------------------------------------------------------------ opening
@@ -366,6 +377,21 @@ class Run:
             self._close_epoch()
             self._epoch = ep
             self._epochs_seen += 1
+        values = dict(values)
+        if ep is None and self._sync_every > 1 and any(self._device_scalar(v) for v in values.values()):
+            # Accelerator tensors logged per step: read back together, once per sync_every calls.
+            self._deferred.append((st if st is not None else self._logs, values))
+            self._logs += 1
+            if len(self._deferred) >= self._sync_every:
+                self._flush_deferred()
+            return ok
+        self._flush_deferred()  # what was queued goes first: records stay in call order
+        self._materialize([values])
+        return self._record(values, ep, st if st is not None else (ep if ep is not None else self._logs)) and ok
+
+    def _record(self, values: dict[str, Any], ep: int | None, idx: int) -> bool:
+        """Validate and record one call's values (tensors already read back where deferred)."""
+        ok = True
         scalars: dict[str, float] = {}
         for key, raw in values.items():
             name = key if isinstance(key, str) else str(key)
@@ -393,7 +419,6 @@ class Run:
             else:
                 scalars[name] = x
         if scalars:
-            idx = st if st is not None else (ep if ep is not None else self._logs)
             ok = self.collector.emit(Scalars(idx, scalars), epoch=ep) and ok
         self._logs += 1
         if ep is not None and "train_loss" in self._pending and "val_loss" in self._pending:
@@ -420,8 +445,45 @@ class Run:
         self._host_done = True
         return self.collector.emit(snap)
 
+    def _device_scalar(self, v: Any) -> bool:
+        """A one-element torch tensor whose read-back would wait for the device (CPU ones are
+        read at once: no sync to save)."""
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(v, torch.Tensor):
+            return False
+        try:
+            return v.numel() == 1 and (self._defer_cpu or v.device.type != "cpu")  # metadata only: no sync
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _materialize(self, entries: list[dict[str, Any]]) -> None:
+        """Replace the device scalars of ``entries`` by floats with one transfer (the one sync);
+        on any failure (mixed devices, an odd dtype) they stay tensors and are read one by one."""
+        refs = [(d, k) for d in entries for k, v in d.items() if self._device_scalar(v)]
+        if not refs:
+            return
+        torch = sys.modules["torch"]
+        try:
+            flat = torch.stack([d[k].detach().reshape(()).to(torch.float64) for d, k in refs]).tolist()
+        except Exception:  # noqa: BLE001
+            return
+        self.syncs += 1
+        for (d, k), x in zip(refs, flat):
+            d[k] = x
+
+    def _flush_deferred(self) -> None:
+        if not self._deferred:
+            return
+        queued, self._deferred = self._deferred, []
+        self._materialize([v for _, v in queued])
+        logs = self._logs
+        for idx, values in queued:
+            self._record(values, None, idx)
+        self._logs = logs  # each queued call was counted when it was made
+
     def _close_epoch(self) -> None:
         """An epoch ends without both losses: its host values are kept as Scalars."""
+        self._flush_deferred()
         if self._pending and self._epoch is not None:
             back = {k: v for k, v in self._pending.items()}
             self.collector.emit(Scalars(self._epoch, back), epoch=self._epoch)

@@ -343,3 +343,34 @@ def test_a_second_init_finishes_the_first_run(run_factory, caplog):
     assert "finishing it first" in caplog.text and "test_accuracy=87.5 is not a fraction" in caplog.text
     assert [e.event_type for e in read_run(first.run_dir).events][-1] is ET.EPISODE_ENDED
     assert second.log({"x": 1.0}, step=0)
+
+
+def test_per_step_device_tensors_are_read_back_once_per_sync_every_calls(run_factory, monkeypatch):
+    """No accelerator here: CPU tensors stand in for device ones (``_defer_cpu``), and every
+    read-back (``item``, ``tolist``, ``float``) is counted."""
+    reads = {"item": 0, "tolist": 0, "float": 0}
+    for name in reads:
+        attr = "__float__" if name == "float" else name
+        orig = getattr(torch.Tensor, attr)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            reads[_name] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, attr, counted)
+    run = run_factory(sync_every=100)
+    run._defer_cpu = True
+    losses = [torch.tensor(1.0 / (i + 1)) for i in range(250)]
+    for i, t in enumerate(losses):
+        run.log({"loss": t, "lr": 0.1}, step=i)
+        if i == 149:
+            run.log({"train_loss": torch.tensor(0.5), "val_loss": torch.tensor(0.25)}, epoch=0)
+    run.finish()
+    # 100 steps, the queued 50 before the epoch record, the epoch record's 2 tensors, the last 100.
+    assert reads == {"item": 0, "tolist": 4, "float": 0} and run.syncs == 4
+    events = [e for e in read_run(run.run_dir).events if e.event_type in (ET.SCALARS, ET.HOST_SNAPSHOT)]
+    steps = [e.payload.step for e in events if e.event_type is ET.SCALARS]
+    assert steps == list(range(250))  # call order kept, the epoch record in its place
+    assert [e.event_type for e in events].index(ET.HOST_SNAPSHOT) == 150
+    recorded = [e.payload.values["loss"] for e in events if e.event_type is ET.SCALARS]
+    assert recorded == [t.item() for t in losses]
