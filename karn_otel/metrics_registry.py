@@ -750,6 +750,22 @@ def render_markdown() -> str:
         "Resource attributes (`service.name`, `service.instance.id` = `<run_id>-rank<k>`, `karn.run_id`,",
         "`karn.rank`, `karn.world_size`, `host.name`) appear in Prometheus as `target_info`.",
         "",
+        "**Where a rank runs** (`karn_otel/distributed/placement.py`), also resource attributes, from the",
+        "environment: SLURM (`slurm.job.id`, `slurm.job.name`, `slurm.job.node_list`, `slurm.job.num_nodes`,",
+        "`slurm.task.id`, `slurm.task.local_id`, `slurm.node.id`, `slurm.partition`, `slurm.array.*`), Kubernetes",
+        "(the semantic conventions' `k8s.pod.name`, `k8s.namespace.name`, `k8s.node.name`, `k8s.pod.uid`,",
+        "`k8s.job.name`, from the downward-API variables `POD_NAME`, `POD_NAMESPACE`, `NODE_NAME`, `POD_UID`,",
+        "`JOB_NAME`), torchrun (`karn.dl.local_rank`, `karn.dl.node_rank`, `karn.dl.local_world_size`,",
+        "`karn.dl.restart_count`, `karn.dl.elastic_run_id`) and the parallel layout you state",
+        "(`KARN_DP_RANK`/`KARN_DP_SIZE`, `KARN_TP_*`, `KARN_PP_*` -> `karn.dl.{dp,tp,pp}.{rank,size}`).",
+        "NeMo Lens, the closest peer, puts rank and world size under `nv.dl.`; Karn keeps one vendor-neutral",
+        "`karn.dl.` prefix and the standard `k8s.*` names, and `slurm.*` follows the variables as Lens does.",
+        "",
+        "**Which ranks export** (`KarnConfig.export_ranks` or `KARN_EXPORT_RANKS`; docs/scaling.md): `all`,",
+        "`reduced` (rank 0's job-wide series only), `sampled:K` (those plus K ranks chosen from the run id, and",
+        "any rank whose health turns bad), `auto` (all up to 64 ranks, `sampled:8` beyond). A rank outside the",
+        "policy exposes none of its own series; every rank still writes its run log and raises its alerts.",
+        "",
     ]
     groups: dict[str, list[MetricDef]] = {}
     for m in METRICS:
