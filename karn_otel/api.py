@@ -237,7 +237,7 @@ class Run:
         if params is None:
             unknown.append("host_params")
         if architecture is not None:
-            arch = str(architecture)
+            arch = _text(str(architecture)[:_MAX_TEXT])
         if arch is None:
             unknown.append("host_architecture")
         self._params = params or 0
@@ -266,7 +266,9 @@ class Run:
         if not self.collector.emit(ctx):
             # Never an empty run: open with what surely passes, and say so loudly.
             self._warn("the episode context was rejected (see the message above); the run is opened without it")
-            ctx = dataclasses.replace(ctx, hyperparameters={}, slot_config={}, software={})
+            ctx = dataclasses.replace(
+                ctx, hyperparameters={}, slot_config={}, software={}, host_architecture=UNKNOWN, git_commit=UNKNOWN
+            )
             if not self.collector.emit(ctx):
                 self._warn("the run could not be opened: nothing will be recorded")
                 self._closed = True
@@ -729,13 +731,23 @@ def _config_items(config: Any) -> Mapping[str, Any] | None:
 
 def _flatten(items: Mapping[Any, Any], prefix: str, out: dict[str, Any], run: Run, depth: int) -> None:
     for k, v in items.items():
-        name = prefix + (k if isinstance(k, str) else str(k))
+        name = _text(prefix + (k if isinstance(k, str) else str(k)))
         if depth < _MAX_DEPTH:
             nested = _config_items(v) if not isinstance(v, (str, bytes)) and v is not None else None
             if nested is not None and not _is_scalar(v):
                 _flatten(nested, name + ".", out, run, depth + 1)
                 continue
         out[name] = _hp_value(v)
+
+
+def _text(s: str) -> str:
+    """``s`` as writable UTF-8: a lone surrogate (from a mis-decoded path or argv) is escaped
+    instead of getting the whole context rejected."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_scalar(v: Any) -> bool:
@@ -746,7 +758,7 @@ def _hp_value(v: Any) -> bool | int | float | str | None:
     """A hyperparameter as recorded: None and plain scalars as they are, numpy/0-d tensor
     scalars as numbers, enums by value, anything else as (bounded) text."""
     if v is None or isinstance(v, (bool, str)):
-        return v if not isinstance(v, str) else v[:_MAX_TEXT]
+        return v if not isinstance(v, str) else _text(v[:_MAX_TEXT])
     if isinstance(v, int):
         return v if -_INT64 <= v < _INT64 else str(v)[:_MAX_TEXT]
     if isinstance(v, float):

@@ -374,3 +374,35 @@ def test_per_step_device_tensors_are_read_back_once_per_sync_every_calls(run_fac
     assert [e.event_type for e in events].index(ET.HOST_SNAPSHOT) == 150
     recorded = [e.payload.values["loss"] for e in events if e.event_type is ET.SCALARS]
     assert recorded == [t.item() for t in losses]
+
+
+def test_a_lone_surrogate_is_escaped_not_a_rejected_context(run_factory):
+    run = run_factory(config={"lr": 0.1, "bad\ud800": "x\udcff"}, architecture="Net\ud800")
+    assert run.context.hyperparameters == {"lr": 0.1, "bad\\ud800": "x\\udcff"}
+    assert run.context.host_architecture == "Net\\ud800"
+
+
+def test_a_rejected_context_still_opens_the_run_and_says_so(run_factory, caplog, monkeypatch):
+    from karn_otel.collector import KarnCollector
+    from karn_otel.contracts import EpisodeContext
+
+    real, calls = KarnCollector.emit, []
+
+    def reject_first_context(self, event, **kw):  # whatever made it fail: the run must still open
+        calls.append(type(event))
+        if isinstance(event, EpisodeContext) and calls.count(EpisodeContext) == 1:
+            self.pipeline.rejected["type_error"] += 1
+            return False
+        return real(self, event, **kw)
+
+    monkeypatch.setattr(KarnCollector, "emit", reject_first_context)
+    run = run_factory(config={"lr": 0.1})
+    assert run.context is not None and run.context.hyperparameters == {}
+    assert "the episode context was rejected" in caplog.text
+    assert run.log({"train_loss": 1.0, "val_loss": 2.0}, epoch=0)
+    run.finish()
+    rec = read_run(run.run_dir)
+    assert [e.event_type for e in rec.events][:1] == [ET.EPISODE_STARTED]
+    assert [e.payload.val_loss for e in rec.events if e.event_type is ET.HOST_SNAPSHOT] == [2.0]
+    (stats,) = [e.payload for e in rec.events if e.event_type is ET.TELEMETRY_STATS]
+    assert stats.rejected == {"type_error": 1}  # in the run's accounting: `karn inspect` shows it
