@@ -931,6 +931,14 @@ class ReturnThresholds:
     min_gain_episodes: int = 40
     """Episodes seen before a regression can be judged: two full windows, so the first and
     best means are over disjoint episodes."""
+    noise_z: float = 4.0
+    """Both the gain (best rolling mean minus the first) and the drop from the best must
+    exceed ``noise_z`` standard errors of a difference of two window means (sqrt(2) x std /
+    sqrt(window), with the spread of every return seen so far: a learning trend only widens it). Episode returns are noisy (CartPole's
+    spread is about their mean) and the best of many rolling means sits above the truth by
+    chance (the maximum of ~15 independent window means is ~1.7 standard errors up, rarely
+    over 3.3), so a plain fraction fires on almost every flat run. With 4, simulated flat
+    runs raise it in under 2% (tests/adapters/test_cleanrl_ppo.py measures it)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.window_episodes, bool) or not (
@@ -987,6 +995,8 @@ class ReturnMonitor(GuardedProcessor):
         self._first_mean: float | None = None
         self._best_mean = -math.inf
         self._episodes = 0
+        self._mean = 0.0
+        self._m2 = 0.0
         self._failing: dict[str, Finding] = {}
         self.latest: dict[str, float] = {}
 
@@ -1011,6 +1021,9 @@ class ReturnMonitor(GuardedProcessor):
         out = [Finding("non_finite_return", False, 0.0, 0.0, "returns finite")]
         self._recent.append(r)
         self._episodes += 1
+        delta = r - self._mean  # Welford: the spread of every return seen (a trend only widens it)
+        self._mean += delta / self._episodes
+        self._m2 += delta * (r - self._mean)
         self.latest = {"return": r, "episodes": float(self._episodes)}
         if len(self._recent) < t.window_episodes:
             return out
@@ -1022,10 +1035,16 @@ class ReturnMonitor(GuardedProcessor):
         gain = self._best_mean - self._first_mean
         if self._episodes >= t.min_gain_episodes and gain > 0:
             lost = (self._best_mean - mean) / gain
+            n = len(self._recent)
+            sd = math.sqrt(self._m2 / (self._episodes - 1))
+            noise = t.noise_z * math.sqrt(2.0 / n) * sd
+            beyond_noise = gain > noise and self._best_mean - mean > noise
+            # Hysteresis: a failing check recovers only below half the fraction (no flapping).
+            limit = t.regression_fraction / 2 if "return_regression" in self._failing else t.regression_fraction
             out.append(
                 Finding(
                     "return_regression",
-                    lost > t.regression_fraction,
+                    lost > limit and beyond_noise,
                     lost,
                     t.regression_fraction,
                     f"mean return over {len(self._recent)} episodes {mean:.4g} has lost {100 * lost:.0f}% of "
