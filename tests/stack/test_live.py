@@ -79,6 +79,8 @@ EXPECTED_EMPTY = {
 # Queries that return nothing for the single-rank runs, and why (checked elsewhere).
 EXPECTED_EMPTY_EXPRS = {
     'scope="job"': "job-wide series exist only in a DDP job; test_ddp_rank_killed_is_the_only_rank_missing checks them",
+    "karn_control_": "a control twin exists only with karn run --control; tests/experiment checks the morph run records "
+    "it and tests/sinks/test_otel.py scrapes karn_control_* from such a run",
 }
 NOT_A_RUN_ALERT = {"KarnWatchdog"}  # always firing, and about the stack, not a run
 
