@@ -85,6 +85,8 @@ def test_experiment_dir_manifest_and_links(experiment):
     twin_acc = [e.payload.val_accuracy for e in twin.events if isinstance(e.payload, HostSnapshot)]
     recorded = [e.payload.values["control_val_accuracy"] for e in morph.events if isinstance(e.payload, Scalars)]
     assert recorded == twin_acc and len(recorded) == 3
+    shown = karn("inspect", str(experiment / "e-s1-morph")).stdout
+    assert "experiment e (morph)" in shown and "task classification; software: python" in shown
 
 
 def test_resume_reruns_only_what_did_not_finish(experiment, tmp_path):
