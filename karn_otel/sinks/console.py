@@ -56,11 +56,16 @@ class ConsoleSink:
             self._write(f"[karn] ALERT {a.severity.value} {a.check}: {a.message}\n")
         elif event.event_type is ET.EPISODE_ENDED:
             s = event.payload
-            host = "n/a" if s.host_only_accuracy is None else f"{100 * s.host_only_accuracy:.1f}%"
-            self._write(
-                f"[karn] episode done: {s.epochs_completed} epochs, val acc {100 * s.final_val_accuracy:.1f}% "
-                f"(host-only {host}), {s.total_params:,} params ({s.fossilized_params:,} fossilized)\n"
-            )
+            finals = getattr(s, "final_metrics", None) or {}
+            if s.final_val_accuracy != s.final_val_accuracy and finals:  # no accuracy (an RL task): its own headline
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in list(finals.items())[:6])
+                self._write(f"[karn] episode done: {s.epochs_completed} epochs, {shown}, {s.total_params:,} params\n")
+            else:
+                host = "n/a" if s.host_only_accuracy is None else f"{100 * s.host_only_accuracy:.1f}%"
+                self._write(
+                    f"[karn] episode done: {s.epochs_completed} epochs, val acc {100 * s.final_val_accuracy:.1f}% "
+                    f"(host-only {host}), {s.total_params:,} params ({s.fossilized_params:,} fossilized)\n"
+                )
             verdict = self.verdict_line()
             if verdict:
                 self._write(verdict + "\n")

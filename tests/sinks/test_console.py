@@ -149,3 +149,28 @@ def test_episode_end_prints_the_final_holm_verdict(memory_collector):
     out = stream.getvalue().splitlines()
     # one pre-set test (z = 2.5 > 1.645; Holm over one slot): the final verdict claims it
     assert out[-1] == "[karn] final verdict (final-epoch Holm, 5% false-claim rate per run): mid helps"
+
+
+def test_an_rl_episode_ends_with_its_own_headline_not_a_nan_accuracy():
+    import io
+    import math
+
+    from karn_otel import collector as kc
+    from karn_otel.config import KarnConfig
+    from karn_otel.contracts import EpisodeSummary
+    from karn_otel.sinks.console import ConsoleSink
+    from tests.conftest import make_context
+
+    out = io.StringIO()
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off"))
+    from karn_otel.sinks.factory import build_pipeline
+
+    build_pipeline(c.config, c, sinks=[], processors=False)
+    c.pipeline.add_sink(ConsoleSink(c.view, live=False, stream=out))
+    c.emit(make_context())
+    c.emit(
+        EpisodeSummary(3, math.nan, math.nan, None, 10, 10, 0, 1.0, final_metrics={"episodic_return_mean100": 198.0})
+    )
+    c.close()
+    text = out.getvalue()
+    assert "episodic_return_mean100 198" in text and "nan%" not in text
