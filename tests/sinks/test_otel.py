@@ -925,3 +925,26 @@ def test_a_timed_ppo_update_is_a_child_span_of_its_epoch():
     assert ppo.parent.span_id == epoch.context.span_id
     assert (ppo.start_time, ppo.end_time) == (int(100.75e9), int(101e9))
     assert "karn.ppo_update" not in [e.name for e in epoch.events], "a child span, not also an event"
+
+
+def test_a_dead_endpoint_is_one_warning_line_and_counted(tmp_path):
+    """OTel's exporters log a retry or failure every few seconds while the endpoint is down;
+    Karn says it once and counts what it could not send (inspect shows it)."""
+    import subprocess
+    import sys
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    p = subprocess.run(
+        [sys.executable, "-m", "karn_otel.cli", "run", "--epochs", "3", "--no-live", "--out", str(tmp_path),
+         "--otlp-endpoint", dead],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert sum("OTLP export is failing" in ln for ln in lines) == 1, lines
+    assert not any(ln.startswith("opentelemetry.") for ln in lines), lines
+    run_dir = next(d for d in tmp_path.iterdir() if d.is_dir())
+    shown = subprocess.run(
+        [sys.executable, "-m", "karn_otel.cli", "inspect", str(run_dir)], capture_output=True, text=True
+    )
+    assert "OTelSink:spans_export_failed" in shown.stdout

@@ -7,6 +7,7 @@ size; the metrics read its accounting, health report and analytics.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ class OTelSink:
         self._config = config
         self._view = view
         self._ledger = ExportLedger()
+        quiet_exporter_logs()  # the exporters' retry stream becomes one Karn line; failures stay counted
         self._metrics = MetricInstruments(
             view, self._ledger, RankExportPolicy.parse(config.export_ranks, view.world_size)
         )
@@ -175,6 +177,49 @@ class OTelSink:
 
 
 ENV_FINAL_SCRAPE_S = "KARN_PROMETHEUS_FINAL_SCRAPE_S"
+
+_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp",)
+
+
+class _OnceHandler(logging.Handler):
+    """Takes the OTLP exporters' log records (a retry or failure line every few seconds while
+    the endpoint is down) and says it once, through Karn's logger. The failures themselves are
+    counted by the sink (``karn_telemetry_export_failures_total``, the run log's final stats)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.said = False
+        self.records = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
+        if self.said:
+            return
+        self.said = True
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record must not reach training
+            msg = str(record.msg)
+        logging.getLogger("karn").warning(
+            "OTLP export is failing (%s); Karn keeps training and counts what it could not send "
+            "(karn_telemetry_export_failures_total, karn inspect); further exporter messages are not printed",
+            msg[:300],
+        )
+
+
+_ONCE: _OnceHandler | None = None
+
+
+def quiet_exporter_logs() -> _OnceHandler:
+    """Route the OTLP exporters' logs to one warning line per process (idempotent)."""
+    global _ONCE
+    if _ONCE is None:
+        _ONCE = _OnceHandler()
+        for name in _EXPORTER_LOGGERS:
+            lg = logging.getLogger(name)
+            lg.addHandler(_ONCE)
+            lg.propagate = False  # not the root handler's stderr stream
+    return _ONCE
 
 
 def final_scrape_s(config: KarnConfig) -> float:
