@@ -144,9 +144,11 @@ class ConsoleSink:
         ratio_s = "n/a" if ratio is None else f"{ratio:.3f}x"
         control = _control_delta(self.store.scalars())
         vs_control = "" if control is None else f", {_pts(control)} vs control (causal)"
+        has_slots = bool(ctx and ctx.slot_config)
+        vs = f" ({_pts(delta)} vs host-only removal{vs_control})" if has_slots or control is not None else ""
         return (
             f"[karn] epoch {h.epoch}{total}  val_acc {100 * h.val_accuracy:5.1f}%"
-            f" ({_pts(delta)} vs host-only removal{vs_control})  val_loss {h.val_loss:.4f}"
+            f"{vs}  val_loss {h.val_loss:.4f}"
             f"  params {ratio_s}  seeds {seeds or '-'}  action {action}"
         )
 

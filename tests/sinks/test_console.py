@@ -174,3 +174,25 @@ def test_an_rl_episode_ends_with_its_own_headline_not_a_nan_accuracy():
     c.close()
     text = out.getvalue()
     assert "episodic_return_mean100 198" in text and "nan%" not in text
+
+
+def test_a_loop_without_slots_is_not_compared_with_a_host_only_model():
+    import io
+
+    from karn_otel import collector as kc
+    from karn_otel.config import KarnConfig
+    from karn_otel.contracts import HostSnapshot
+    from karn_otel.sinks.console import ConsoleSink
+    from karn_otel.sinks.factory import build_pipeline
+    from tests.conftest import make_context
+
+    out = io.StringIO()
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off"))
+    build_pipeline(c.config, c, sinks=[], processors=False)
+    sink = ConsoleSink(c.view, live=False, stream=out)
+    c.pipeline.add_sink(sink)
+    c.emit(make_context(slots=()))
+    c.emit(HostSnapshot(1, 1.0, 0.5, 1.0, 0.6, 100, 0, 100, 0, 1.0, {}, None))
+    c.close()
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("[karn] epoch 1"))
+    assert "val_acc  60.0%" in line and "host-only" not in line
