@@ -260,8 +260,11 @@ def to_json(obj: Any) -> str:
 
 
 def _dec_hook(tp: Any, obj: Any) -> Any:
-    if tp is Path and isinstance(obj, str):
-        return Path(obj)
+    if tp is Path:
+        if isinstance(obj, str):
+            return Path(obj)
+        # msgspec turns a TypeError/ValueError from the hook into a ValidationError at the field
+        raise TypeError(f"Expected `str`, got `{type(obj).__name__}`")
     raise NotImplementedError
 
 
