@@ -506,30 +506,10 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _first_diff(a: object, b: object, path: str) -> str | None:
-    """Path and values of the first difference between two JSON-able values (A, B), or None."""
-    from karn_otel.codec import safe_repr
+    """The first difference between run A and run B (the replay's walker, with A/B names)."""
+    from karn_otel.replay import first_difference
 
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            if key not in b:
-                return f"{path}.{key}: A {safe_repr(a[key])}, missing in B"
-            if key not in a:
-                return f"{path}.{key}: missing in A, B {safe_repr(b[key])}"
-            d = _first_diff(a[key], b[key], f"{path}.{key}")
-            if d:
-                return d
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return f"{path}: A has {len(a)} items, B {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            d = _first_diff(x, y, f"{path}[{i}]")
-            if d:
-                return d
-        return None
-    if type(a) is not type(b) or a != b:
-        return f"{path}: A {safe_repr(a)}, B {safe_repr(b)}"
-    return None
+    return first_difference(a, b, path, ("A", "B"))
 
 
 def _export(args: argparse.Namespace) -> int:

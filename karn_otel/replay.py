@@ -143,28 +143,34 @@ def _show(v: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"...(+{len(text) - limit} chars)"
 
 
-def first_difference(recorded: Any, replayed: Any, path: str = "") -> str | None:
-    """Path and values of the first difference between two JSON-able values, or None."""
+def first_difference(
+    recorded: Any, replayed: Any, path: str = "", names: tuple[str, str] = ("recorded", "replayed")
+) -> str | None:
+    """Path and values of the first difference between two JSON-able values, or None.
+
+    ``names`` say what the two sides are in the message (``karn diff`` passes ``("A", "B")``).
+    """
+    a_name, b_name = names
     if isinstance(recorded, dict) and isinstance(replayed, dict):
         for key in list(recorded) + [k for k in replayed if k not in recorded]:
             if key not in replayed:
-                return f"{path}.{key}: recorded {_show(recorded[key])}, missing in replay"
+                return f"{path}.{key}: {a_name} {_show(recorded[key])}, missing in {b_name}"
             if key not in recorded:
-                return f"{path}.{key}: not recorded, replay has {_show(replayed[key])}"
-            d = first_difference(recorded[key], replayed[key], f"{path}.{key}")
+                return f"{path}.{key}: missing in {a_name}, {b_name} {_show(replayed[key])}"
+            d = first_difference(recorded[key], replayed[key], f"{path}.{key}", names)
             if d:
                 return d
         return None
     if isinstance(recorded, list) and isinstance(replayed, list):
         if len(recorded) != len(replayed):
-            return f"{path}: recorded {len(recorded)} items, replayed {len(replayed)}"
+            return f"{path}: {a_name} has {len(recorded)} items, {b_name} {len(replayed)}"
         for i, (a, b) in enumerate(zip(recorded, replayed)):
-            d = first_difference(a, b, f"{path}[{i}]")
+            d = first_difference(a, b, f"{path}[{i}]", names)
             if d:
                 return d
         return None
     if type(recorded) is not type(replayed) or recorded != replayed:
-        return f"{path}: recorded {_show(recorded)}, replayed {_show(replayed)}"
+        return f"{path}: {a_name} {_show(recorded)}, {b_name} {_show(replayed)}"
     return None
 
 
