@@ -356,10 +356,10 @@ def _inspect_lines(rec) -> list[str]:
         out.append(f"  hyperparameters: {P(shown, 4000)}")
         software = ", ".join(f"{P(k, 40)} {P(v, 60)}" for k, v in list(ctx.software.items())[:16])
         out.append(f"  task {P(ctx.task_type, 40)}; software: {software or 'not recorded'}")
-        unknown = getattr(ctx, "unknown_fields", ())
+        unknown = ctx.unknown_fields
         if unknown:
             out.append("  not known to the script (recorded as placeholders): " + P(", ".join(map(str, unknown)), 1000))
-        if getattr(ctx, "experiment_id", None):
+        if ctx.experiment_id:
             out.append(f"  experiment {P(ctx.experiment_id, 80)} ({P(str(ctx.experiment_arm), 20)})")
         events = [e for e in rec.events if e.episode_id == ep_id]
         hosts = [e.payload for e in events if e.event_type is ET.HOST_SNAPSHOT]
@@ -381,7 +381,7 @@ def _inspect_lines(rec) -> list[str]:
             out.append(
                 f"  finished: {_num(summary.epochs_completed)} epochs in {_num(summary.wall_time_s, '.1f')}s{delta}"
             )
-            finals = getattr(summary, "final_metrics", None) or {}
+            finals = summary.final_metrics
             if finals:
                 shown = ", ".join(f"{P(k, 60)}={_num(v)}" for k, v in list(finals.items())[:32])
                 out.append(f"  final metrics: {P(shown, 2000)}")

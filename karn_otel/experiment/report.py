@@ -346,7 +346,7 @@ def _context_table(ctx: EpisodeContext | None) -> str:
         ("task", ctx.task_type),
         ("software", ", ".join(f"{k} {v}" for k, v in ctx.software.items())),
     ]
-    if getattr(ctx, "experiment_id", None):
+    if ctx.experiment_id:
         rows.append(("experiment", f"{ctx.experiment_id} ({ctx.experiment_arm})"))
     rows += [(f"hp: {k}", str(v)) for k, v in sorted(redact(ctx.hyperparameters).items())]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)

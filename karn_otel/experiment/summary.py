@@ -74,7 +74,7 @@ def summarise(rec: RunRecord) -> RunSummary:
     ]
     hp = ctx.hyperparameters
     controller = str(hp.get("controller", "unknown"))
-    arm = getattr(ctx, "experiment_arm", None) or ("control" if controller == "none" else "morph")
+    arm = ctx.experiment_arm or ("control" if controller == "none" else "morph")
     removal: dict[int, float] = {}
     final_shapley: dict[str, ShapleyEstimate] = {}
     final_shapley_epoch = 0
@@ -107,7 +107,7 @@ def summarise(rec: RunRecord) -> RunSummary:
     return RunSummary(
         run_id=rec.run_id,
         run_dir=rec.run_dir,
-        experiment_id=getattr(ctx, "experiment_id", None),
+        experiment_id=ctx.experiment_id,
         arm=str(arm),
         seed=int(seed)
         if isinstance(seed, (int, float)) and not isinstance(seed, bool) and math.isfinite(seed)

@@ -56,7 +56,7 @@ class ConsoleSink:
             self._write(f"[karn] ALERT {a.severity.value} {a.check}: {a.message}\n")
         elif event.event_type is ET.EPISODE_ENDED:
             s = event.payload
-            finals = getattr(s, "final_metrics", None) or {}
+            finals = s.final_metrics
             if s.final_val_accuracy != s.final_val_accuracy and finals:  # no accuracy (an RL task): its own headline
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in list(finals.items())[:6])
                 self._write(f"[karn] episode done: {s.epochs_completed} epochs, {shown}, {s.total_params:,} params\n")
