@@ -27,10 +27,8 @@ Labels: ``run_id``, ``rank``, ``world_size`` on every series; job-wide (reduced)
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,6 +41,8 @@ from karn_otel.contracts import (
 )
 from karn_otel.export import ExportOptions, ExportReport
 from karn_otel.metrics_registry import METRICS, MetricDef
+from karn_otel.sinks.otel.metrics import _values as live_values
+from karn_otel.sinks.otel.metrics import _walk as live_walk
 from karn_otel.sinks.runlog import RunRecord
 
 ET = TelemetryEventType
@@ -65,43 +65,11 @@ EXPORTED_SOURCES: frozenset[str] = frozenset(_RECORD_SOURCES) | {"alerts", "deci
 Labels = tuple[tuple[str, str], ...]
 
 
-def _walk(obj: Any, path: str) -> Any:
-    for part in path.split(".") if path else ():
-        if obj is None:
-            return None
-        obj = getattr(obj, part, None)
-    return obj
-
-
-def _number(v: Any) -> float | None:
-    if v is None or isinstance(v, str):
-        return None
-    if isinstance(v, bool):
-        return float(v)
-    if isinstance(v, int):
-        return float(v)
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    return None
-
-
 def _values(m: MetricDef, obj: Any) -> Iterator[tuple[float, str | None]]:
-    value = _walk(obj, m.field)
-    if not m.key_label:
-        n = _number(value)
-        if n is not None:
-            yield n, None
-        return
-    if isinstance(value, dict):
-        items: Iterable[tuple[Any, Any]] = value.items()
-    elif dataclasses.is_dataclass(value):
-        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
-    else:
-        return
-    for k, v in items:
-        n = _number(v)
-        if n is not None:
-            yield n, str(k)
+    """(value, key) pairs of ``m`` in ``obj``: the live instruments' own extraction, so a value
+    the live path drops (None, non-finite) is dropped here too."""
+    for n, key in live_values(live_walk(obj, m.field.split(".") if m.field else []), m.key_label is not None):
+        yield float(n), key
 
 
 def _objects(source: str, ev: TelemetryEvent) -> Iterator[tuple[Any, dict[str, str]]]:
