@@ -36,6 +36,8 @@ def _run(args: argparse.Namespace) -> int:
             episodes=args.episodes,
             nproc=args.nproc,
             inject_loss_spike_epoch=args.inject_loss_spike or 0,
+            inject_fault_rank=args.inject_fault_rank,
+            inject_slow_rank_s=args.inject_slow_rank,
             inject_entropy_collapse=args.inject_entropy_collapse,
             inject_entropy_collapse_episodes=args.inject_entropy_collapse_episodes,
             device=args.device,
@@ -54,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
             prometheus_port=args.prometheus_port,
             prometheus_host=args.prometheus_host,
             service_name=args.service_name,
+            export_ranks=args.export_ranks,
         )
     except ValueError as exc:
         print(f"karn run: error: {exc}", file=sys.stderr)
@@ -618,6 +621,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--inject-loss-spike", type=int, metavar="EPOCH", help="fault injection: shuffle the labels for one epoch"
     )
+    r.add_argument(
+        "--inject-fault-rank",
+        type=int,
+        default=-1,
+        metavar="RANK",
+        help="fault injection: --inject-loss-spike and --inject-slow-rank apply to this rank only (default: every rank)",
+    )
+    r.add_argument(
+        "--inject-slow-rank",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="fault injection: --inject-fault-rank sleeps this long every epoch (a straggler)",
+    )
     r.add_argument("--device", default="cpu", help="torch device for the reference system (default cpu)")
     x = r.add_argument_group("Experiments (several runs under one experiment dir; docs/experiments.md)")
     x.add_argument("--seeds", metavar="LIST", help="run one run per seed, e.g. 0,1,2,3,4")
@@ -643,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="address /metrics binds (default 127.0.0.1; e.g. the docker bridge 172.17.0.1 for the compose stack)",
     )
     o.add_argument("--service-name", help="OTel service.name (default karn)")
+    o.add_argument(
+        "--export-ranks",
+        metavar="POLICY",
+        help="which ranks export their own series: all, reduced, sampled:K or auto (default: KARN_EXPORT_RANKS "
+        "or auto = all up to 64 ranks, sampled:8 beyond; docs/scaling.md)",
+    )
     o.add_argument(
         "--serve-after", type=float, default=0.0, metavar="SECONDS", help="keep /metrics up this long after training"
     )

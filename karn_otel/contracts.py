@@ -85,6 +85,7 @@ class TelemetryEventType(str, enum.Enum):
     MODE_CHANGE = "mode_change"  # ModeChange
     TELEMETRY_STATS = "telemetry_stats"  # TelemetryStats (Karn's own accounting)
     SCALARS = "scalars"  # Scalars: free-form named values of a user's loop (run log only)
+    RANK_SUMMARY = "rank_summary"  # RankHealthSummary: every rank's numbers, reduced (DDP)
     EPISODE_ENDED = "episode_ended"  # EpisodeSummary
 
 
@@ -358,6 +359,9 @@ class CounterfactualMatrix:
     interaction_index_ci_high: dict[tuple[str, str], float] | None = None
     removal_interaction_ci_low: dict[tuple[str, str], float] | None = None
     removal_interaction_ci_high: dict[tuple[str, str], float] | None = None
+    # Distributed passes (karn_otel.distributed.evaluation): the part of elapsed_s this rank
+    # spent in the gathers, i.e. waiting for the other ranks' shards. None in one process.
+    wait_s: float | None = None
 
 
 # --------------------------------------------------------------------------- tier 3
@@ -386,6 +390,49 @@ class DenseTrace:
     activation_stds: dict[str, float]
     dead_neuron_counts: dict[str, int]
     gate_evaluation_details: GateEvaluationTrace | None = None
+
+
+# --------------------------------------------------------------------------- across ranks
+
+
+@dataclass(frozen=True)
+class RankSpread:
+    """One per-rank quantity across the ranks of a job: min, unweighted mean over ranks, max,
+    and the ranks that hold the extremes (the lowest rank on a tie). NaN if any rank's is NaN."""
+
+    min: float
+    mean: float
+    max: float
+    min_rank: int
+    max_rank: int
+
+
+@dataclass(frozen=True)
+class RankHealthSummary:
+    """Every rank at the end of an epoch, as the epoch's one reduction saw it (DDP jobs).
+
+    Job-wide (emitted with ``is_reduced=True``; rank 0 exports it, ``scope="job"``), so a
+    dashboard of a 1,000-rank job shows which ranks are unhealthy and how far apart they are
+    without a per-rank series for each. Bounded: three quantities, and at most
+    ``MAX_NAMED_UNHEALTHY`` ranks named (worst first; ``n_unhealthy`` counts them all).
+    ``wait_s`` is this rank's own time in the reduction's collectives, i.e. waiting for the
+    slowest rank: the rank whose wait is shortest is the one the others waited for.
+    """
+
+    epoch: int
+    world_size: int
+    train_loss: RankSpread
+    host_grad_norm: RankSpread
+    # each rank's wall time for the epoch up to the reduction, less its waits for other ranks in
+    # Karn's counterfactual gathers (DDP's gradient all-reduce waits cannot be told apart: busy)
+    busy_s: RankSpread
+    n_unhealthy: int  # ranks whose own HealthMonitor is at WARNING or CRITICAL
+    n_critical: int
+    unhealthy_ranks: tuple[int, ...]  # worst severity first, then by rank; at most MAX_NAMED_UNHEALTHY
+    wait_s: float = 0.0
+
+
+MAX_NAMED_UNHEALTHY = 8
 
 
 # --------------------------------------------------------------------------- health, modes, accounting
@@ -467,6 +514,7 @@ Payload = Union[
     ModeChange,
     TelemetryStats,
     Scalars,
+    RankHealthSummary,
     EpisodeSummary,
 ]
 
@@ -487,6 +535,7 @@ PAYLOAD_TYPES: dict[TelemetryEventType, type] = {
     TelemetryEventType.MODE_CHANGE: ModeChange,
     TelemetryEventType.TELEMETRY_STATS: TelemetryStats,
     TelemetryEventType.SCALARS: Scalars,
+    TelemetryEventType.RANK_SUMMARY: RankHealthSummary,
     TelemetryEventType.EPISODE_ENDED: EpisodeSummary,
 }
 EVENT_TYPE_OF: dict[type, TelemetryEventType] = {cls: et for et, cls in PAYLOAD_TYPES.items()}

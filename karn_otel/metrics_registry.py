@@ -73,8 +73,10 @@ LABEL_VALUES: dict[str, str] = {
     "reason": "the collector's rejection reasons (type_error, unknown_slot, ...) or a sink's drop reasons",
     "signal": "traces, metrics",
     "rule": "the claim rule that made a claim: alpha-spending (live), final-epoch Holm (after the episode)",
-    "scope": "`job` on the job-wide (reduced over ranks) host series, which carry no `rank` label; "
-    "absent on per-rank series",
+    "scope": "`job` on the job-wide (reduced over ranks) series, which carry no `rank` label (the "
+    "`karn.ranks.unhealthy_rank` series' `rank` names the unhealthy rank); absent on per-rank series",
+    "stat": "min, mean, max: the spread of one per-rank value across the ranks of a job",
+    "quantity": "train_loss, host_grad_norm, busy: the per-rank values a `RankHealthSummary` spreads",
 }
 """Every label key a metric may use, with the bounded set its values come from."""
 
@@ -167,6 +169,18 @@ _SOURCE_LIST = (
         "health",
         ("check",),
         "each check of the collector's `HealthMonitor.report()`; without a monitor, the latest `HealthAlert` per check",
+    ),
+    Source(
+        "ranks",
+        ("scope",),
+        'the latest `RankHealthSummary` (DDP jobs, rank 0 only, `scope="job"` and no `rank` label): every '
+        "rank's numbers as the epoch's one reduction gathered them",
+    ),
+    Source(
+        "ranks_unhealthy",
+        ("scope",),
+        "`RankHealthSummary.unhealthy_ranks`: one series per named unhealthy rank (at most "
+        "`MAX_NAMED_UNHEALTHY` = 8), its `rank` label naming that rank, not the exporter",
     ),
     Source("alerts", ("check", "severity"), "`HealthAlert` events, counted"),
     Source("decisions", ("op",), "`ControllerDecision` events, counted by the operation chosen"),
@@ -537,6 +551,50 @@ METRICS: tuple[MetricDef, ...] = (
         "accuracy_delta_vs_control",
         "This run's validation accuracy minus its control twin's at the same epoch (causal; "
         "`karn.analytics.accuracy_delta` is vs host-only removal, not causal).",
+    ),
+    # --- RankHealthSummary: every rank, reduced by rank 0 (DDP)
+    _g(
+        "karn.ranks.train_loss",
+        "1",
+        "ranks",
+        "train_loss",
+        "Each rank's own mean training loss this epoch, across ranks: min, mean (unweighted), max.",
+        "stat",
+    ),
+    _g(
+        "karn.ranks.grad_norm",
+        "1",
+        "ranks",
+        "host_grad_norm",
+        "Each rank's own host gradient norm this epoch, across ranks: min, mean, max.",
+        "stat",
+    ),
+    _g(
+        "karn.ranks.busy",
+        "s",
+        "ranks",
+        "busy_s",
+        "Each rank's busy time this epoch (wall time up to the reduction, less its waits for other ranks in "
+        "Karn's counterfactual gathers), across ranks: min, mean, max. The straggler has the max.",
+        "stat",
+    ),
+    _g(
+        "karn.ranks.worst_rank",
+        "{rank}",
+        "ranks",
+        "worst_rank",
+        "The rank with the largest value of each quantity this epoch (a NaN counts as largest).",
+        "quantity",
+    ),
+    _g("karn.ranks.world_size", "{rank}", "ranks", "world_size", "Ranks in the latest reduction."),
+    _g("karn.ranks.unhealthy", "{rank}", "ranks", "n_unhealthy", "Ranks whose own health is warning or critical."),
+    _g("karn.ranks.critical", "{rank}", "ranks", "n_critical", "Ranks whose own health is critical."),
+    _g(
+        "karn.ranks.unhealthy_rank",
+        "1",
+        "ranks_unhealthy",
+        "",
+        "One series per named unhealthy rank (its `rank` label), worst first, at most 8: 2 = warning, 3 = critical.",
     ),
     _g(
         "karn.counterfactual.claim",

@@ -30,7 +30,8 @@ ET = TelemetryEventType
 VOLATILE: dict[ET, frozenset[str]] = {
     ET.EPISODE_STARTED: frozenset({"episode_id", "timestamp", "git_commit", "software"}),
     ET.HOST_BASELINE: frozenset({"initial_checkpoint"}),
-    ET.COUNTERFACTUAL: frozenset({"elapsed_s"}),
+    ET.COUNTERFACTUAL: frozenset({"elapsed_s", "wait_s"}),
+    ET.RANK_SUMMARY: frozenset({"busy_s", "wait_s"}),  # timings; the rest (losses, health) repeats
     ET.PPO_UPDATE: frozenset({"elapsed_s"}),
     ET.EPISODE_ENDED: frozenset({"wall_time_s"}),
 }
@@ -48,6 +49,7 @@ REFERENCE_TASK = "classification"
 _REQUIRED: dict[str, type] = {"epochs": int, "seed": int, "widths": str, "controller": str, "batch_size": int}
 # Bounds on what an untrusted run dir may ask a replay to do.
 _LIMITS = {"epochs": 100_000, "episodes": 10_000, "nproc": 64, "num_threads": 256, "batch_size": 1 << 20}
+_LOWER = {"inject_fault_rank": -1}  # -1: every rank; other ints are >= 0
 _MAX_WIDTH = 4096
 _COMPILE_BACKENDS = ("", "eager", "aot_eager", "inductor")
 _CHECKPOINT_NAME = re.compile(r"ep\d{3}-[0-9a-f]{32}-initial\.pt")
@@ -98,7 +100,7 @@ def run_config_of(hp: dict[str, Any]) -> Any:
             ok = type(v) is want
         if not ok:
             raise ReplayError(f"hyperparameter {f.name} = {safe_repr(v)} is not a {want.__name__}")
-        if want is int and not 0 <= v <= _LIMITS.get(f.name, 2**31):
+        if want is int and not _LOWER.get(f.name, 0) <= v <= _LIMITS.get(f.name, 2**31):
             raise ReplayError(f"hyperparameter {f.name} = {safe_repr(v)} is out of range")
         if want is str and (len(v) > 200 or not v.isprintable()):
             raise ReplayError(f"hyperparameter {f.name} = {safe_repr(v)} is not a plain short string")

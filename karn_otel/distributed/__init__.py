@@ -1,7 +1,8 @@
 """Cross-rank logic, one job per module; nothing here imports torch at import time.
 
 * :mod:`~karn_otel.distributed.reduction`: the fixed reduction schema (:class:`EpochReducer`)
-  and the job-wide HostSnapshot (:func:`reduce_host_snapshot`);
+  the job-wide HostSnapshot (:func:`reduce_host_snapshot`), and with it the spread across
+  ranks (:func:`reduce_epoch`, a :class:`~karn_otel.contracts.RankHealthSummary`);
 * :mod:`~karn_otel.distributed.evaluation`: counterfactuals over sharded validation
   (:func:`shard_indices`, :func:`gather_evaluations`, :func:`distributed_attribute`);
 * :mod:`~karn_otel.distributed.liveness`: heartbeat files, missing ranks, rank 0's watcher;
@@ -16,6 +17,7 @@ in :mod:`karn_otel.torch.collectives`, imported only when a collective is actual
 from karn_otel.distributed.episode import shared_episode_id
 from karn_otel.distributed.evaluation import (
     DistributedEvaluationError,
+    WaitClock,
     distributed_attribute,
     gather_evaluations,
     make_distributed_evaluate,
@@ -42,6 +44,9 @@ from karn_otel.distributed.reduction import (
     SchemaMismatchError,
     StateSpec,
     host_snapshot_reducer,
+    rank_health_summary,
+    rank_spread,
+    reduce_epoch,
     reduce_host_snapshot,
     reduce_rows,
     schema_mismatch,
@@ -58,6 +63,7 @@ __all__ = [
     "RANK_MISSING_CHECK",
     "DistributedEvaluationError",
     "DistributedReductionError",
+    "WaitClock",
     "EpochReducer",
     "Heartbeat",
     "MissingRankMonitor",
@@ -78,6 +84,9 @@ __all__ = [
     "missing_ranks",
     "rank_missing_alert",
     "read_heartbeats",
+    "rank_health_summary",
+    "rank_spread",
+    "reduce_epoch",
     "reduce_host_snapshot",
     "reduce_rows",
     "schema_mismatch",

@@ -18,6 +18,8 @@ gathers are in :mod:`karn_otel.torch.collectives`, imported only when a collecti
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +33,7 @@ from karn_otel.ranks import RankInfo, dist_for
 
 __all__ = [
     "DistributedEvaluationError",
+    "WaitClock",
     "distributed_attribute",
     "gather_evaluations",
     "make_distributed_evaluate",
@@ -172,7 +175,17 @@ def _describe_evaluation_mismatch(details: Sequence[Any]) -> str:
     return "ranks disagree on the evaluation layout"
 
 
-def make_distributed_evaluate(local_evaluate: Evaluate, *, group: Any = None) -> Evaluate:
+class WaitClock:
+    """Seconds a rank spent in the gathers of :func:`make_distributed_evaluate`: its wait for
+    the other ranks (plus the transfer). A rank's own share of a pass is the rest."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+def make_distributed_evaluate(
+    local_evaluate: Evaluate, *, group: Any = None, clock: WaitClock | None = None
+) -> Evaluate:
     """Wrap an evaluate over this rank's validation shard into one over the whole set.
 
     ``local_evaluate(configs)`` evaluates the configurations on this rank's shard only
@@ -203,7 +216,12 @@ def make_distributed_evaluate(local_evaluate: Evaluate, *, group: Any = None) ->
             error = None
         except Exception as exc:  # reported collectively below, then raised on every rank
             local, error = None, f"{type(exc).__name__}: {exc}"
-        return _gather_evaluations(local, configs, group, error)
+        t0 = time.perf_counter()
+        try:
+            return _gather_evaluations(local, configs, group, error)
+        finally:
+            if clock is not None:
+                clock.seconds += time.perf_counter() - t0
 
     return evaluate
 
@@ -235,4 +253,10 @@ def distributed_attribute(
             "timeout_seconds cannot be used with distributed counterfactuals: each rank would read its "
             "own clock and the ranks could stop after different evaluations (a hang); use max_configurations"
         )
-    return attribute(make_distributed_evaluate(local_evaluate, group=group), slot_ids, config, epoch=epoch)
+    if dist_for(group) is None:
+        return attribute(make_distributed_evaluate(local_evaluate, group=group), slot_ids, config, epoch=epoch)
+    clock = WaitClock()
+    matrix = attribute(
+        make_distributed_evaluate(local_evaluate, group=group, clock=clock), slot_ids, config, epoch=epoch
+    )
+    return dataclasses.replace(matrix, wait_s=clock.seconds)

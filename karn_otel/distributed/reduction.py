@@ -30,13 +30,14 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from karn_otel.contracts import HostSnapshot
+from karn_otel.contracts import MAX_NAMED_UNHEALTHY, HostSnapshot, RankHealthSummary, RankSpread, Severity
 from karn_otel.ranks import dist_for
 
 __all__ = [
@@ -48,6 +49,9 @@ __all__ = [
     "SchemaMismatchError",
     "StateSpec",
     "host_snapshot_reducer",
+    "rank_health_summary",
+    "rank_spread",
+    "reduce_epoch",
     "reduce_host_snapshot",
     "reduce_rows",
     "schema_mismatch",
@@ -192,12 +196,20 @@ class EpochReducer:
         :class:`RankDisagreementError` if a SAME state differs, ValueError (on the rank with
         malformed values) / :class:`DistributedReductionError` (on the others).
         """
+        return reduce_rows(self._states, self.gather(values, group=group))
+
+    def gather(self, values: Mapping[str, object], *, group: Any = None) -> np.ndarray:
+        """Every rank's ``values`` as a ``(ranks, len(schema))`` float64 matrix in rank order.
+
+        The collective half of :meth:`reduce` (same handshake, same errors): for callers that
+        need the per-rank rows themselves (the spread across ranks, :func:`reduce_epoch`).
+        """
         vec, error = self.local_vector(values)
         dist = dist_for(group)
         if dist is None:
             if error is not None:
                 raise ValueError(error)
-            return reduce_rows(self._states, vec[None, :])  # type: ignore[index]
+            return vec[None, :]  # type: ignore[index]
         from karn_otel.torch import collectives
 
         header = np.array([self.fingerprint(), len(self._states), 0 if error else 1], dtype=np.int64)
@@ -206,8 +218,8 @@ class EpochReducer:
             # The rare path: one more (pickled) exchange so the error can name rank and key.
             details = collectives.all_gather_objects((_schema_items(self._states), error), group)
             raise _reduction_failure(details, dist.get_rank(group))
-        rows = collectives.all_gather_rows(vec, "float64", group)  # type: ignore[arg-type]
-        return reduce_rows(self._states, rows)
+        rows: np.ndarray = collectives.all_gather_rows(vec, "float64", group)  # type: ignore[arg-type]
+        return rows
 
 
 def _schema_items(states: Sequence[StateSpec]) -> list[tuple[str, str, str | None]]:
@@ -398,6 +410,10 @@ def reduce_host_snapshot(
     reducer = host_snapshot_reducer(local.seed_grad_norms, has_leakage=local.grad_isolation_leakage is not None)
     n_val = n_examples if n_val_examples is None else n_val_examples
     out = reducer.reduce(_host_snapshot_values(local, n_examples, n_val), group=group)
+    return _snapshot_from(out, local)
+
+
+def _snapshot_from(out: Mapping[str, float], local: HostSnapshot) -> HostSnapshot:
     return HostSnapshot(
         epoch=int(out["epoch"]),
         train_loss=out["train_loss"],
@@ -412,3 +428,78 @@ def reduce_host_snapshot(
         seed_grad_norms={sid: out[_seed_key(sid)] for sid in local.seed_grad_norms},
         grad_isolation_leakage=out.get(_LEAKAGE_KEY),
     )
+
+
+# =========================================================================== the spread across ranks
+
+_BUSY_KEY = "rank.busy_s"
+_HEALTH_KEY = "rank.health_level"
+_HEALTH_LEVEL = {Severity.OK: 0, Severity.INFO: 1, Severity.WARNING: 2, Severity.CRITICAL: 3}
+_UNHEALTHY_LEVEL = _HEALTH_LEVEL[Severity.WARNING]
+
+
+def rank_spread(x: np.ndarray) -> RankSpread:
+    """min / unweighted mean / max of one value per rank, with the ranks at the extremes.
+
+    NaN propagates into min, mean and max (a diverged rank stays visible), and a NaN rank
+    counts as the largest for ``max_rank`` and is skipped for ``min_rank`` (unless all are
+    NaN): the rank to look at is the diverged one.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    nan = np.isnan(x)
+    ranked = np.where(nan, np.inf, x)
+    max_rank = int(np.argmax(nan)) if nan.any() else int(np.argmax(ranked))
+    min_rank = int(np.argmin(ranked)) if not nan.all() else 0
+    return RankSpread(float(np.min(x)), float(np.mean(x)), float(np.max(x)), min_rank, max_rank)
+
+
+def rank_health_summary(rows: np.ndarray, keys: Sequence[str], *, wait_s: float = 0.0) -> RankHealthSummary:
+    """The :class:`RankHealthSummary` of a gathered ``(ranks, keys)`` matrix (rank order)
+    holding ``epoch``, ``train_loss``, ``host_grad_norm`` and the two ``rank.*`` states."""
+    col = {k: i for i, k in enumerate(keys)}
+    levels = rows[:, col[_HEALTH_KEY]]
+    bad = [r for r in range(rows.shape[0]) if levels[r] >= _UNHEALTHY_LEVEL]
+    bad.sort(key=lambda r: (-levels[r], r))
+    return RankHealthSummary(
+        epoch=int(rows[0, col["epoch"]]),
+        world_size=int(rows.shape[0]),
+        train_loss=rank_spread(rows[:, col["train_loss"]]),
+        host_grad_norm=rank_spread(rows[:, col["host_grad_norm"]]),
+        busy_s=rank_spread(rows[:, col[_BUSY_KEY]]),
+        n_unhealthy=len(bad),
+        n_critical=int(np.sum(levels >= _HEALTH_LEVEL[Severity.CRITICAL])),
+        unhealthy_ranks=tuple(bad[:MAX_NAMED_UNHEALTHY]),
+        wait_s=wait_s,
+    )
+
+
+def reduce_epoch(
+    local: HostSnapshot,
+    n_examples: int,
+    *,
+    busy_s: float,
+    health: Severity | None,
+    n_val_examples: int | None = None,
+    group: Any = None,
+) -> tuple[HostSnapshot, RankHealthSummary]:
+    """:func:`reduce_host_snapshot` plus the spread across ranks, in the same one gather.
+
+    Each rank adds two values to its row: its wall time for the epoch up to this call
+    less its waits for other ranks in Karn's own collectives (``busy_s``:
+    the straggler has the largest) and its own health (its HealthMonitor's overall severity; None
+    counts as OK). Every rank receives both results; the job-wide snapshot and the summary
+    are rank 0's to emit (``is_reduced=True``), and every rank may emit the summary for the
+    trace (its :attr:`RankHealthSummary.wait_s`, this rank's time in the collective).
+    """
+    reducer = host_snapshot_reducer(local.seed_grad_norms, has_leakage=local.grad_isolation_leakage is not None)
+    reducer.add_state(_BUSY_KEY, Reduction.MAX)
+    reducer.add_state(_HEALTH_KEY, Reduction.MAX)
+    n_val = n_examples if n_val_examples is None else n_val_examples
+    values = _host_snapshot_values(local, n_examples, n_val)
+    values[_BUSY_KEY] = busy_s
+    values[_HEALTH_KEY] = _HEALTH_LEVEL.get(health, 0) if health is not None else 0
+    t0 = time.perf_counter()
+    rows = reducer.gather(values, group=group)
+    wait_s = time.perf_counter() - t0
+    snapshot = _snapshot_from(reduce_rows(reducer.schema, rows), local)
+    return snapshot, rank_health_summary(rows, reducer.keys, wait_s=wait_s)

@@ -64,6 +64,7 @@ TABLE_OF: dict[TelemetryEventType, str] = {
     ET.MODE_CHANGE: "mode_changes",
     ET.TELEMETRY_STATS: "telemetry_stats",
     ET.SCALARS: "scalars",
+    ET.RANK_SUMMARY: "rank_summaries",
     ET.EPISODE_ENDED: "episode_summary",
 }
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from karn_otel import emit
-from karn_otel.collector import dense_requested
+from karn_otel.collector import dense_requested, get_collector
 from karn_otel.config import CounterfactualConfig
 from karn_otel.contracts import (
     ActionOp,
@@ -41,9 +41,14 @@ from karn_otel.contracts import (
 )
 from karn_otel.counterfactual import ConfigEvaluation, attribute
 from karn_otel.distributed.episode import shared_episode_id
-from karn_otel.distributed.evaluation import distributed_attribute, make_distributed_evaluate, shard_indices
+from karn_otel.distributed.evaluation import (
+    WaitClock,
+    distributed_attribute,
+    make_distributed_evaluate,
+    shard_indices,
+)
 from karn_otel.distributed.liveness import RankHeartbeat
-from karn_otel.distributed.reduction import reduce_host_snapshot
+from karn_otel.distributed.reduction import reduce_epoch
 from karn_otel.ranks import discover
 from karn_otel.reference.controller import (
     ControllerObservation,
@@ -86,6 +91,8 @@ class RunConfig:
     heartbeat_timeout_s: float = 60.0  # a rank silent this long is reported missing, and the job ended (nproc > 1)
     collective_timeout_s: float = 300.0  # DDP collectives give up after this long (gloo's default is 30 min)
     inject_loss_spike_epoch: int = 0  # fault injection: shuffle labels for this epoch (0 = off)
+    inject_fault_rank: int = -1  # fault injection on this rank only (-1 = every rank): the loss spike
+    inject_slow_rank_s: float = 0.0  # fault injection: inject_fault_rank sleeps this long before each validation
     inject_entropy_collapse: bool = False  # fault injection: a (near-)deterministic PPO policy
     # fault injection: the policy collapses in the first N episodes only, then recovers (0 = off)
     inject_entropy_collapse_episodes: int = 0
@@ -196,6 +203,7 @@ class ReferenceTrainer:
         self.seed = cfg.seed + episode_index
         self.checkpoint_dir = checkpoint_dir
         self.initial_checkpoint: Path | None = None  # written at episode start (checkpoint_dir set)
+        self.last_wait_s: float | None = None  # the latest distributed counterfactual's wait for other ranks
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
@@ -273,11 +281,13 @@ class ReferenceTrainer:
 
         return evaluate
 
-    def _evaluate_one(self, switched: list[str], config: tuple[bool, ...]) -> tuple[float, float]:
+    def _evaluate_one(
+        self, switched: list[str], config: tuple[bool, ...], clock: WaitClock | None = None
+    ) -> tuple[float, float]:
         """Global validation (loss, accuracy) of one configuration, gathered across ranks."""
         evaluate = self._local_evaluate(switched)
         if self.cfg.nproc > 1:
-            evaluate = make_distributed_evaluate(evaluate)
+            evaluate = make_distributed_evaluate(evaluate, clock=clock)
         (r,) = evaluate([config])
         return float(r.loss.mean()), float(r.correct.mean())
 
@@ -296,17 +306,32 @@ class ReferenceTrainer:
         is evaluated once per epoch). Across ranks each evaluates its shard and the
         per-example results are gathered: every rank gets the single-process matrix.
         """
+        if self.cfg.inject_slow_rank_s > 0 and self.cfg.inject_fault_rank in (-1, self.dist.rank):
+            time.sleep(self.cfg.inject_slow_rank_s)  # fault injection: a straggler before validation
         active = [sid for sid in self.slot_ids if self.model.slots[sid].is_active]
         evaluate = self._local_evaluate(active)
         if active:
             if self.cfg.nproc > 1:
-                return distributed_attribute(evaluate, active, self.cf_config, epoch=epoch)
+                matrix = distributed_attribute(evaluate, active, self.cf_config, epoch=epoch)
+                self.last_wait_s = matrix.wait_s  # this rank's wait for the others (its busy time excludes it)
+                return matrix
             return attribute(evaluate, active, self.cf_config, epoch=epoch)
         t0 = time.perf_counter()
-        loss, acc = self._evaluate_one([], ())
+        clock = WaitClock() if self.cfg.nproc > 1 else None
+        loss, acc = self._evaluate_one([], (), clock)
         row = CounterfactualResult((), {}, loss, acc)
+        self.last_wait_s = clock.seconds if clock is not None else None
         return CounterfactualMatrix(
-            epoch, (), (row,), {}, {}, None, strategy="none", n_evaluations=1, elapsed_s=time.perf_counter() - t0
+            epoch,
+            (),
+            (row,),
+            {},
+            {},
+            None,
+            strategy="none",
+            n_evaluations=1,
+            elapsed_s=time.perf_counter() - t0,
+            wait_s=self.last_wait_s,
         )
 
     # -- training --------------------------------------------------------------------
@@ -329,7 +354,8 @@ class ReferenceTrainer:
         perm = perm[self.dist.rank :: self.dist.world_size].to(self.device)
         batch = self.cfg.batch_size // self.dist.world_size
         y_train = d.y_train
-        if epoch == self.cfg.inject_loss_spike_epoch:
+        faulty = self.cfg.inject_fault_rank in (-1, self.dist.rank)
+        if epoch == self.cfg.inject_loss_spike_epoch and faulty:
             # Fault injection: one epoch of shuffled labels, a real loss spike that resolves.
             y_train = y_train[
                 torch.randperm(y_train.shape[0], generator=torch.Generator().manual_seed(epoch)).to(self.device)
@@ -354,8 +380,10 @@ class ReferenceTrainer:
         return acc
 
     def train_epoch(self, epoch: int) -> dict:
+        started = time.perf_counter()
         acc = self.train_batches(epoch)
         metrics = acc.materialize()  # the epoch's one sync
+        metrics["started_at"] = started  # this rank's epoch duration, up to the reduction
         if not any(s.is_isolated for s in self.model.slots.values()):
             metrics["leakage"] = None
         if self.dense is not None:
@@ -635,8 +663,18 @@ class ReferenceTrainer:
         emit(local)
         if self.cfg.nproc > 1:
             # One fixed-schema collective: every rank's numbers, reduced honestly (sample-
-            # weighted means, max of gradient norms); rank 0 reports the global snapshot.
-            reduced = reduce_host_snapshot(local, n_examples=m["examples"])
+            # weighted means, max of gradient norms), plus each rank's epoch time and own
+            # health for the spread across ranks. Rank 0 reports the global snapshot; every
+            # rank records the summary (its gather time is its share of the reduction).
+            collector = get_collector()
+            report = collector.view.health_report() if collector is not None else None
+            reduced, summary = reduce_epoch(
+                local,
+                n_examples=m["examples"],
+                busy_s=time.perf_counter() - m["started_at"] - (self.last_wait_s or 0.0),
+                health=report.overall if report is not None else None,
+            )
+            emit(summary, is_reduced=True)
             if self.dist.rank == 0:
                 emit(reduced, is_reduced=True)
 

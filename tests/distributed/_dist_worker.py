@@ -17,7 +17,7 @@ import numpy as np
 
 from karn_otel.codec import to_jsonable
 from karn_otel.config import CounterfactualConfig
-from karn_otel.contracts import HostSnapshot
+from karn_otel.contracts import HostSnapshot, Severity
 from karn_otel.counterfactual import ConfigEvaluation
 from karn_otel.distributed.evaluation import DistributedEvaluationError, distributed_attribute, shard_indices
 from karn_otel.distributed.liveness import MissingRankMonitor, RankHeartbeat
@@ -25,6 +25,7 @@ from karn_otel.distributed.reduction import (
     EpochReducer,
     RankDisagreementError,
     SchemaMismatchError,
+    reduce_epoch,
     reduce_host_snapshot,
 )
 from karn_otel.ranks import RankInfo
@@ -128,8 +129,10 @@ def host_evaluate(configs, sl: slice = slice(None)) -> list[ConfigEvaluation]:
 
 
 def matrix_json(m) -> dict:
-    """A counterfactual matrix as JSON, without the one field that legitimately differs."""
-    return to_jsonable(dataclasses.replace(m, elapsed_s=0.0))
+    """A counterfactual matrix as JSON, without the fields that legitimately differ (timings;
+    ``wait_s`` is set, and below ``elapsed_s``, on every rank of a distributed pass)."""
+    assert m.wait_s is None or 0.0 <= m.wait_s <= m.elapsed_s, (m.wait_s, m.elapsed_s)
+    return to_jsonable(dataclasses.replace(m, elapsed_s=0.0, wait_s=None))
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -146,6 +149,20 @@ def scenario(info: RankInfo, out_dir: str) -> None:
 
     snap = local_snapshot(rank)
     result["reduced"] = to_jsonable(reduce_host_snapshot(snap, TRAIN_SIZES[rank], n_val_examples=VAL_SIZES[rank]))
+
+    # The snapshot plus the spread across ranks in the same gather. Rank 1 is the straggler
+    # (it arrives 0.3 s late, so rank 0 waits) and the unhealthy one.
+    if rank == 1:
+        time.sleep(0.3)
+    reduced, summary = reduce_epoch(
+        snap,
+        TRAIN_SIZES[rank],
+        n_val_examples=VAL_SIZES[rank],
+        busy_s=1.0 + 0.5 * rank,
+        health=Severity.WARNING if rank == 1 else Severity.OK,
+    )
+    result["epoch_reduced"] = to_jsonable(reduced)
+    result["epoch_summary"] = to_jsonable(summary)
 
     # A generic schema with every reduction kind, counts included.
     d = rank_data(rank)

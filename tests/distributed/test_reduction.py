@@ -15,18 +15,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from karn_otel.codec import from_jsonable, to_jsonable
-from karn_otel.contracts import HostSnapshot
+from karn_otel.contracts import MAX_NAMED_UNHEALTHY, HostSnapshot, RankHealthSummary
 from karn_otel.distributed.reduction import (
     HOST_SNAPSHOT_STATES,
     EpochReducer,
     RankDisagreementError,
     Reduction,
     StateSpec,
+    rank_health_summary,
     reduce_host_snapshot,
     reduce_rows,
     schema_mismatch,
 )
 from tests.distributed import _dist_worker as w
+from tests.distributed._dist_worker import rank_data
 
 # =========================================================================== simulated ranks
 
@@ -144,6 +146,57 @@ def test_reduced_snapshot_equals_a_single_process_computation(two_ranks):
         assert snap.grad_isolation_leakage == ref["leakage"]
         assert (snap.epoch, snap.host_params, snap.total_params, snap.fossilized_params) == (3, 1000, 1060, 20)
     assert ranks[0]["reduced"] == ranks[1]["reduced"]  # bit-identical on every rank
+
+
+def test_reduce_epoch_adds_the_spread_across_ranks_in_the_same_gather(two_ranks):
+    _, ranks, _ = two_ranks
+    data = [rank_data(r) for r in range(2)]
+    for r in ranks:
+        # The snapshot is the same as reduce_host_snapshot's, bit for bit.
+        assert r["epoch_reduced"] == r["reduced"]
+        s = from_jsonable(RankHealthSummary, r["epoch_summary"])
+        losses = [float(np.mean(d["train_loss"])) for d in data]
+        norms = [d["host_grad_norm"] for d in data]
+        assert (s.train_loss.min, s.train_loss.max) == (min(losses), max(losses))
+        assert s.train_loss.mean == pytest.approx(np.mean(losses), abs=1e-15)
+        assert s.train_loss.max_rank == int(np.argmax(losses)) and s.train_loss.min_rank == int(np.argmin(losses))
+        assert (s.host_grad_norm.max, s.host_grad_norm.max_rank) == (max(norms), int(np.argmax(norms)))
+        assert (s.busy_s.min, s.busy_s.max, s.busy_s.max_rank) == (1.0, 1.5, 1)
+        assert (s.epoch, s.world_size, s.n_unhealthy, s.n_critical, s.unhealthy_ranks) == (3, 2, 1, 0, (1,))
+    # Rank 0 waited for the late rank 1; rank 1 found rank 0 already there.
+    waits = [from_jsonable(RankHealthSummary, r["epoch_summary"]).wait_s for r in ranks]
+    assert waits[0] >= 0.25 and waits[1] < waits[0], waits
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rank_health_summary_matches_numpy_on_simulated_ranks(seed):
+    rng = np.random.default_rng(seed)
+    world = int(rng.integers(1, 40))
+    keys = ("epoch", "train_loss", "host_grad_norm", "rank.busy_s", "rank.health_level")
+    rows = np.column_stack(
+        [
+            np.full(world, 5.0),
+            rng.gamma(2, 1, world),
+            rng.gamma(2, 1, world),
+            rng.uniform(1, 2, world),
+            rng.choice([0, 1, 2, 3], world, p=[0.6, 0.1, 0.2, 0.1]),
+        ]
+    )
+    if world > 3 and seed % 3 == 0:
+        rows[2, 1] = np.nan  # a diverged rank: NaN spread, and it is the worst rank
+    s = rank_health_summary(rows, keys)
+    loss = rows[:, 1]
+    if np.isnan(loss).any():
+        assert np.isnan(s.train_loss.max) and s.train_loss.max_rank == 2
+        assert s.train_loss.min_rank == int(np.nanargmin(loss))
+    else:
+        assert (s.train_loss.min, s.train_loss.max) == (loss.min(), loss.max())
+        assert s.train_loss.max_rank == int(np.argmax(loss))
+    levels = rows[:, 4]
+    bad = [r for r in sorted(range(world), key=lambda r: (-levels[r], r)) if levels[r] >= 2]
+    assert s.n_unhealthy == len(bad) and s.n_critical == int((levels == 3).sum())
+    assert s.unhealthy_ranks == tuple(bad[:MAX_NAMED_UNHEALTHY])
+    assert s.world_size == world and s.epoch == 5
 
 
 def test_generic_reduction_sums_counts_and_takes_extremes(two_ranks):

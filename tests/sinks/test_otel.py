@@ -36,6 +36,8 @@ from karn_otel.contracts import (
     LSTMHealth,
     PolicySnapshot,
     PPOUpdateStats,
+    RankHealthSummary,
+    RankSpread,
     RatioStats,
     RewardComponentsTelemetry,
     Scalars,
@@ -78,6 +80,8 @@ NOT_IN_SHORT_REFERENCE_RUN = {
     # A claim needs a Shapley estimate; a control twin needs karn run --control.
     "karn.counterfactual.claim",
     *(m.name for m in reg.METRICS if m.source == "control"),
+    # One process: no reduction, so no spread across ranks (tests/stack/test_ddp_scrape.py has it).
+    *(m.name for m in reg.METRICS if m.source in ("ranks", "ranks_unhealthy")),
 }
 INJECTED_REASON = "test_injected_window"
 
@@ -309,8 +313,11 @@ def check_prometheus(scraped: dict, c: kc.KarnCollector, expect: list) -> None:
         if name == "target_info":
             continue
         for labels, _ in series:
-            assert labels["run_id"] == c.run_id and labels["rank"] == str(c.rank), name
-            assert labels["world_size"] == str(c.world_size), name
+            assert labels["run_id"] == c.run_id and labels["world_size"] == str(c.world_size), name
+            if labels.get("scope") == "job":  # job-wide: no exporter rank (unhealthy_rank names a rank)
+                assert "rank" not in labels or name == "karn_ranks_unhealthy_rank", name
+                continue
+            assert labels["rank"] == str(c.rank), name
     assert scraped["target_info"][0][0]["service_instance_id"] == f"{c.run_id}-rank{c.rank}"
     known = {p: m for m in reg.METRICS for p in m.prometheus_series}
     for name, series in scraped.items():
@@ -319,7 +326,10 @@ def check_prometheus(scraped: dict, c: kc.KarnCollector, expect: list) -> None:
         m = known.get(name)
         assert m is not None, f"{name} is exposed but is no registry prometheus_name"
         for labels, _ in series:
-            assert set(labels) == COMMON | set(m.labels) | ({"le"} if name.endswith("_bucket") else set()), name
+            want = COMMON | set(m.labels) | ({"le"} if name.endswith("_bucket") else set())
+            if labels.get("scope") == "job" and name != "karn_ranks_unhealthy_rank":
+                want -= {"rank"}
+            assert set(labels) == want, name
     missing = [m.name for m in expect if not set(m.prometheus_series) <= set(scraped)]
     assert not missing, f"registry metrics not exposed under their prometheus_name: {missing}"
 
@@ -348,6 +358,19 @@ def test_standard_otel_env_configures_the_export(monkeypatch, protocol):
 
 
 # ---------------------------------------------------------------------- every metric, hand-driven
+
+
+RANK_SUMMARY = RankHealthSummary(
+    epoch=1,
+    world_size=4,
+    train_loss=RankSpread(1.5, 1.9, 2.5, 0, 3),
+    host_grad_norm=RankSpread(0.4, 0.5, 0.7, 2, 1),
+    busy_s=RankSpread(1.0, 1.2, 1.8, 0, 3),
+    n_unhealthy=2,
+    n_critical=1,
+    unhealthy_ranks=(3, 1),
+    wait_s=0.01,
+)
 
 
 def full_episode(c: kc.KarnCollector) -> None:
@@ -419,6 +442,7 @@ def full_episode(c: kc.KarnCollector) -> None:
         )
     c.emit(Scalars(1, {"control_val_accuracy": 0.8, "accuracy_delta_vs_control": 0.02}), epoch=1)
     c.emit(HostSnapshot(1, 1.9, 0.4, 1.8, 0.82, 1674, 76, 1750, 0, 0.5, {"mid": 0.2}, 0.001))
+    c.emit(RANK_SUMMARY, is_reduced=True)
     c.emit(dense_trace(1), epoch=1)
     c.emit(
         SlotSnapshot("nowhere", SeedStage.DORMANT, 0, None, None, 0, 0.0, None, None, 0.0, None, None, None), epoch=1
@@ -482,6 +506,14 @@ def test_every_registry_metric_is_scraped_under_its_prometheus_name():
     assert value("karn_telemetry_dense_windows_total") == 1
     assert value("karn_analytics_accuracy_delta") == pytest.approx(0.02)
     assert value("karn_episode_duration_seconds") == 3.5
+    # The spread across ranks (rank 0's RankHealthSummary): job-wide, the stat/quantity labels
+    # bounded, and the unhealthy ranks named by their own rank label, critical first.
+    assert value("karn_ranks_train_loss", stat="max", scope="job") == 2.5
+    assert value("karn_ranks_busy_seconds", stat="min") == 1.0
+    assert value("karn_ranks_worst_rank", quantity="busy") == 3
+    assert value("karn_ranks_unhealthy_rank", rank="3") == 3 and value("karn_ranks_unhealthy_rank", rank="1") == 2
+    assert {lb["rank"] for lb, _ in scraped["karn_ranks_unhealthy_rank"]} == {"1", "3"}
+    assert all("rank" not in lb for lb, _ in scraped["karn_ranks_train_loss"])
 
 
 def test_non_finite_values_make_no_point(caplog):

@@ -88,6 +88,7 @@ class MetricInstruments:
         # New objects, not .clear(): a callback on a reader thread may be iterating the old ones.
         self._latest: dict[TelemetryEventType, Any] = {}
         self._job_host: Any = None  # the job-wide (reduced) HostSnapshot, rank 0 of a DDP job
+        self._rank_summary: Any = None  # the latest RankHealthSummary (every rank gets it; rank 0 exports it)
         self._slots: dict[str, Any] = {}
         self._health: dict[str, Any] = {}
 
@@ -104,6 +105,9 @@ class MetricInstruments:
             self._lifecycle = [(_Progress(1, 0), {})]
         if et is ET.HOST_SNAPSHOT and event.is_reduced:
             self._job_host = p  # job-wide: its own series (scope="job"), never this rank's
+            return
+        if et is ET.RANK_SUMMARY:
+            self._rank_summary = p
             return
         if et is ET.HOST_SNAPSHOT and self._epoch_mark is not None:
             self._epoch_elapsed = max(0.0, event.timestamp - self._epoch_mark)
@@ -215,6 +219,8 @@ class MetricInstruments:
             "claims": self._read_claims,
             "control": self._read_control,
             "health": self._read_health,
+            "ranks": self._read_ranks,
+            "ranks_unhealthy": self._read_ranks_unhealthy,
             "alerts": lambda: [(n, {"check": c, "severity": s}) for (c, s), n in _copy(self._alerts).items()],
             "decisions": lambda: [(n, {"op": op}) for op, n in _copy(self._decisions).items()],
             "collector": self._read_collector,  # accepted, rejected
@@ -229,6 +235,34 @@ class MetricInstruments:
         if job is not None:
             out.append((job, {"scope": "job", "rank": None}))
         return out
+
+    def _job_summary(self) -> Any:
+        """The latest RankHealthSummary if this rank exports job-wide values (rank 0), else None."""
+        if self._rank_summary is None or not self._policy.exports_job_series(self._view.rank):
+            return None
+        return self._rank_summary
+
+    def _read_ranks(self) -> list[tuple[Any, dict[str, Any]]]:
+        r = self._job_summary()
+        if r is None:
+            return []
+        spreads = ("train_loss", "host_grad_norm", "busy_s")
+        values = types.SimpleNamespace(
+            **{q: {"min": getattr(r, q).min, "mean": getattr(r, q).mean, "max": getattr(r, q).max} for q in spreads},
+            worst_rank={q.removesuffix("_s"): getattr(r, q).max_rank for q in spreads},
+            world_size=r.world_size,
+            n_unhealthy=r.n_unhealthy,
+            n_critical=r.n_critical,
+        )
+        return [(values, {"scope": "job", "rank": None})]
+
+    def _read_ranks_unhealthy(self) -> list[tuple[Any, dict[str, Any]]]:
+        r = self._job_summary()
+        if r is None:
+            return []
+        # The level comes from the reduction's order (worst first): warning or critical.
+        critical = set(r.unhealthy_ranks[: r.n_critical])
+        return [(3 if rank in critical else 2, {"scope": "job", "rank": str(rank)}) for rank in r.unhealthy_ranks]
 
     def _read_collector(self) -> list[tuple[Any, dict[str, str]]]:
         stats = self._view.stats()

@@ -16,6 +16,12 @@ run-log line finds its trace in Tempo; other ids are hashed to 128 bits; see
   ``elapsed_s``; until then it stays a span event).
 - ``karn.reduction``: rank 0's job-wide HostSnapshot in a DDP job (``is_reduced``), a child
   of rank 0's epoch span with ``karn.scope = "job"`` (so there is one epoch span per rank).
+- ``karn.reduction.gather``, on every rank of a DDP job: this rank's time in the epoch's one
+  reduction collective (a :class:`~karn_otel.contracts.RankHealthSummary`'s ``wait_s``), a child
+  of its own epoch span, with the spread across ranks as attributes. The rank the others
+  waited for has the shortest gather (and ``karn.ranks.slowest_rank`` names it on every rank).
+  With ``karn.rank.compute_s`` / ``karn.rank.wait_s`` on ``karn.counterfactual`` (a distributed
+  pass: this rank's own evaluation vs its wait for the others), a slow rank is visible in Tempo.
 - ``karn.dense_window``, one per DenseTrace, with the trigger reason and window bounds as
   attributes and at most MAX_BATCH_EVENTS of its batches as ``karn.batch`` events.
 
@@ -164,6 +170,8 @@ class EpisodeTraces:
             self._dense_window(event)
         elif et is ET.COUNTERFACTUAL:
             self._counterfactual(event)
+        elif et is ET.RANK_SUMMARY:
+            self._rank_gather(event)
         elif et is ET.PPO_UPDATE and _elapsed(event.payload) is not None:
             self._timed_child(event, *_ppo_event(event.payload))
         elif et is ET.EPISODE_ENDED:
@@ -260,6 +268,16 @@ class EpisodeTraces:
         start = min(self._epoch_start, end)
         attrs = {"karn.episode_id": self._episode_id, "karn.scope": "job", **_host_attributes(h)}
         span = self._tracer.start_span("karn.reduction", context=parent, attributes=attrs, start_time=start)
+        self._end(span, end)
+
+    def _rank_gather(self, event: TelemetryEvent) -> None:
+        """This rank's share of the epoch's reduction: a ``karn.reduction.gather`` child of its epoch span."""
+        r: Any = event.payload
+        end = _ns(event.timestamp)
+        parent = self._last_epoch_ctx if self._last_epoch == r.epoch else self._episode_ctx
+        start = max(0, end - _ns(max(0.0, r.wait_s)))
+        attrs = {"karn.episode_id": self._episode_id, **_rank_summary_attributes(r)}
+        span = self._tracer.start_span("karn.reduction.gather", context=parent, attributes=attrs, start_time=start)
         self._end(span, end)
 
     def _dense_window(self, event: TelemetryEvent) -> None:
@@ -377,6 +395,20 @@ def _host_attributes(h: Any) -> dict[str, Any]:
     return attrs
 
 
+def _rank_summary_attributes(r: Any) -> dict[str, Any]:
+    return {
+        "karn.epoch": r.epoch,
+        "karn.rank.wait_s": r.wait_s,
+        "karn.ranks.world_size": r.world_size,
+        "karn.ranks.slowest_rank": r.busy_s.max_rank,
+        "karn.ranks.busy.min_s": r.busy_s.min,
+        "karn.ranks.busy.max_s": r.busy_s.max,
+        "karn.ranks.train_loss.max_rank": r.train_loss.max_rank,
+        "karn.ranks.unhealthy": r.n_unhealthy,
+        "karn.ranks.unhealthy_ranks": list(r.unhealthy_ranks),
+    }
+
+
 def _slot_attributes(s: Any) -> dict[str, Any]:
     prefix = f"karn.slot.{s.slot_id}."
     attrs: dict[str, Any] = {prefix + "stage": s.stage.value, prefix + "alpha": s.alpha}
@@ -478,12 +510,20 @@ def _decision_event(d: Any) -> tuple[str, dict[str, Any]]:
     return "karn.controller_decision", a
 
 
+def _rank_share(cf: Any) -> dict[str, float]:
+    """A distributed pass: this rank's own evaluation (compute) vs its wait for the others."""
+    if cf.wait_s is None:
+        return {}
+    return {"karn.rank.wait_s": cf.wait_s, "karn.rank.compute_s": max(0.0, cf.elapsed_s - cf.wait_s)}
+
+
 def _counterfactual_event(cf: Any) -> tuple[str, dict[str, Any]]:
     a: dict[str, Any] = {
         "karn.strategy": cf.strategy,
         "karn.evaluations": cf.n_evaluations,
         "karn.elapsed_s": cf.elapsed_s,
         "karn.partial": cf.partial,
+        **_rank_share(cf),
         "karn.slots": list(cf.slot_ids),
     }
     _opt(a, "karn.partial_reason", cf.partial_reason)
