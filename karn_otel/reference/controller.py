@@ -18,7 +18,9 @@ class SlotView:
     stage: SeedStage
     epochs_in_stage: int
     alpha: float
-    contribution: float | None  # removal cost (fraction), None when not measured
+    # Removal cost (fraction), None when not measured. Under RunConfig.attribution_split it is
+    # measured on the decision examples, never on the attribution examples that are reported.
+    contribution: float | None
     consecutive_gate_failures: int
     seed_params: int
 

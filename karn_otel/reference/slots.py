@@ -141,7 +141,11 @@ class SeedSlot(nn.Module):
         self._forced_alpha: float | None = None
         self.register_buffer("leak_meter", torch.zeros(()), persistent=False)
         # Attribution and gate bookkeeping (plain floats, set once per epoch by the trainer).
+        # Reported removal cost (the emitted matrix's; attribution examples under a split) ...
         self.counterfactual_contribution: float | None = None
+        # ... and the one the gates (G5) and the controller decide on (the decision examples
+        # under RunConfig.attribution_split; without a split the two are the same number).
+        self.decision_contribution: float | None = None
         self.accuracy_at_germination: float | None = None
         self.val_loss_at_blend_start: float | None = None
         self.last_contribution: float | None = None
@@ -245,11 +249,12 @@ class SeedSlot(nn.Module):
         self.accuracy_at_germination = val_accuracy
         self.last_contribution = None
         self.counterfactual_contribution = None
+        self.decision_contribution = None
         self._transition(SeedStage.GERMINATED, f"G0 passed: {blueprint}")
         return seed
 
     def try_fossilize(self) -> bool:
-        """G4 (probation served) then G5 (positive contribution)."""
+        """G4 (probation served) then G5 (positive contribution, on the decision examples)."""
         lc = self.lifecycle
         if self.stage is not SeedStage.PROBATIONARY:
             return self._gate("G4", False, f"seed is {self.stage.value}, not PROBATIONARY", SeedStage.FOSSILIZED)
@@ -262,7 +267,7 @@ class SeedSlot(nn.Module):
             {"probation_epochs": float(lc.probation_epochs)},
         ):
             return False
-        c = self.counterfactual_contribution
+        c = self.decision_contribution
         ok = c is not None and c > lc.min_fossilize_contribution
         reason = "no counterfactual measured" if c is None else f"removal cost {100 * c:+.2f} pts"
         if not self._gate(
@@ -292,6 +297,7 @@ class SeedSlot(nn.Module):
             # The culled seed is dropped; the slot is free again next epoch.
             self.seed, self.seed_id, self.blueprint_id = None, None, None
             self.counterfactual_contribution = None
+            self.decision_contribution = None
             self._transition(SeedStage.DORMANT, "slot freed after cull")
         elif self.stage is SeedStage.GERMINATED:
             probe = torch.zeros(1, self.channels, 4, 4)

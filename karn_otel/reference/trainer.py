@@ -4,6 +4,14 @@ One epoch, in order: train over the batches (metrics accumulated on the device),
 run the counterfactual pass, advance the lifecycle (G1-G3, alpha), let the controller act
 (G0/G4/G5), then emit the slot snapshots and the host snapshot that closes the epoch.
 Deterministic on CPU for a given RunConfig: `karn replay` depends on it.
+
+With ``RunConfig.attribution_split = f > 0`` the validation set is split once per episode
+(:func:`karn_otel.counterfactual.split_examples`): the lifecycle gates and the controller
+decide on the decision examples (1 - f), and everything reported — the counterfactual
+matrix, its intervals, the slots' contributions, the validation loss and accuracy — is
+computed on the attribution examples (f) the decisions never saw. Each configuration is
+still evaluated once per epoch, on all examples; both views come from the same per-example
+results (:func:`split_attribution`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +48,7 @@ from karn_otel.contracts import (
     SeedStage,
     SlotSnapshot,
 )
-from karn_otel.counterfactual import ConfigEvaluation, attribute
+from karn_otel.counterfactual import ConfigEvaluation, Evaluate, attribute, split_examples
 from karn_otel.distributed.episode import shared_episode_id
 from karn_otel.distributed.evaluation import (
     WaitClock,
@@ -101,6 +110,9 @@ class RunConfig:
     compile: str = ""  # torch.compile backend ("" = eager; e.g. "inductor", "aot_eager")
     counterfactual_strategy: str = "auto"  # auto / full_factorial / shapley / ablation_only
     shapley_samples: int = 20
+    # Fraction of the validation examples held out for attribution (0 = off): the gates and the
+    # controller decide on the rest, the reported matrix, intervals and accuracies use these.
+    attribution_split: float = 0.0
     checkpoint_retention: str = "keep_last"
     # Experiments (karn_otel/experiment/runner.py): which experiment and arm this run belongs
     # to, and the control twin's validation accuracy per epoch (recorded beside this run's own).
@@ -119,6 +131,8 @@ class RunConfig:
             raise ValueError("batch_size must be >= 1")
         if self.controller not in CONTROLLERS:
             raise ValueError(f"unknown controller {self.controller!r}")
+        if not 0.0 <= self.attribution_split < 1.0:
+            raise ValueError(f"attribution_split must be in [0, 1) (0 = off), got {self.attribution_split}")
         if self.checkpoint_retention not in ("keep_all", "keep_last", "delete_after_run"):
             raise ValueError(f"unknown checkpoint_retention {self.checkpoint_retention!r}")
 
@@ -214,7 +228,16 @@ class ReferenceTrainer:
         self.data: DigitsData = load_digits_data(self.seed).to(self.device)
         self.model = HostCNN(cfg.widths, cfg.lifecycle).to(self.device)
         # This rank's validation shard (contiguous, so gathering in rank order restores the set).
-        self.val_shard = shard_indices(self.data.x_val.shape[0], self.dist.rank, self.dist.world_size)
+        n_val = self.data.x_val.shape[0]
+        self.val_shard = shard_indices(n_val, self.dist.rank, self.dist.world_size)
+        # Decision / attribution split of the *global* validation set (indices into the gathered
+        # results, the same on every rank); fixed for the episode. None: no split.
+        self.decision_examples: npt.NDArray[np.int64] | None = None
+        self.attribution_examples: npt.NDArray[np.int64] | None = None
+        if cfg.attribution_split > 0:
+            self.decision_examples, self.attribution_examples = split_examples(
+                n_val, cfg.attribution_split, seed=self.seed
+            )
         self.forward = self._wrap_model()
         self.dense: DenseCollector | None = None
         self.dense_reason = ""
@@ -283,56 +306,103 @@ class ReferenceTrainer:
 
     def _evaluate_one(
         self, switched: list[str], config: tuple[bool, ...], clock: WaitClock | None = None
-    ) -> tuple[float, float]:
-        """Global validation (loss, accuracy) of one configuration, gathered across ranks."""
+    ) -> ConfigEvaluation:
+        """Per-example validation result of one configuration, gathered across ranks."""
         evaluate = self._local_evaluate(switched)
         if self.cfg.nproc > 1:
             evaluate = make_distributed_evaluate(evaluate, clock=clock)
         (r,) = evaluate([config])
-        return float(r.loss.mean()), float(r.correct.mean())
+        return r
+
+    def _mean(self, r: ConfigEvaluation, examples: npt.NDArray[np.int64] | None) -> tuple[float, float]:
+        """(loss, accuracy) of one result over ``examples`` (None: all of them)."""
+        correct, loss = (r.correct, r.loss) if examples is None else (r.correct[examples], r.loss[examples])
+        return float(loss.mean()), float(correct.mean())
+
+    def evaluate_split(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The model as it is, one pass: ((loss, acc) reported, (loss, acc) decided on).
+
+        Without an attribution split both are over the whole validation set."""
+        r = self._evaluate_one([], ())
+        return self._mean(r, self.attribution_examples), self._mean(r, self.decision_examples)
 
     def evaluate(self) -> tuple[float, float]:
-        """Validation loss/accuracy of the model as it is."""
-        return self._evaluate_one([], ())
+        """Validation loss/accuracy of the model as it is (the attribution examples under a split)."""
+        return self.evaluate_split()[0]
 
     def host_only(self) -> tuple[float, float]:
-        """Validation loss/accuracy with every seed's alpha forced to 0."""
-        return self._evaluate_one(self.slot_ids, (False,) * len(self.slot_ids))
+        """Validation loss/accuracy with every seed's alpha forced to 0 (the attribution examples
+        under a split)."""
+        return self._mean(self._evaluate_one(self.slot_ids, (False,) * len(self.slot_ids)), self.attribution_examples)
 
     def counterfactual(self, epoch: int) -> CounterfactualMatrix:
+        """The epoch's reported counterfactual matrix (:meth:`counterfactual_pair`)."""
+        return self.counterfactual_pair(epoch)[0]
+
+    def counterfactual_pair(self, epoch: int) -> tuple[CounterfactualMatrix, CounterfactualMatrix]:
         """Attribution over the active seeds (alpha > 0); with none, the host-only pass.
 
-        Its all-on configuration is also the epoch's validation result (each configuration
-        is evaluated once per epoch). Across ranks each evaluates its shard and the
-        per-example results are gathered: every rank gets the single-process matrix.
+        Returns ``(reported, decision)``: the matrix that is emitted and the one the gates
+        and the controller read. Without an attribution split they are the same object; with
+        one, the reported matrix is over the attribution examples and the decision matrix
+        over the decision examples, both from one evaluation of each configuration
+        (:func:`split_attribution`). Its all-on configuration is also the epoch's validation
+        result. Across ranks each evaluates its shard and the per-example results are
+        gathered: every rank gets the single-process matrices (the split indexes the gathered,
+        global example order).
         """
         if self.cfg.inject_slow_rank_s > 0 and self.cfg.inject_fault_rank in (-1, self.dist.rank):
             time.sleep(self.cfg.inject_slow_rank_s)  # fault injection: a straggler before validation
         active = [sid for sid in self.slot_ids if self.model.slots[sid].is_active]
-        evaluate = self._local_evaluate(active)
-        if active:
+        local = self._local_evaluate(active)
+        split = self.attribution_examples is not None
+        if active and not split:
             if self.cfg.nproc > 1:
-                matrix = distributed_attribute(evaluate, active, self.cf_config, epoch=epoch)
+                matrix = distributed_attribute(local, active, self.cf_config, epoch=epoch)
                 self.last_wait_s = matrix.wait_s  # this rank's wait for the others (its busy time excludes it)
-                return matrix
-            return attribute(evaluate, active, self.cf_config, epoch=epoch)
+                return matrix, matrix
+            matrix = attribute(local, active, self.cf_config, epoch=epoch)
+            return matrix, matrix
         t0 = time.perf_counter()
         clock = WaitClock() if self.cfg.nproc > 1 else None
-        loss, acc = self._evaluate_one([], (), clock)
-        row = CounterfactualResult((), {}, loss, acc)
+        evaluate = make_distributed_evaluate(local, clock=clock) if clock is not None else local
+        if active:
+            # cf_config never has a wall-clock budget here (distributed_attribute refuses one:
+            # ranks would stop at different points), so every rank requests the same configs.
+            reported, decision = split_attribution(
+                evaluate,
+                active,
+                self.cf_config,
+                epoch=epoch,
+                decision_examples=self.decision_examples,  # type: ignore[arg-type]
+                attribution_examples=self.attribution_examples,  # type: ignore[arg-type]
+            )
+            self.last_wait_s = clock.seconds if clock is not None else None
+            if clock is not None:
+                reported = dataclasses.replace(reported, wait_s=clock.seconds)
+            return reported, decision
+        (r,) = evaluate([()])
         self.last_wait_s = clock.seconds if clock is not None else None
-        return CounterfactualMatrix(
-            epoch,
-            (),
-            (row,),
-            {},
-            {},
-            None,
-            strategy="none",
-            n_evaluations=1,
-            elapsed_s=time.perf_counter() - t0,
-            wait_s=self.last_wait_s,
-        )
+        elapsed = time.perf_counter() - t0
+
+        def host_pass(examples: npt.NDArray[np.int64] | None) -> CounterfactualMatrix:
+            loss, acc = self._mean(r, examples)
+            row = CounterfactualResult((), {}, loss, acc)
+            return CounterfactualMatrix(
+                epoch,
+                (),
+                (row,),
+                {},
+                {},
+                None,
+                strategy="none",
+                n_evaluations=1,
+                elapsed_s=elapsed,
+                wait_s=self.last_wait_s,
+            )
+
+        reported = host_pass(self.attribution_examples)
+        return reported, (host_pass(self.decision_examples) if split else reported)
 
     # -- training --------------------------------------------------------------------
 
@@ -514,7 +584,7 @@ class ReferenceTrainer:
                 experiment_arm=cfg.experiment_arm or None,
             )
         )
-        init_loss, init_acc = self.evaluate()
+        (init_loss, init_acc), (_, init_decision_acc) = self.evaluate_split()
         ckpt = Path(self.checkpoint_dir or ".") / f"ep{self.episode_index:03d}-{episode_id}-initial.pt"
         if self.checkpoint_dir is not None:
             # Guarded (bounded, never raises): a full, read-only or frozen disk costs no training step.
@@ -522,24 +592,30 @@ class ReferenceTrainer:
                 self.initial_checkpoint = ckpt
         baseline = HostBaseline(init_loss, init_acc, ckpt, cfg.checkpoint_retention)  # type: ignore[arg-type]
         emit(baseline, epoch=0)
-        self.accuracy_history.append(init_acc)
+        # The controller's accuracy history is on the examples it decides on.
+        self.accuracy_history.append(init_decision_acc)
 
         val_loss, val_acc = init_loss, init_acc
+        decision_loss, decision_acc = val_loss, val_acc
         for epoch in range(1, cfg.epochs + 1):
             self.update_dense_window(epoch)
             m = self.train_epoch(epoch)
-            cf = self.counterfactual(epoch)
+            # Reported (emitted) and decided-on views of one evaluation; the same matrix
+            # unless RunConfig.attribution_split is set.
+            cf, decision = self.counterfactual_pair(epoch)
             val_loss, val_acc = all_on_result(cf)
-            self.accuracy_history.append(val_acc)
+            decision_loss, decision_acc = all_on_result(decision)
+            self.accuracy_history.append(decision_acc)
             emit(cf, is_reduced=self.cfg.nproc > 1)  # opens the epoch for the events below
             for sid, slot in model.slots.items():
                 slot.counterfactual_contribution = cf.marginal_contributions.get(sid)
+                slot.decision_contribution = decision.marginal_contributions.get(sid)
 
             # The automatic lifecycle first (G1-G3, alpha), then the controller's decision on
             # the resulting state, so a germination or cull is visible in this epoch's snapshot.
             for sid, slot in model.slots.items():
-                slot.step_epoch(val_loss, m["seed_grad_norms"][sid])
-            obs = self.observation(epoch, val_acc, val_loss)
+                slot.step_epoch(decision_loss, m["seed_grad_norms"][sid])
+            obs = self.observation(epoch, decision_acc, decision_loss)
             self.reward_previous_decision(obs, done=False)
             action, reason = self.controller.decide(obs)
             shadow = self.shadow.decide(obs)[0] if self.shadow is not None else None
@@ -553,7 +629,7 @@ class ReferenceTrainer:
         self.close_dense_window(cfg.epochs)
         if self.is_ppo:
             # The last decision is judged on the state it produced; then learn from the episode.
-            self.reward_previous_decision(self.observation(cfg.epochs, val_acc, val_loss), done=True)
+            self.reward_previous_decision(self.observation(cfg.epochs, decision_acc, decision_loss), done=True)
             self.ppo_update(force=True)
             self.controller.reset_episode()
         host_loss, host_acc = self.host_only()
@@ -575,6 +651,7 @@ class ReferenceTrainer:
         return EpisodeResult(episode_id, val_acc, host_acc, total, self.host_params, wall)
 
     def observation(self, epoch: int, val_acc: float, val_loss: float) -> ControllerObservation:
+        """What the controller sees: accuracies and contributions on the decision examples."""
         return ControllerObservation(
             epoch=epoch,
             max_epochs=self.cfg.epochs,
@@ -587,7 +664,7 @@ class ReferenceTrainer:
                     s.stage,
                     s.epochs_in_stage,
                     s.alpha,
-                    s.counterfactual_contribution,
+                    s.decision_contribution,
                     s.consecutive_gate_failures,
                     s.seed_params,
                 )
@@ -740,6 +817,52 @@ def apply_checkpoint_retention(checkpoints: list[Path], policy: str, root: Path 
         except OSError:
             pass
     return deleted
+
+
+def split_attribution(
+    evaluate: Evaluate,
+    slot_ids: list[str],
+    config: CounterfactualConfig,
+    *,
+    epoch: int,
+    decision_examples: npt.ArrayLike,
+    attribution_examples: npt.ArrayLike,
+) -> tuple[CounterfactualMatrix, CounterfactualMatrix]:
+    """``(reported, decision)`` matrices from one evaluation of each configuration.
+
+    ``evaluate`` returns per-example results over the whole validation set. The reported
+    matrix is :func:`~karn_otel.counterfactual.attribute` restricted to
+    ``attribution_examples`` (with its bootstrap intervals); the decision matrix is the same
+    configurations' recorded results restricted to ``decision_examples`` — point values only
+    (``bootstrap_samples=0``: the controller reads removal costs and accuracies, and the extra
+    cost is one pass of numpy means, no model evaluation). ``attribute`` is deterministic given
+    its config and the number of slots, so the second pass asks for exactly the configurations
+    the first one evaluated; one it did not (never, today) would be evaluated, once.
+    """
+    recorded: dict[tuple[bool, ...], ConfigEvaluation | np.ndarray] = {}
+
+    def recording(configs: list[tuple[bool, ...]]) -> list[ConfigEvaluation | np.ndarray]:
+        results = list(evaluate(configs))
+        for c, r in zip(configs, results):
+            recorded[tuple(c)] = r
+        return results
+
+    reported = attribute(recording, slot_ids, config, epoch=epoch, attribution_examples=attribution_examples)
+
+    def replay(configs: list[tuple[bool, ...]]) -> list[ConfigEvaluation | np.ndarray]:
+        missing = [c for c in configs if tuple(c) not in recorded]
+        if missing:
+            recording(missing)
+        return [recorded[tuple(c)] for c in configs]
+
+    decision = attribute(
+        replay,
+        slot_ids,
+        dataclasses.replace(config, bootstrap_samples=0),
+        epoch=epoch,
+        attribution_examples=decision_examples,
+    )
+    return reported, decision
 
 
 def all_on_result(cf: CounterfactualMatrix) -> tuple[float, float]:
