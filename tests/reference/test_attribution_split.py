@@ -226,3 +226,7 @@ def test_two_ranks_split_the_gathered_validation_set_alike(tmp_path):
             assert abs(count - round(count)) < 1e-9, "an accuracy over the global attribution examples"
     hosts = of(logs[0], ET.HOST_SNAPSHOT)
     assert [h.val_accuracy for h in hosts] == [next(r for r in m.configs if all(r.config)).val_accuracy for m in m0]
+    from tests.test_cli import karn
+
+    shown = karn("inspect", str(run_dir))
+    assert shown.returncode == 0 and "attribution_split=0.5" in shown.stdout, "karn inspect says which split ran"
