@@ -11,13 +11,21 @@ Layout of ``<out>/<run_id>/``::
     checkpoints/                      initial host checkpoints (written, and pruned by its
                                       checkpoint_retention, by the trainer)
 
-``RunLogSink.handle`` only appends to a bounded in-memory queue (O(1)) and bumps the live
-counter; a writer thread encodes in batches with the C encoder of :mod:`karn_otel.codec`,
+``RunLogSink.handle`` appends to a bounded in-memory queue and bumps the live counter; every
+64th event it encodes the 64 as one batch (one call into the C encoder of
+:mod:`karn_otel.codec`, about 2 us per event) and hands the bytes to a writer thread, which
 frames each batch as a block (sequence number, line count, CRC-32) and writes them with one
-writev call, so the training thread never waits on JSON encoding or the disk. The writer
-wakes when ``wake_batch`` events are queued and at least every ``flush_interval_s``
-(default 0.1 s): a killed process loses at most the events of that last interval, and
-``karn inspect`` counts them from the sequence numbers and the live counter.
+writev call: the training thread never waits on the disk. Why the training thread encodes:
+under the GIL a writer thread's encoding runs in turn with training anyway, and handing it
+the event objects costs more than the encoding (the queued objects survive garbage
+collections into the old generation, and are read and freed on another core: about 5 us per
+event more, measured by benchmarks/bench_emit.py); what is left to the writer (CRC, framing,
+the write) holds the GIL for well under a microsecond per event. Events still waiting in a
+partial batch are taken, and encoded, by the writer itself when it wakes on its timer, on a
+flush, or when the queue is full. The writer wakes when ``wake_batch`` events are queued and
+at least every ``flush_interval_s`` (default 0.1 s): a killed process loses at most the
+events of that last interval, and ``karn inspect`` counts them from the sequence numbers and
+the live counter.
 
 Faults: a full queue drops and counts (or, with ``backpressure="block"``, makes ``handle``
 wait up to ``block_timeout_s`` first); a failing disk (ENOSPC, EROFS) drops and counts,
@@ -42,7 +50,6 @@ from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,7 +91,7 @@ log = logging.getLogger("karn")
 EVENTS_FILE = "events.jsonl"
 RUN_FILE = "run.json"
 _BATCH = 64  # events per block: one C encode call and one CRC (about 45 KB of 20-scalar steps)
-# Encode batches for up to this long per write call: just under the interpreter's switch
+# Frame blocks for up to this long per write call: just under the interpreter's switch
 # interval. A training thread holding the GIL takes it back after one switch interval
 # anyway, so the writer's share is its turn over (turn + interval): ending the turn early with
 # the writev (which hands the GIL over) only shortens its share.
@@ -95,6 +102,9 @@ _SIDE_FILE_TYPES = frozenset({TelemetryEventType.EPISODE_STARTED})
 _event_type_of = operator.attrgetter("event_type")
 _EPISODE_ENDED = TelemetryEventType.EPISODE_ENDED  # a module global: cheaper than the enum lookup per event
 _IOV_MAX = 1000
+# An encoded batch waiting for the writer: (blocks as (bytes, lines, events accounted for),
+# events, the refused count when it was queued, the events needing side files or None).
+_Chunk = tuple[list[tuple[bytes, int, int]], int, int, "list[TelemetryEvent] | None"]
 
 if (C_HANDLED, C_REFUSED) != (1, 2):  # handle() stores into these slots by number (speed)
     raise ImportError("runlog_format's counter layout changed; update RunLogSink.handle")
@@ -151,9 +161,19 @@ class RunLogSink:
         self.max_record_bytes = max_record_bytes
         self.file_mode, self.dir_mode = file_mode, dir_mode
         self.repaired: Repair | None = None
-        self._q: deque[TelemetryEvent] = deque()
+        # Events handled and not yet encoded (at most one batch: see handle), and the encoded
+        # batches waiting for the writer. Both are counted against max_queue.
+        self._pending: list[TelemetryEvent] = []
+        self._q: deque[_Chunk] = deque()
+        self._enc_lock = threading.Lock()  # one encoder at a time: blocks stay in handle order
+        self._drop_lock = threading.Lock()  # writer drops are counted from both threads
         self._max_queue = max_queue
         self._wake_batch = wake_batch
+        self._hand_at = max(1, min(_BATCH, wake_batch))
+        self._encoded = 0  # events moved from _pending into _q (encoded, or dropped encoding)
+        self._taken = 0  # events the writer has taken out of _q
+        self._room_wanted = False  # a blocked handle waits for room: the writer takes _pending too
+        self._timed_out = False  # the writer woke on its timer (then it takes _pending too)
         self._wake = threading.Event()
         self._cv = threading.Condition()
         self._dropped: Counter[str] = Counter()
@@ -242,21 +262,43 @@ class RunLogSink:
     # -- training thread -------------------------------------------------------------
 
     def handle(self, event: TelemetryEvent) -> None:
-        q = self._q
-        if len(q) >= self._max_queue and not self._room():
+        n = self._handled + 1  # counted before the append: an interrupted handle over-reports
+        if n - self._refused - self._taken > self._max_queue and not self._room():
             self._refused += 1
-            self._handled += 1
+            self._handled = n
             ctr = self._ctr
             ctr[2] = self._refused  # C_REFUSED
-            ctr[1] = self._handled  # C_HANDLED
+            ctr[1] = n  # C_HANDLED
             self._dropped["queue_full"] += 1
             return
-        n = self._handled + 1  # counted before the append: an interrupted handle over-reports
         self._handled = n
         self._ctr[1] = n  # C_HANDLED: one store into shared memory, the whole cost of durability
-        q.append(event)
-        if (len(q) >= self._wake_batch or event.event_type is _EPISODE_ENDED) and not self._wake.is_set():
+        p = self._pending
+        p.append(event)
+        if len(p) >= self._hand_at or event.event_type is _EPISODE_ENDED:
+            self._hand_over(event.event_type is _EPISODE_ENDED)
+
+    def _hand_over(self, wake: bool = False) -> None:
+        """Encode what is pending as one batch and queue it for the writer (any thread)."""
+        with self._enc_lock:
+            self._take_pending()
+        if (wake or self._encoded - self._taken >= self._wake_batch) and not self._wake.is_set():
             self._wake.set()
+
+    def _take_pending(self) -> None:
+        """Move the pending events into the writer's queue, encoded. Under ``_enc_lock``."""
+        p = self._pending
+        n = len(p)
+        if not n:
+            return
+        batch = p[:n]
+        del p[:n]  # not a swap: the training thread may append meanwhile (the writer calls this too)
+        side = None
+        if not _SIDE_FILE_TYPES.isdisjoint(map(_event_type_of, batch)):  # the common case, a C loop
+            side = [e for e in batch if e.event_type in _SIDE_FILE_TYPES]
+        blocks = self._encode(batch)
+        self._q.append((blocks, n, self._refused, side))
+        self._encoded += n
 
     def _handle_after_close(self, event: TelemetryEvent) -> None:
         self._dropped["after_close"] += 1
@@ -266,20 +308,24 @@ class RunLogSink:
         if not self.block_timeout_s or self._saturated or self._stop:
             return False
         deadline = time.monotonic() + self.block_timeout_s
+        self._room_wanted = True
         self._wake.set()
-        while len(self._q) >= self._max_queue:
-            if time.monotonic() >= deadline or not self._thread.is_alive():
-                self._saturated = True  # until the writer drains: no training step waits twice
-                return False
-            time.sleep(0.0005)  # hands the GIL to the writer
+        try:
+            while self._handled - self._refused - self._taken >= self._max_queue:
+                if time.monotonic() >= deadline or not self._thread.is_alive():
+                    self._saturated = True  # until the writer drains: no training step waits twice
+                    return False
+                time.sleep(0.0005)  # hands the GIL to the writer
+        finally:
+            self._room_wanted = False
         return True
 
     def dropped(self) -> dict[str, int]:
         return {k: v for k, v in self._dropped.items() if v}
 
     def queue_depth(self) -> int:
-        """Events waiting for the writer thread."""
-        return len(self._q)
+        """Events waiting for the writer thread (encoded or not yet)."""
+        return max(0, self._handled - self._refused - self._taken)
 
     def stalled(self) -> float:
         """Seconds the writer has been inside one disk call (0.0 when it is not)."""
@@ -292,6 +338,8 @@ class RunLogSink:
         target = self._handled - self._refused  # events put in the queue so far
         with self._cv:
             self._sync_target = max(self._sync_target, target)
+        if self._pending and not self._closed:
+            self._hand_over()  # the partial batch, encoded here (the writer is free for the disk)
         self._wake.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
@@ -368,14 +416,14 @@ class RunLogSink:
         # Wake twice per interval: what was queued is on disk within one interval even
         # counting the write itself and a wait for the GIL.
         while True:
-            self._wake.wait(timeout=self.flush_interval_s / 2)
+            self._timed_out = not self._wake.wait(timeout=self.flush_interval_s / 2)
             self._wake.clear()
             try:
                 self._check_file()
                 self._drain()
             except Exception as exc:  # noqa: BLE001 (the writer must outlive any one bad batch)
                 log.warning("Karn run log writer error: %r", exc)
-            if (self._stop and not self._q) or self._abandoned:
+            if (self._stop and not self._q and not self._pending) or self._abandoned:
                 break
         if self._abandoned:
             return
@@ -410,22 +458,28 @@ class RunLogSink:
     def _drain(self) -> None:
         q = self._q
         popleft = q.popleft
-        while q and not self._abandoned:
-            # Encode C-sized batches for up to _BUDGET_S (just under the interpreter's switch
-            # interval, so a training thread waiting for the GIL gets it at the usual time),
-            # then write them all with one writev, which also hands the GIL back.
+        while not self._abandoned:
+            if not q and self._pending and self._pending_due():
+                with self._enc_lock:  # a partial batch nobody else will hand over soon
+                    self._take_pending()
+            if not q:
+                break
+            # Frame and checksum the queued blocks for up to _BUDGET_S (just under the
+            # interpreter's switch interval, so a training thread waiting for the GIL gets it at
+            # the usual time), then write them all with one writev, which hands the GIL back.
             parts: list[Any] = []
             n = n_lines = nbytes = 0
             bounds: list[tuple[int, int]] = []  # (bytes, lines) at the end of each block
             deadline = time.perf_counter() + _BUDGET_S
             while q and n < _MAX_PER_WRITE and len(parts) < _IOV_MAX:
-                refused = self._refused
+                blocks, events, refused, side = popleft()
+                self._taken += events
                 if refused != self._refused_seen:  # queue-full drops: a gap in the numbering
                     self._seq += refused - self._refused_seen
                     self._refused_seen = refused
-                batch = list(map(operator.call, repeat(popleft, min(len(q), _BATCH))))  # C loop
-                self._side_files_of(batch)
-                for buf, k, consumed in self._encode(batch):
+                if side:
+                    self._side_files_of(side)
+                for buf, k, consumed in blocks:
                     if k:  # the block: its lines, the last one's "}\n" replaced by the frame
                         body, tail = memoryview(buf)[:-2], frame(self._seq, k, crc32(buf))
                         parts.append(body)
@@ -434,10 +488,10 @@ class RunLogSink:
                         nbytes += len(body) + len(tail)
                         bounds.append((nbytes, n_lines))
                     self._seq += consumed
-                n += len(batch)
+                n += events
                 if time.perf_counter() >= deadline:
                     break
-            if self._saturated and len(q) < self._max_queue // 2:
+            if self._saturated and self._handled - self._refused - self._taken < self._max_queue // 2:
                 self._saturated = False
             if n_lines:
                 self._write(parts, n_lines, bounds)
@@ -446,10 +500,20 @@ class RunLogSink:
             self._maybe_sync()
         self._maybe_sync()
 
-    def _side_files_of(self, batch: list[TelemetryEvent]) -> None:
-        if _SIDE_FILE_TYPES.isdisjoint(map(_event_type_of, batch)):  # the common case, a C loop
-            return
-        for event in batch:
+    def _pending_due(self) -> bool:
+        """Whether the writer takes (and encodes) a partial batch now: on its timer (the loss
+        bound), for a flush or the close, or when a handle waits for room."""
+        return (
+            self._timed_out
+            or self._stop
+            or self._sync_target > self._encoded
+            or self._room_wanted
+            or self._saturated
+            or self._encoded - self._taken + len(self._pending) >= self._max_queue
+        )
+
+    def _side_files_of(self, events: list[TelemetryEvent]) -> None:
+        for event in events:
             et = event.event_type
             if et is TelemetryEventType.EPISODE_STARTED and not self._deleted and self._fd >= 0:
                 try:
@@ -492,9 +556,10 @@ class RunLogSink:
         return buf, n, n
 
     def _count_writer_drop(self, reason: str, n: int) -> None:
-        self._dropped[reason] += n
-        self._writer_dropped += n
-        self._ctr[C_WRITER_DROPPED] = self._writer_dropped
+        with self._drop_lock:  # encoding (either thread) and writing (the writer) both count
+            self._dropped[reason] += n
+            self._writer_dropped += n
+            self._ctr[C_WRITER_DROPPED] = self._writer_dropped
 
     def _write(self, parts: list[Any], n_lines: int, bounds: list[tuple[int, int]] | None = None) -> None:
         """Write the framed blocks with one writev(2) (a short write is finished by more).
