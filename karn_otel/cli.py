@@ -42,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
             inject_entropy_collapse_episodes=args.inject_entropy_collapse_episodes,
             device=args.device,
             heartbeat_timeout_s=args.heartbeat_timeout,
+            attribution_split=args.attribution_split,
         )
         curve = Path(args.out) / CURVE_FILE
         kcfg = KarnConfig(
@@ -618,6 +619,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded; replay uses the same)")
     r.add_argument("--strict", action="store_true", help="raise on an invalid telemetry event instead of counting it")
     r.add_argument("--research", action="store_true", help="research mode: dense traces on every batch")
+    r.add_argument(
+        "--attribution-split",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="hold out this fraction of the validation examples for attribution: the gates and the controller "
+        "decide on the rest, so the reported contributions of kept seeds are not selection-biased "
+        "(docs/validity.md, Selection; default 0 = off)",
+    )
     r.add_argument(
         "--inject-loss-spike", type=int, metavar="EPOCH", help="fault injection: shuffle the labels for one epoch"
     )

@@ -104,6 +104,15 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     assert r.returncode == 2 and "epochs must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_attribution_split_reaches_the_run(tmp_path):
+    r = karn("run", "--epochs", "1", "--attribution-split", "1.5", "--out", str(tmp_path))
+    assert r.returncode == 2 and "attribution_split must be in [0, 1)" in r.stderr and "Traceback" not in r.stderr
+    r = karn("run", "--epochs", "1", "--attribution-split", "0.5", "--no-live", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert "attribution_split=0.5" in karn("inspect", str(d)).stdout
+
+
 def test_calibrate_writes_a_curve_that_run_uses(tmp_path):
     r = karn("calibrate", "--epochs", "2", "--multipliers", "0.5,1", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
