@@ -3,7 +3,8 @@
 Each simulated rank is a real collector with its pipeline (health monitor included) and the
 OTel sink's real instruments registered on a meter provider with the SDK's in-memory reader
 (no network). Every rank records the same short episode (3 slots, 4 epochs; one rank has a
-loss spike, so its health turns bad); rank 0 also records the job-wide snapshot. Printed per
+loss spike, so its health turns bad); rank 0 also records the job-wide snapshot, and every
+rank the epoch's spread across ranks (``RankHealthSummary``, exported by rank 0). Printed per
 policy: series per run (data points of one collection, summed over ranks), bytes of one OTLP
 export interval (the encoded metrics requests), and Prometheus samples per second at a 15 s
 scrape interval. Target: ``sampled:8`` keeps a 1,000-rank run under 2,000 series.
@@ -14,17 +15,20 @@ scrape interval. Target: ``sampled:8`` keeps a 1,000-rank run under 2,000 series
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
+import numpy as np
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from karn_otel.collector import KarnCollector
 from karn_otel.config import KarnConfig
-from karn_otel.contracts import EpisodeContext, HostSnapshot, SeedStage, SlotSnapshot
+from karn_otel.contracts import EpisodeContext, HostSnapshot, RankHealthSummary, SeedStage, SlotSnapshot
 from karn_otel.distributed.export_policy import RankExportPolicy
+from karn_otel.distributed.reduction import rank_health_summary
 from karn_otel.sinks.factory import build_pipeline
 from karn_otel.sinks.otel.lifecycle import ExportLedger
 from karn_otel.sinks.otel.metrics import MetricInstruments
@@ -54,7 +58,20 @@ def _context() -> EpisodeContext:
     )  # fmt: skip
 
 
-def one_rank(rank: int, world: int, policy: str, sick: bool) -> tuple[int, int, int]:
+@functools.lru_cache(maxsize=8)
+def _summary(epoch: int, world: int, sick_rank: int) -> RankHealthSummary:
+    """The RankHealthSummary rank 0 would reduce: every rank's loss, gradient norm, busy time, health."""
+    rows = np.zeros((world, 5))
+    rows[:, 0] = epoch
+    rows[:, 1] = 1.0 - 0.1 * epoch
+    rows[:, 2] = 1.0
+    rows[:, 3] = np.linspace(1.0, 1.1, world)
+    if epoch == 4:
+        rows[sick_rank, 1], rows[sick_rank, 4] = 40.0, 2  # its loss spike, and its monitor's warning
+    return rank_health_summary(rows, ("epoch", "train_loss", "host_grad_norm", "rank.busy_s", "rank.health_level"))
+
+
+def one_rank(rank: int, world: int, policy: str, sick_rank: int) -> tuple[int, int, int]:
     """(data points, of which this rank's own, encoded bytes) of one collection of its metrics."""
     cfg = KarnConfig(out_dir=None, console="off", rank=rank, world_size=world, run_id="scale-run", export_ranks=policy)
     c = KarnCollector(cfg)
@@ -68,9 +85,11 @@ def one_rank(rank: int, world: int, policy: str, sick: bool) -> tuple[int, int, 
         for e in range(1, 5):
             for s in SLOTS:
                 c.emit(SlotSnapshot(s, SeedStage.DORMANT, e, None, None, 0, 0.0, None, None, 0.0, None, None, None))
-            loss = 40.0 if (sick and e == 4) else 1.0 - 0.1 * e
+            loss = 40.0 if (rank == sick_rank and e == 4) else 1.0 - 0.1 * e
             h = HostSnapshot(e, loss, 0.5, 1.0, 0.5, 1000, 0, 1000, 0, 1.0, {}, None)
             c.emit(h)
+            # Every rank gets the epoch's spread across ranks (the trainer's reduce_epoch); rank 0 exports it.
+            c.emit(_summary(e, world, sick_rank), is_reduced=True)
             if rank == 0:
                 c.emit(h, is_reduced=True)
         data = reader.get_metrics_data()
@@ -83,7 +102,8 @@ def one_rank(rank: int, world: int, policy: str, sick: bool) -> tuple[int, int, 
             for m in sm.metrics
             for dp in m.data.data_points
         ]
-        own = sum(1 for dp in dps if "rank" in dp.attributes)
+        # This rank's own series; a job-wide one (scope="job") may name a rank (karn.ranks.unhealthy_rank).
+        own = sum(1 for dp in dps if "rank" in dp.attributes and "scope" not in dp.attributes)
         size = len(encode_metrics(data).SerializeToString())
         return len(dps), own, size
     finally:
@@ -106,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         total_points = total_bytes = exporting = 0
         for rank in range(world):
-            points, own, size = one_rank(rank, world, policy, sick=(rank == sick))
+            points, own, size = one_rank(rank, world, policy, sick)
             total_points += points
             total_bytes += size
             exporting += own > 0

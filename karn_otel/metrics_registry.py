@@ -182,6 +182,12 @@ _SOURCE_LIST = (
         "`RankHealthSummary.unhealthy_ranks`: one series per named unhealthy rank (at most "
         "`MAX_NAMED_UNHEALTHY` = 8), its `rank` label naming that rank, not the exporter",
     ),
+    Source(
+        "ranks_unhealthy_epochs",
+        ("scope",),
+        "`RankHealthSummary.unhealthy_ranks`, counted per rank over the run (rank 0 only; the first 64 "
+        "ranks ever named have a series), its `rank` label naming that rank",
+    ),
     Source("alerts", ("check", "severity"), "`HealthAlert` events, counted"),
     Source("decisions", ("op",), "`ControllerDecision` events, counted by the operation chosen"),
     Source("collector", (), "the `KarnCollector`'s accounting"),
@@ -595,6 +601,14 @@ METRICS: tuple[MetricDef, ...] = (
         "ranks_unhealthy",
         "",
         "One series per named unhealthy rank (its `rank` label), worst first, at most 8: 2 = warning, 3 = critical.",
+    ),
+    _c(
+        "karn.ranks.unhealthy_epochs",
+        "{epoch}",
+        "ranks_unhealthy_epochs",
+        "",
+        "Epochs each rank was named unhealthy (its `rank` label), over the run: a counter, so a rank "
+        "unhealthy for less than a scrape interval still shows (`increase(...[10m]) > 0`).",
     ),
     _g(
         "karn.counterfactual.claim",

@@ -307,6 +307,10 @@ def check_otlp_metrics(rx: OTLPReceiver) -> None:
     assert {"karn.host.val_loss", "karn.slot.alpha", "karn.telemetry.events.accepted"} <= names
 
 
+# Job-wide series whose `rank` label names the rank they are about, not the exporter.
+NAMES_A_RANK = {"karn_ranks_unhealthy_rank", "karn_ranks_unhealthy_epochs_total"}
+
+
 def check_prometheus(scraped: dict, c: kc.KarnCollector, expect: list) -> None:
     # Every series carries the run, the rank and the world size.
     for name, series in scraped.items():
@@ -315,7 +319,7 @@ def check_prometheus(scraped: dict, c: kc.KarnCollector, expect: list) -> None:
         for labels, _ in series:
             assert labels["run_id"] == c.run_id and labels["world_size"] == str(c.world_size), name
             if labels.get("scope") == "job":  # job-wide: no exporter rank (unhealthy_rank names a rank)
-                assert "rank" not in labels or name == "karn_ranks_unhealthy_rank", name
+                assert "rank" not in labels or name in NAMES_A_RANK, name
                 continue
             assert labels["rank"] == str(c.rank), name
     assert scraped["target_info"][0][0]["service_instance_id"] == f"{c.run_id}-rank{c.rank}"
@@ -327,7 +331,7 @@ def check_prometheus(scraped: dict, c: kc.KarnCollector, expect: list) -> None:
         assert m is not None, f"{name} is exposed but is no registry prometheus_name"
         for labels, _ in series:
             want = COMMON | set(m.labels) | ({"le"} if name.endswith("_bucket") else set())
-            if labels.get("scope") == "job" and name != "karn_ranks_unhealthy_rank":
+            if labels.get("scope") == "job" and name not in NAMES_A_RANK:
                 want -= {"rank"}
             assert set(labels) == want, name
     missing = [m.name for m in expect if not set(m.prometheus_series) <= set(scraped)]
@@ -513,6 +517,8 @@ def test_every_registry_metric_is_scraped_under_its_prometheus_name():
     assert value("karn_ranks_worst_rank", quantity="busy") == 3
     assert value("karn_ranks_unhealthy_rank", rank="3") == 3 and value("karn_ranks_unhealthy_rank", rank="1") == 2
     assert {lb["rank"] for lb, _ in scraped["karn_ranks_unhealthy_rank"]} == {"1", "3"}
+    assert value("karn_ranks_unhealthy_epochs_total", rank="3") == 1, "each epoch a rank was named, counted"
+    assert {lb["rank"] for lb, _ in scraped["karn_ranks_unhealthy_epochs_total"]} == {"1", "3"}
     assert all("rank" not in lb for lb, _ in scraped["karn_ranks_train_loss"])
 
 

@@ -58,6 +58,7 @@ log = logging.getLogger("karn")
 ET = TelemetryEventType
 
 MAX_HEALTH_CHECKS = 32  # distinct `check` label values; more fold into "other"
+MAX_UNHEALTHY_RANK_SERIES = 64  # ranks with a karn.ranks.unhealthy_epochs series; later ones are not counted
 _SEVERITY_LEVEL = {Severity.OK: 0, Severity.INFO: 1, Severity.WARNING: 2, Severity.CRITICAL: 3}
 Reader = Callable[[], Iterable[tuple[Any, dict[str, str]]]]  # a source: (object, labels) pairs at collection time
 
@@ -78,6 +79,9 @@ class MetricInstruments:
         # Run-wide (counters never go back), every known combination at 0 from the start.
         self._alerts: Counter[tuple[str, str]] = Counter({(c.name, c.severity.value): 0 for c in CHECKS})
         self._decisions: Counter[str] = Counter({op.value: 0 for op in ActionOp})
+        # Epochs each rank was named unhealthy by the reduction (rank 0's job-wide counter): a
+        # counter, so a rank unhealthy for less than a scrape interval is still seen.
+        self._unhealthy_epochs: Counter[int] = Counter()
         self._lifecycle: list[tuple[Any, dict[str, Any]]] = []  # [] until the first episode starts
         self._epoch_duration: Histogram | None = None
         self._epoch_mark: float | None = None  # when the epoch in progress started (s)
@@ -108,6 +112,10 @@ class MetricInstruments:
             return
         if et is ET.RANK_SUMMARY:
             self._rank_summary = p
+            counts = self._unhealthy_epochs
+            for rank in p.unhealthy_ranks:
+                if rank in counts or len(counts) < MAX_UNHEALTHY_RANK_SERIES:
+                    counts[rank] += 1
             return
         if et is ET.HOST_SNAPSHOT and self._epoch_mark is not None:
             self._epoch_elapsed = max(0.0, event.timestamp - self._epoch_mark)
@@ -221,6 +229,7 @@ class MetricInstruments:
             "health": self._read_health,
             "ranks": self._read_ranks,
             "ranks_unhealthy": self._read_ranks_unhealthy,
+            "ranks_unhealthy_epochs": self._read_unhealthy_epochs,
             "alerts": lambda: [(n, {"check": c, "severity": s}) for (c, s), n in _copy(self._alerts).items()],
             "decisions": lambda: [(n, {"op": op}) for op, n in _copy(self._decisions).items()],
             "collector": self._read_collector,  # accepted, rejected
@@ -263,6 +272,11 @@ class MetricInstruments:
         # The level comes from the reduction's order (worst first): warning or critical.
         critical = set(r.unhealthy_ranks[: r.n_critical])
         return [(3 if rank in critical else 2, {"scope": "job", "rank": str(rank)}) for rank in r.unhealthy_ranks]
+
+    def _read_unhealthy_epochs(self) -> list[tuple[Any, dict[str, Any]]]:
+        if not self._policy.exports_job_series(self._view.rank):
+            return []
+        return [(n, {"scope": "job", "rank": str(rank)}) for rank, n in sorted(_copy(self._unhealthy_epochs).items())]
 
     def _read_collector(self) -> list[tuple[Any, dict[str, str]]]:
         stats = self._view.stats()
