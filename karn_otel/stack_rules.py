@@ -1,15 +1,17 @@
-"""Prometheus alert rules for the stack, generated from the HealthMonitor and the metric registry.
+"""Prometheus alert and recording rules for the stack, generated from the health checks and the metric registry.
 
-``stack/prometheus/rules/karn-alerts.yml`` is this module's output; a test fails when the
-committed file differs from it::
+``stack/prometheus/rules/karn-alerts.yml`` and ``stack/prometheus/rules/karn-recording.yml``
+are this module's output; a test fails when a committed file differs from it::
 
-    python -m karn_otel.stack_rules --write   # rewrite stack/prometheus/rules/karn-alerts.yml
-    python -m karn_otel.stack_rules --check   # exit 1 when the file is stale
-    python -m karn_otel.stack_rules           # print the rules
+    python -m karn_otel.stack_rules --write   # rewrite karn-alerts.yml and karn-recording.yml
+    python -m karn_otel.stack_rules --check   # exit 1 when either file is stale
+    python -m karn_otel.stack_rules           # print the rules (alerts, ---, recording rules)
 
 One source of truth. Every check of :data:`karn_otel.health.CHECKS` becomes one alert
 (``loss_spike`` -> ``KarnLossSpike``) with the check's severity, and its thresholds are
-:data:`karn_otel.health.DEFAULT_THRESHOLDS`. Metric names come from
+:data:`karn_otel.health.DEFAULT_THRESHOLDS`; so does every return check of an RL task
+(:data:`karn_otel.health.RETURN_CHECKS`, the ReturnMonitor's: ``KarnNonFiniteReturn``,
+``KarnReturnRegression``, thresholds :class:`karn_otel.health.ReturnThresholds`' defaults). Metric names come from
 :mod:`karn_otel.metrics_registry`, so a renamed metric regenerates into the rules.
 
 How a check fires, and why this way. A check's status lasts one epoch (or one PPO update),
@@ -42,6 +44,14 @@ failed OTLP exports) and ``KarnWatchdog`` (always firing: the alerting pipeline 
 Every alert carries ``runbook_url`` (a section of docs/alerts.md), a dashboard link and a
 Grafana Explore link to the run's traces in Tempo.
 
+Recording rules (:func:`recording_rules`): the job-wide aggregates and the per-rank spread of
+train loss, validation accuracy, host gradient norm and epoch time (``run:<metric>:max|min|avg|
+median|spread``), each rank's deviation from its run's median (``rank:<metric>:ratio_to_median``,
+``rank:karn_host_val_accuracy:diff_from_median``) and failing health checks per rank, named
+``level:metric:operations`` (Prometheus' convention, newest operation first). The Ranks dashboard
+reads them, and its "Worst ranks" table is :func:`worst_ranks_expr`; so a dashboard never reads
+every rank's raw series of a large job.
+
 Imports neither torch nor opentelemetry.
 """
 
@@ -55,10 +65,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from karn_otel.contracts import Severity
-from karn_otel.health import CHECKS, DEFAULT_THRESHOLDS, CheckSpec, HealthThresholds, entropy_floors
+from karn_otel.health import (
+    CHECKS,
+    DEFAULT_THRESHOLDS,
+    RETURN_CHECKS,
+    CheckSpec,
+    HealthThresholds,
+    ReturnThresholds,
+    entropy_floors,
+)
 from karn_otel.metrics_registry import by_name
 
-RULES_PATH = Path(__file__).resolve().parents[1] / "stack" / "prometheus" / "rules" / "karn-alerts.yml"
+RULES_DIR = Path(__file__).resolve().parents[1] / "stack" / "prometheus" / "rules"
+RULES_PATH = RULES_DIR / "karn-alerts.yml"
+RECORDING_PATH = RULES_DIR / "karn-recording.yml"
+DEFAULT_RETURN_THRESHOLDS = ReturnThresholds()
 GRAFANA_URL = "http://127.0.0.1:3000"
 """Where docker-compose.yml publishes Grafana; the alerts link to its dashboards."""
 
@@ -173,9 +194,9 @@ class Rule:
     annotations: dict[str, str]
 
 
-def _threshold_text(spec: CheckSpec, t: HealthThresholds) -> str:
+def _threshold_text(spec: CheckSpec, t: HealthThresholds | ReturnThresholds) -> str:
     op = ">" if spec.comparison == "gt" else "<"
-    if spec.name == "entropy_collapse":
+    if spec.name == "entropy_collapse" and isinstance(t, HealthThresholds):
         return (
             f"{op} {_n(round(t.entropy_collapse_fraction * 100, 9))}% of log(n) nats for a head of n actions "
             f"(KarnConfig.policy_head_sizes), else {op} {_n(t.entropy_collapse_nats)} nats"
@@ -183,7 +204,14 @@ def _threshold_text(spec: CheckSpec, t: HealthThresholds) -> str:
     unit = "" if spec.unit == "1" else f" {spec.unit}"
     if not spec.threshold_field:
         return f"{op} 0{unit}"
-    return f"{op} {_n(getattr(t, spec.threshold_field))}{unit} (HealthThresholds.{spec.threshold_field})"
+    text = f"{op} {_n(getattr(t, spec.threshold_field))}{unit} ({type(t).__name__}.{spec.threshold_field})"
+    if spec.name == "return_regression" and isinstance(t, ReturnThresholds):
+        text += (
+            f" of the gain of its rolling mean over {t.window_episodes} episodes, after at least "
+            f"{t.min_gain_episodes} episodes, with the gain and the drop both beyond {_n(t.noise_z)} standard "
+            "errors (ReturnThresholds.noise_z)"
+        )
+    return text
 
 
 def _dashboard_link(uid: str) -> str:
@@ -226,9 +254,16 @@ def _where() -> str:
 
 
 def health_rule(
-    spec: CheckSpec, t: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mapping[str, int] | None = None
+    spec: CheckSpec,
+    t: HealthThresholds = DEFAULT_THRESHOLDS,
+    head_sizes: Mapping[str, int] | None = None,
+    returns: ReturnThresholds = DEFAULT_RETURN_THRESHOLDS,
 ) -> Rule:
-    """The alert of one HealthMonitor check: its alert events or its status, else the raw-metric fallback."""
+    """The alert of one HealthMonitor or ReturnMonitor check: its alert events or its status, else
+    the raw-metric fallback (HealthMonitor checks a single sample decides; a return is a logged
+    scalar, not a metric, so the return checks have none)."""
+    is_return = spec in RETURN_CHECKS
+    monitor = "ReturnMonitor" if is_return else "HealthMonitor"
     status = _m("karn.health.status")
     value = _m("karn.health.value")
     alerts = _m("karn.health.alerts")
@@ -243,7 +278,7 @@ def health_rule(
         f"    {sel} > 0",
         ")",
     ]
-    raw = _fallback(spec.name, t, head_sizes)
+    raw = None if is_return else _fallback(spec.name, t, head_sizes)
     if raw is not None:
         expr += ["or", "("]
         if len(raw) == 1:
@@ -257,7 +292,7 @@ def health_rule(
     query = f'printf "{value}{{check=%q,run_id=%q,rank=%q}}" "{spec.name}" $labels.run_id $labels.rank | query'
     latest = (
         f'{{{{ with {query} }}}}Latest value: {{{{ . | first | value | printf "%.4g" }}}}.'
-        "{{ else }}No finite value from a HealthMonitor on this rank.{{ end }}"
+        "{{ else }}No finite value from a " + monitor + " on this rank.{{ end }}"
     )
     name = alert_name(spec.name)
     return Rule(
@@ -269,7 +304,7 @@ def health_rule(
             "summary": f"{spec.summary[0].upper()}{spec.summary[1:]} ({_where()})",
             "description": (
                 f"Karn health check {spec.name} failed on {_where()}; it fails when the value is "
-                f"{_threshold_text(spec, t)}. {latest} The alert holds for {HOLD} after the check's last "
+                f"{_threshold_text(spec, returns if is_return else t)}. {latest} The alert holds for {HOLD} after the check's last "
                 "alert, and while the check is still failing."
             ),
             "dashboard": _dashboard_link(dashboard),
@@ -379,13 +414,201 @@ def watchdog_rule() -> Rule:
 
 
 def rules(
-    thresholds: HealthThresholds = DEFAULT_THRESHOLDS, head_sizes: Mapping[str, int] | None = None
+    thresholds: HealthThresholds = DEFAULT_THRESHOLDS,
+    head_sizes: Mapping[str, int] | None = None,
+    returns: ReturnThresholds = DEFAULT_RETURN_THRESHOLDS,
 ) -> dict[str, list[Rule]]:
-    """``{group name: rules}``: one alert per HealthMonitor check, then Karn's own."""
+    """``{group name: rules}``: one alert per HealthMonitor check, one per ReturnMonitor check
+    (RL tasks, ``karn_otel.init(task="rl")``), then Karn's own."""
     return {
         "karn-health": [health_rule(spec, thresholds, head_sizes) for spec in CHECKS],
+        "karn-returns": [health_rule(spec, thresholds, head_sizes, returns) for spec in RETURN_CHECKS],
         "karn-telemetry": [rank_missing_rule(), telemetry_dropping_rule(), watchdog_rule()],
     }
+
+
+# --------------------------------------------------------------------------- recording rules
+
+RANK_WINDOW = "5m"
+"""The window of the per-rank mean epoch time (``increase`` of the epoch histogram's sum and
+count): the mean of the epochs that ended in it. A rank whose epochs are longer than the window
+has no value between epochs."""
+WORST_K = 5
+"""Rows per measure in the Ranks dashboard's "Worst ranks" table."""
+PER_RANK = '{rank!="", scope!="job"}'
+"""A per-rank series: it has a ``rank`` label and is not a job-wide (``scope="job"``) one."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    record: str
+    expr: str
+    help: str  # one line: what the recorded value is (a comment above the rule, and docs)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One per-rank quantity whose job-wide aggregates and per-rank deviation are recorded."""
+
+    metric: str  # Prometheus name (for the histogram, the base name)
+    per_rank: str  # an expression with labels (run_id, rank): one value per rank
+    ops: str  # the operations already applied to the per-rank value ("" or "mean5m")
+    worse: str  # "higher" | "lower": which way a rank is worse
+    title: str  # how the Worst ranks table names its measure
+
+
+def _ops(op: str, spread: Spread) -> str:
+    return f"{op}_{spread.ops}" if spread.ops else op
+
+
+def spreads() -> list[Spread]:
+    """The per-rank quantities of the Ranks dashboard: train loss, validation accuracy, host
+    gradient norm (the latest value of each rank's gauge) and epoch time (each rank's mean
+    epoch duration over :data:`RANK_WINDOW`, from the epoch histogram)."""
+
+    def gauge(otel: str, worse: str, title: str) -> Spread:
+        name = _m(otel)
+        return Spread(name, f"max by (run_id, rank) ({name}{PER_RANK})", "", worse, title)
+
+    epoch = by_name("karn.epoch.duration")
+    assert epoch.kind == "histogram"
+    e, w = epoch.prometheus_name, RANK_WINDOW
+    mean = f"mean{w}"
+    return [
+        gauge("karn.host.train_loss", "higher", "train loss / job median"),
+        gauge("karn.host.val_accuracy", "lower", "val accuracy - job median"),
+        gauge("karn.host.grad_norm", "higher", "host grad norm / job median"),
+        Spread(f"rank:{e}:{mean}", "", mean, "higher", "epoch time / job median"),
+    ]
+
+
+def _deviation_record(s: Spread) -> str:
+    """``rank:<metric>:ratio_to_median`` (or ``diff_from_median`` for a quantity where lower is worse)."""
+    metric = s.metric.split(":")[1] if ":" in s.metric else s.metric
+    op = "diff_from_median" if s.worse == "lower" else "ratio_to_median"
+    return f"rank:{metric}:{_ops(op, s)}"
+
+
+def recording_rules() -> dict[str, list[Recording]]:
+    """``{group name: recording rules}``: one group, evaluated in order (a rule reads the ones above it).
+
+    ``rank:`` rules have labels ``run_id, rank``; ``run:`` rules ``run_id`` (the ranks count also
+    ``world_size``, one value per run). Per-rank series only (``rank`` set, ``scope`` not ``job``),
+    deduplicated per (run, rank) first, so a rank exported twice (its endpoint and the Collector)
+    counts once.
+    """
+    out: list[Recording] = []
+    epoch = by_name("karn.epoch.duration")
+    e, w = epoch.prometheus_name, RANK_WINDOW
+    out.append(
+        Recording(
+            f"rank:{e}:mean{w}",
+            f"sum by (run_id, rank) (increase({e}_sum{PER_RANK}[{w}]))\n"
+            f"/\n(sum by (run_id, rank) (increase({e}_count{PER_RANK}[{w}])) > 0)",
+            f"each rank's mean epoch time (s) over the epochs that ended in the last {w}",
+        )
+    )
+    accepted = _m("karn.telemetry.events.accepted")
+    out.append(
+        Recording(
+            f"run:{accepted}:count_ranks",
+            f"count by (run_id, world_size) (max by (run_id, rank, world_size) ({accepted}{PER_RANK}))",
+            "ranks exporting their own series (labels run_id, world_size)",
+        )
+    )
+    for s in spreads():
+        metric = s.metric.split(":")[1] if ":" in s.metric else s.metric
+        base = s.per_rank or s.metric
+        what = "epoch time (s)" if s.ops else metric
+        for op, fn in (("max", "max"), ("min", "min"), ("avg", "avg")):
+            out.append(
+                Recording(
+                    f"run:{metric}:{_ops(op, s)}",
+                    f"{fn} by (run_id) ({base})",
+                    f"{'unweighted mean' if op == 'avg' else op} across the run's ranks of each rank's {what}",
+                )
+            )
+        out.append(
+            Recording(
+                f"run:{metric}:{_ops('median', s)}",
+                f"quantile by (run_id) (0.5, {base})",
+                f"median across the run's ranks of each rank's {what} (mean of the middle two for an even count)",
+            )
+        )
+        out.append(
+            Recording(
+                f"run:{metric}:{_ops('spread', s)}",
+                f"run:{metric}:{_ops('max', s)} - run:{metric}:{_ops('min', s)}",
+                f"max - min across the run's ranks of {what}",
+            )
+        )
+        median = f"run:{metric}:{_ops('median', s)}"
+        if s.worse == "lower":
+            expr = f"{base}\n- on (run_id) group_left ()\n{median}"
+            text = f"each rank's {what} minus the run's median (negative: below the job)"
+        else:
+            expr = f"{base}\n/ on (run_id) group_left ()\n({median} > 0)"
+            text = f"each rank's {what} / the run's median (> 1: above the job; none while the median is <= 0)"
+        out.append(Recording(_deviation_record(s), expr, text))
+    status = _m("karn.health.status")
+    failing = f"rank:{status}:count_failing"
+    out.append(
+        Recording(
+            failing,
+            f"sum by (run_id, rank) (max by (run_id, rank, check) ({status}{PER_RANK}) > bool 0)",
+            "health checks failing on each rank now (0 when all pass)",
+        )
+    )
+    out.append(
+        Recording(
+            f"run:{status}:count_ranks_failing",
+            f"sum by (run_id) ({failing} > bool 0)",
+            "ranks of the run with at least one failing health check",
+        )
+    )
+    return {"karn-ranks": out}
+
+
+def recorded_names() -> list[str]:
+    return [r.record for group in recording_rules().values() for r in group]
+
+
+def worst_ranks_expr(run: str = '{run_id=~"$run_id"}', k: int = WORST_K) -> str:
+    """The Ranks dashboard's "Worst ranks" table: per measure, the ``k`` ranks furthest from the job
+    median on the bad side (ratio > 1, or accuracy below the median), and the ranks with the most
+    failing health checks; the ``measure`` label names the row's measure, ``rank`` the rank."""
+    parts = []
+    for s in spreads():
+        rec = _deviation_record(s)
+        sel = f"topk by (run_id) ({k}, {rec}{run} > 1)"
+        if s.worse == "lower":
+            sel = f"bottomk by (run_id) ({k}, {rec}{run} < 0)"
+        parts.append(f'label_replace({sel}, "measure", "{s.title}", "", "")')
+    failing = f"rank:{_m('karn.health.status')}:count_failing"
+    parts.append(
+        f'label_replace(topk by (run_id) ({k}, {failing}{run} > 0), "measure", "health checks failing", "", "")'
+    )
+    return "\n  or ".join(parts)
+
+
+def render_recording() -> str:
+    """The full text of the recording rules file."""
+    out = [
+        "# Karn recording rules: job-wide aggregates and per-rank spread, so dashboards never query",
+        "# raw per-rank series across a large job. Generated by `python -m karn_otel.stack_rules --write`",
+        "# from karn_otel/metrics_registry.py. Do not edit by hand: tests/stack/test_static.py fails when",
+        "# this file differs from the generator. Unit tests: stack/prometheus/tests/karn-recording.test.yml;",
+        "# tests/stack/test_recording_rules.py checks every rule in a real Prometheus against numpy.",
+        "groups:",
+    ]
+    for group, recs in recording_rules().items():
+        out += [f"  - name: {group}", "    rules:"]
+        for r in recs:
+            out.append(f"      # {r.help}")
+            out.append(f"      - record: {r.record}")
+            out.append("        expr: |-")
+            out += [f"          {line}".rstrip() for line in r.expr.splitlines()]
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- YAML
@@ -404,7 +627,8 @@ def render(
     """The full text of the rules file (``runbook_base``: where docs/alerts.md is published)."""
     out = [
         "# Karn alert rules. Generated by `python -m karn_otel.stack_rules --write` from",
-        "# karn_otel/health.py (CHECKS, HealthThresholds defaults) and karn_otel/metrics_registry.py.",
+        "# karn_otel/health.py (CHECKS and RETURN_CHECKS, HealthThresholds and ReturnThresholds defaults)",
+        "# and karn_otel/metrics_registry.py.",
         "# Do not edit by hand: tests/stack/test_static.py fails when this file differs from the generator.",
         "# Unit tests: stack/prometheus/tests/karn-alerts.test.yml (promtool test rules).",
     ]
@@ -458,15 +682,30 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URL",
         help=f"where docs/alerts.md is published, for every alert's runbook_url (default {RUNBOOK_BASE})",
     )
+    ap.add_argument(
+        "--recording-path",
+        type=Path,
+        default=RECORDING_PATH,
+        help="the recording rules file (default: stack/prometheus/rules/karn-recording.yml)",
+    )
     args = ap.parse_args(argv)
     from karn_otel.generated import write_or_check
 
-    return write_or_check(
+    regenerate = "python -m karn_otel.stack_rules --write"
+    status = write_or_check(
         render(DEFAULT_THRESHOLDS, args.head_sizes, args.runbook_base),
         args.path,
         write=args.write,
         check=args.check,
-        regenerate="python -m karn_otel.stack_rules --write",
+        regenerate=regenerate,
+    )
+    if not args.write and not args.check:
+        sys.stdout.write("---\n")
+    return max(
+        status,
+        write_or_check(
+            render_recording(), args.recording_path, write=args.write, check=args.check, regenerate=regenerate
+        ),
     )
 
 

@@ -17,8 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from karn_otel import stack_rules
 from karn_otel.distributed.export_policy import sampled_ranks
 from karn_otel.sinks.runlog import read_run
 from tests.otlp_receiver import OTLPReceiver
@@ -31,6 +33,7 @@ EPOCHS = 8
 FAULTY = 2
 SPIKE_EPOCH = 7
 SLOW_S = 0.3
+RECORDING_RULES = stack_rules.RECORDING_PATH
 
 
 def free_port_block(n: int) -> int:
@@ -56,6 +59,49 @@ def host_snapshots(run_dir: Path) -> list:
     return [e.payload for e in read_run(run_dir).events if e.event_type.value == "host_snapshot" and not e.is_reduced]
 
 
+def check_recording_rules(prom: Prometheus, run_id: str, policy: str, last: list, exporting: set[int]) -> None:
+    """The recording rules (stack/prometheus/rules/karn-recording.yml), as the real Prometheus
+    evaluated them on the scraped series, equal numpy on the ranks' own run logs: over every rank
+    under ``all``; under ``reduced`` they have nothing to read (karn_ranks_* is the spread then)."""
+    sel = f'{{run_id="{run_id}"}}'
+    if policy == "reduced":
+        assert prom.query(f"run:karn_host_train_loss:max{sel}") == []
+        assert prom.query(f"rank:karn_host_train_loss:ratio_to_median{sel}") == []
+        return
+    ranks = sorted(exporting)
+    fields = {
+        "karn_host_train_loss": "train_loss",
+        "karn_host_val_accuracy": "val_accuracy",
+        "karn_host_grad_norm": "host_grad_norm",
+    }
+    for metric, field in fields.items():
+        x = np.array([getattr(last[k], field) for k in ranks])
+        want = {"max": x.max(), "min": x.min(), "avg": x.mean(), "median": np.median(x), "spread": x.max() - x.min()}
+
+        def recorded(metric: str = metric, want: dict = want) -> dict[str, float]:
+            got = {op: prom.query(f"run:{metric}:{op}{sel}") for op in want}
+            return {op: float(r[0]["value"][1]) for op, r in got.items() if r}
+
+        # The rules run every second; the last scrape of the last epoch reaches them within a few.
+        wait_until(lambda: recorded() == pytest.approx(want, rel=1e-9), timeout=15, what=f"run:{metric}:* = numpy")
+        if metric == "karn_host_val_accuracy":
+            dev = {str(k): x[i] - np.median(x) for i, k in enumerate(ranks)}
+            got = prom.query(f"rank:{metric}:diff_from_median{sel}")
+        else:
+            dev = {str(k): x[i] / np.median(x) for i, k in enumerate(ranks)}
+            got = prom.query(f"rank:{metric}:ratio_to_median{sel}")
+        assert {r["metric"]["rank"]: float(r["value"][1]) for r in got} == pytest.approx(dev, rel=1e-9), metric
+    counted = prom.query(f"run:karn_telemetry_events_accepted_total:count_ranks{sel}")
+    assert [(r["metric"]["world_size"], float(r["value"][1])) for r in counted] == [(str(WORLD), len(ranks))]
+    # The Ranks dashboard's Worst ranks table, as Grafana runs it: per measure, the ranks above the
+    # job median (below it, for accuracy), worst first, at most 5.
+    rows = prom.query(stack_rules.worst_ranks_expr(sel))
+    loss = np.array([last[k].train_loss for k in ranks])
+    above = {str(k) for i, k in enumerate(ranks) if loss[i] / np.median(loss) > 1}
+    shown = {r["metric"]["rank"] for r in rows if r["metric"]["measure"] == "train loss / job median"}
+    assert shown == set(sorted(above, key=lambda k: -last[int(k)].train_loss)[: stack_rules.WORST_K])
+
+
 @pytest.mark.parametrize("policy", ["all", "reduced", "sampled:1"])
 def test_four_ranks_export_what_the_policy_says(start_prometheus, tmp_path, policy):
     base = free_port_block(WORLD)
@@ -64,6 +110,7 @@ def test_four_ranks_export_what_the_policy_says(start_prometheus, tmp_path, poli
         {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "karn", "honor_labels": True, "static_configs": [{"targets": targets}]}],
+            "rule_files": [str(RECORDING_RULES)],
         }
     )
     with OTLPReceiver("http/protobuf") as rx:
@@ -124,9 +171,11 @@ def test_four_ranks_export_what_the_policy_says(start_prometheus, tmp_path, poli
             assert worst["busy"] == FAULTY, "the straggler is the busiest rank"
             busy = {r["metric"]["stat"]: float(r["value"][1]) for r in prom.query("karn_ranks_busy_seconds")}
             assert busy["max"] - busy["min"] >= SLOW_S * 0.7, busy
-            flagged = prom.query(f'max_over_time(karn_ranks_unhealthy_rank{{run_id="{run_id}"}}[10m])')
+            # A counter: the faulty rank was unhealthy for about one epoch, maybe less than a scrape.
+            flagged = prom.query(f'karn_ranks_unhealthy_epochs_total{{run_id="{run_id}"}} > 0')
             assert {r["metric"]["rank"] for r in flagged} == {str(FAULTY)}, "the unhealthy rank, named by rank 0"
             assert all("rank" not in r["metric"] for r in prom.query("karn_ranks_train_loss")), "job-wide: no rank"
+            check_recording_rules(prom, run_id, policy, last, expected)
         finally:
             stop_process(proc)
             log.close()

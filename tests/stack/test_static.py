@@ -1,8 +1,9 @@
 """What cannot run here (Docker, the Collector, Tempo, Grafana) checked against the code; what can
 (promtool, amtool) run on the committed files.
 
-* the alert rules are generated from karn_otel/health.py and the metric registry, and the
-  committed file is the generator's output; promtool checks them and runs their unit tests;
+* the alert and recording rules are generated from karn_otel/health.py and the metric registry,
+  and the committed files are the generator's output; promtool checks them and runs their unit
+  tests; the Ranks dashboard reads the recording rules, never every rank's raw series;
 * every metric a rule, dashboard or data source names is one Karn exports (its Prometheus name);
 * dashboards: variables, data source uids that are provisioned, thresholds that are the
   HealthMonitor's, Tempo queries that use the span and attribute names the OTel sink writes;
@@ -26,7 +27,7 @@ import yaml
 from karn_otel import metrics_registry as reg
 from karn_otel import stack_rules
 from karn_otel.contracts import SeedStage
-from karn_otel.health import CHECKS, entropy_floors
+from karn_otel.health import CHECKS, RETURN_CHECKS, entropy_floors
 from karn_otel.health import DEFAULT_THRESHOLDS as T
 from tests.stack.conftest import AMTOOL, PROMTOOL, REPO, STACK, require
 
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.stack
 
 RULES = STACK / "prometheus" / "rules" / "karn-alerts.yml"
 RULE_TESTS = STACK / "prometheus" / "tests" / "karn-alerts.test.yml"
+RECORDING = STACK / "prometheus" / "rules" / "karn-recording.yml"
+RECORDING_TESTS = STACK / "prometheus" / "tests" / "karn-recording.test.yml"
 PROMETHEUS_YML = STACK / "prometheus" / "prometheus.yml"
 ALERTMANAGER_YML = STACK / "alertmanager" / "alertmanager.yml"
 DATASOURCES = STACK / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
@@ -54,6 +57,8 @@ REQUIRED_ALERTS = {
     "KarnLossSpike",
     "KarnGradientExplosion",
     "KarnAccuracyDrop",
+    "KarnNonFiniteReturn",
+    "KarnReturnRegression",
     "KarnRankMissing",
     "KarnTelemetryDropping",
     "KarnWatchdog",
@@ -139,6 +144,13 @@ def rules() -> list[dict]:
     return [r for g in load_yaml(RULES)["groups"] for r in g["rules"]]
 
 
+def recordings() -> list[dict]:
+    return [r for g in load_yaml(RECORDING)["groups"] for r in g["rules"]]
+
+
+RECORDED = set(stack_rules.recorded_names())
+
+
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
 
@@ -148,6 +160,7 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def test_rules_file_is_the_generators_output():
     assert RULES.read_text() == stack_rules.render(), "stale: run python -m karn_otel.stack_rules --write"
+    assert RECORDING.read_text() == stack_rules.render_recording(), "stale: run python -m karn_otel.stack_rules --write"
     assert stack_rules.main(["--check"]) == 0
 
 
@@ -162,7 +175,7 @@ def test_one_alert_per_health_check_plus_karns_own():
     assert len(names) == len(set(names))
     assert REQUIRED_ALERTS <= set(names)
     by_alert = {r["alert"]: r for r in rules()}
-    for spec in CHECKS:
+    for spec in CHECKS + RETURN_CHECKS:
         r = by_alert[stack_rules.alert_name(spec.name)]
         assert r["labels"]["check"] == spec.name
         assert r["labels"]["severity"] == spec.severity.value
@@ -220,14 +233,74 @@ def test_every_metric_a_rule_names_is_exported_by_karn():
 
 def test_promtool_checks_the_rules():
     promtool = require(PROMTOOL, "promtool", "prometheus")
-    result = run([promtool, "check", "rules", str(RULES)])
+    result = run([promtool, "check", "rules", str(RULES), str(RECORDING)])
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(recordings())} rules found" in result.stdout, result.stdout
 
 
 def test_promtool_rule_unit_tests_pass():
     promtool = require(PROMTOOL, "promtool", "prometheus")
-    result = run([promtool, "test", "rules", str(RULE_TESTS)])
+    result = run([promtool, "test", "rules", str(RULE_TESTS), str(RECORDING_TESTS)])
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_return_checks_alerts_fire_and_stay_quiet_in_their_unit_tests():
+    """Each ReturnMonitor check has its own alert, with a firing and a must-not-fire case."""
+    doc = load_yaml(RULE_TESTS)
+    [group] = [t for t in doc["tests"] if t["name"].startswith("return checks")]
+    cases = group["alert_rule_test"]
+    for spec in RETURN_CHECKS:
+        name = stack_rules.alert_name(spec.name)
+        fired = [c for c in cases if c["alertname"] == name and c["exp_alerts"]]
+        assert fired and [c for c in cases if c["alertname"] == name and not c["exp_alerts"]], name
+        assert all(a["exp_labels"]["check"] == spec.name for c in fired for a in c["exp_alerts"])
+
+
+# --------------------------------------------------------------------------- recording rules
+
+
+def test_recording_rules_follow_the_naming_convention_and_keep_labels_bounded():
+    """level:metric:operations; level rank = labels (run_id, rank), level run = run_id; metric is Karn's."""
+    names = [r["record"] for r in recordings()]
+    assert len(names) == len(set(names)) and set(names) == RECORDED
+    histograms = {m.prometheus_name for m in reg.METRICS if m.kind == "histogram"}
+    prom = {m.prometheus_name for m in reg.METRICS}
+    for r in recordings():
+        level, metric, ops = r["record"].split(":")
+        assert level in ("rank", "run") and ops, r["record"]
+        assert metric in prom | histograms, r["record"]
+        expr = " ".join(r["expr"].split())
+        # the outermost aggregation (or the rules it combines) fixes the output labels
+        if level == "rank":
+            assert re.match(r"(sum|max) by \(run_id, rank\)", expr) or expr.startswith("rank:"), r["record"]
+        elif metric == "karn_telemetry_events_accepted_total":
+            assert expr.startswith("count by (run_id, world_size) ("), r["record"]
+        else:
+            assert re.match(r"(max|min|avg|sum|quantile) by \(run_id\) \(", expr) or re.fullmatch(
+                r"run:\S+ - run:\S+", expr
+            ), r["record"]
+        assert "without" not in expr and "instance" not in expr, r["record"]
+
+
+def test_recording_rules_read_karns_per_rank_series_or_rules_recorded_above_them():
+    seen: set[str] = set()
+    for r in recordings():
+        names = karn_metric_names(r["expr"])
+        assert names, r["record"]
+        assert names <= PROM_NAMES | seen, (r["record"], names - PROM_NAMES - seen)
+        for name in names - seen:  # a raw series: per-rank only, never the job-wide (scope="job") one
+            for sel in re.findall(rf"(?<![\w:]){re.escape(name)}(?![\w:])(\{{[^}}]*\}})?", r["expr"]):
+                assert sel == stack_rules.PER_RANK, (r["record"], name, sel)
+        seen.add(r["record"])
+
+
+def test_every_recording_rule_has_a_unit_test_case():
+    doc = load_yaml(RECORDING_TESTS)
+    assert doc["rule_files"] == ["../rules/karn-recording.yml"]
+    tested = {case["expr"] for t in doc["tests"] for case in t.get("promql_expr_test", [])}
+    assert RECORDED <= tested, RECORDED - tested
+    # the Ranks dashboard's Worst ranks query, as the generator writes it, for run r4
+    assert " ".join(stack_rules.worst_ranks_expr('{run_id="r4"}').split()) in {" ".join(e.split()) for e in tested}
 
 
 def test_rule_unit_tests_have_a_firing_and_a_quiet_case_for_every_rule():
@@ -284,12 +357,14 @@ def test_promtool_checks_the_config_with_its_rules(tmp_path):
     result = run([promtool, "check", "config", str(PROMETHEUS_YML)])
     assert result.returncode == 0, result.stdout + result.stderr
     cfg = load_yaml(PROMETHEUS_YML)
-    cfg["rule_files"] = [str(RULES)]
+    assert cfg["rule_files"] == ["/etc/prometheus/rules/*.yml"], "both rule files are loaded"
+    cfg["rule_files"] = [str(RULES.parent / "*.yml")]
     local = tmp_path / "prometheus.yml"
     local.write_text(yaml.safe_dump(cfg))
     result = run([promtool, "check", "config", str(local)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(rules())} rules found" in result.stdout, result.stdout
+    assert f"{len(recordings())} rules found" in result.stdout, result.stdout
 
 
 def test_amtool_checks_the_alertmanager_config():
@@ -391,10 +466,11 @@ def test_dashboards_use_only_provisioned_datasources():
 
 
 def test_every_metric_a_dashboard_names_is_exported_by_karn():
+    """Karn's own series, or one of its recording rules (stack/prometheus/rules/karn-recording.yml)."""
     for uid, board in dashboards().items():
         for title, expr in prom_exprs(board):
             names = karn_metric_names(expr)
-            assert names <= PROM_NAMES, (uid, title, names - PROM_NAMES)
+            assert names <= PROM_NAMES | RECORDED, (uid, title, names - PROM_NAMES - RECORDED)
             assert names or metric_names(expr) & PROMETHEUS_BUILTINS, (uid, title, expr)
             assert set(re.findall(r"\$\{?(\w+)", expr)) <= DASHBOARD_VARIABLES, (uid, title, expr)
 
@@ -412,8 +488,64 @@ def test_alerts_link_to_existing_dashboards():
 
 def test_every_metric_karn_exports_is_on_a_dashboard():
     shown = {n for board in dashboards().values() for _, expr in prom_exprs(board) for n in metric_names(expr)}
+    for r in reversed(recordings()):  # a recording rule on a dashboard shows the series it reads
+        if r["record"] in shown:
+            shown |= metric_names(r["expr"])
     missing = {m.prometheus_name for m in reg.METRICS if not set(m.prometheus_series) & shown}
     assert not missing, f"metrics in karn_otel/metrics_registry.py that no dashboard plots: {sorted(missing)}"
+
+
+def test_ranks_dashboard_reads_the_recording_rules_not_every_ranks_series():
+    """Job-wide panels query run:* rules; raw per-rank series only for the picked ranks ($rank), the
+    job-wide series (scope="job"), or a query that returns only exceptional ranks (missing ones)."""
+    board = dashboards()["karn-ranks"]
+    rows = [i for i, p in enumerate(board["panels"]) if p["type"] == "row"]
+    titles = [board["panels"][i]["title"] for i in rows]
+    start = rows[[t.startswith("Job-wide") for t in titles].index(True)]
+    end = rows[[t.startswith("Per rank") for t in titles].index(True)]
+    job_wide = board["panels"][start + 1 : end]
+    assert job_wide and all(p["type"] != "row" for p in job_wide)
+    raw_ok = {
+        "Missing ranks": "the KarnRankMissing expression: only the ranks that vanished",
+        "run_id": "the Run picker (label values from the series index)",
+        "rank": "the Rank picker (label values from the series index)",
+    }
+    for title, expr in prom_exprs(board):
+        for name in karn_metric_names(expr) - RECORDED:
+            sels = re.findall(rf"(?<![\w:]){re.escape(name)}(?![\w:])(\{{[^}}]*\}})?", expr)
+            for sel in sels:
+                assert 'rank=~"$rank"' in sel or 'scope="job"' in sel or title in raw_ok, (title, name, sel)
+    for p in job_wide:
+        if p["title"] in raw_ok or p["title"] == "Firing alerts":
+            continue
+        for t in p["targets"]:
+            names = karn_metric_names(t["expr"])
+            job_series = 'scope="job"' in t["expr"]  # one series per run, exported by rank 0
+            assert names & RECORDED or job_series, (p["title"], t["expr"])
+    by_title = {p["title"]: p for p in board["panels"]}
+    for title, metric, ops in (
+        ("Train loss across ranks", "karn_host_train_loss", ""),
+        ("Validation accuracy across ranks", "karn_host_val_accuracy", ""),
+        ("Host grad norm across ranks", "karn_host_grad_norm", ""),
+        ("Epoch time across ranks", "karn_epoch_duration_seconds", f"_mean{stack_rules.RANK_WINDOW}"),
+    ):
+        exprs = {t["expr"] for t in by_title[title]["targets"]}
+        for op in ("max", "min", "avg", "median", "spread"):
+            assert f'run:{metric}:{op}{ops}{{run_id=~"$run_id"}}' in exprs, (title, op)
+
+
+def test_worst_ranks_table_is_the_generators_query_with_rank_as_a_column():
+    [panel] = [p for p in dashboards()["karn-ranks"]["panels"] if p["title"] == "Worst ranks"]
+    assert panel["type"] == "table"
+    [target] = panel["targets"]
+    assert target["expr"] == stack_rules.worst_ranks_expr()
+    assert target["instant"] and target["format"] == "table"
+    [organize] = [t for t in panel["transformations"] if t["id"] == "organize"]
+    excluded = {k for k, v in organize["options"]["excludeByName"].items() if v}
+    assert {"rank", "measure"}.isdisjoint(excluded) and "Time" in excluded
+    assert organize["options"]["indexByName"]["rank"] < organize["options"]["indexByName"]["Value"]
+    for s in stack_rules.spreads():
+        assert f'"measure", "{s.title}"' in target["expr"]
 
 
 def test_dashboards_show_the_health_monitors_thresholds():
@@ -736,6 +868,9 @@ def test_docs_describe_the_stack():
         "--otlp-endpoint",
         "--prometheus-port",
         "stack_rules",
+        "karn-recording.yml",
+        "Worst ranks",
         *sorted(REQUIRED_ALERTS),
+        *sorted(RECORDED),
     ):
         assert needle in text, needle
