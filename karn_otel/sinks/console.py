@@ -1,15 +1,24 @@
 """The console sink: the spec's live dashboard ("Live Dashboard Output").
 
-On a terminal, a daemon thread redraws the dashboard a few times a second from the
-TelemetryStore; ``handle`` on the training thread only marks it dirty. When stdout is not
-a terminal (CI, a log file) it prints one plain line per epoch, and one per alert.
+On a terminal the dashboard is a ``rich.live.Live`` display: a daemon thread re-renders it
+from the TelemetryStore, at most ``refresh_hz`` times a second and only when something
+changed (``handle`` on the training thread only marks it dirty). While it is up, and when
+the sink writes to the process's own stdout on a terminal, ``sys.stdout`` (and
+``sys.stderr``, when that is a terminal too) are redirected through the display, so the
+script's own prints appear above the dashboard, intact, and the dashboard is redrawn below
+them; ``close()`` restores both (idempotent, also at exit). Writes that bypass
+``sys.stdout`` (a logging handler created before ``init``, a child process) are not
+redirected. When stdout is not a terminal (CI, a log file) it prints one plain line per
+epoch, and one per alert.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
-from typing import TextIO
+import weakref
+from typing import Any, TextIO
 
 from karn_otel.contracts import SeedStage, TelemetryEvent, TelemetryEventType
 from karn_otel.pipeline import AnalyticsView, StoreView
@@ -32,13 +41,21 @@ class ConsoleSink:
         self.store = view
         self.analytics: AnalyticsView = view.analytics
         self.stream = stream or sys.stdout
-        self.live = self.stream.isatty() if live is None else live
+        self.live = _isatty(self.stream) if live is None else live
         self._period = 1.0 / refresh_hz
         self._dirty = threading.Event()
         self._stop = threading.Event()
-        self._drawn_lines = 0
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._live: _LiveDisplay | None = None  # while the dashboard is up
         self._thread: threading.Thread | None = None
         if self.live:
+            # Redirect only the real process stdout on a terminal (an explicit stream= is left alone),
+            # and stderr only when it is a terminal too (2>file keeps going to the file).
+            redirect = stream is None and _is_process_stdout(self.stream)
+            self._live = _start_live(self.stream, refresh_hz, redirect, redirect and _isatty(sys.stderr))
+            if self._live is not None:
+                _LIVE_SINKS.add(self)
             self._thread = threading.Thread(target=self._loop, name="karn-console", daemon=True)
             self._thread.start()
 
@@ -71,15 +88,29 @@ class ConsoleSink:
                 self._write(verdict + "\n")
 
     def flush(self, timeout: float | None = None) -> None:
-        if self.live:
+        if self.live and not self._closed:
             self._draw()
 
     def close(self) -> None:
+        """Stop the refresh thread, draw the final dashboard, restore sys.stdout/sys.stderr.
+
+        Idempotent, safe from atexit or another thread; never raises."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         if self._thread is not None:
             self._stop.set()
             self._dirty.set()
-            self._thread.join(timeout=2.0)
-            self._draw()
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=2.0)
+        if not self.live:
+            return
+        self._draw()
+        live, self._live = self._live, None
+        _LIVE_SINKS.discard(self)
+        if live is not None:
+            live.stop()
 
     # -- rendering --------------------------------------------------------------------
 
@@ -94,14 +125,21 @@ class ConsoleSink:
         while not self._stop.is_set():
             if self._dirty.wait(timeout=1.0):
                 self._dirty.clear()
+                if self._stop.is_set():
+                    break
                 self._draw()
                 self._stop.wait(self._period)
 
     def _draw(self) -> None:
-        lines = self.render()
-        up = f"\x1b[{self._drawn_lines}A" if self._drawn_lines else ""
-        self._write(up + "\x1b[J" + "\n".join(lines) + "\n")
-        self._drawn_lines = len(lines)
+        """Render the store and redraw the live display (on the refresh thread, at flush and close)."""
+        try:
+            lines = self.render()
+            live = self._live
+            if live is None:  # rich could not start: draw nothing rather than break the terminal
+                return
+            live.update("\n".join(lines))
+        except Exception:  # noqa: BLE001  # a closed stream, a store mid-update: skip this frame
+            pass
 
     def verdict_line(self) -> str | None:
         """The claims of the latest matrix, with the rule and level that made them.
@@ -261,6 +299,106 @@ class ConsoleSink:
             f" {sum(stats.dropped.values())} dropped"
         )
         return _box(rows)
+
+
+# Sinks whose Live display is up: a forked child (a DataLoader worker) gets the real streams
+# back, since the parent's display and its locks (possibly held at the fork) are not its own.
+_LIVE_SINKS: weakref.WeakSet[ConsoleSink] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for sink in list(_LIVE_SINKS):
+        live, sink._live = sink._live, None
+        sink._closed = True
+        if live is not None:
+            live.unredirect()
+    _LIVE_SINKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _is_process_stdout(stream: Any) -> bool:
+    """The process's own stdout (fd 1), on a terminal."""
+    try:
+        return stream.fileno() == 1 and _isatty(stream)
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _LiveDisplay:
+    """A started rich Live display writing to ``stream``, and the streams it replaced.
+
+    Refreshed by the sink's own thread only when the store changed (no auto-refresh: an
+    unchanged dashboard is not redrawn); a script's print, redirected, redraws it below."""
+
+    def __init__(self, stream: TextIO, refresh_hz: float, redirect_stdout: bool, redirect_stderr: bool) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console(file=stream, force_terminal=True, force_jupyter=False, highlight=False, markup=False)
+        self.live = Live(
+            console=console,
+            auto_refresh=False,
+            refresh_per_second=refresh_hz,
+            redirect_stdout=redirect_stdout,
+            redirect_stderr=redirect_stderr,
+            transient=False,
+        )
+        self.saved = (sys.stdout, sys.stderr)
+        self.proxies: tuple[Any, Any] = (None, None)
+        started = False
+        try:
+            self.live.start()
+            started = True
+        finally:
+            # What Live put in their place (None: not redirected), to restore only its own proxies.
+            self.proxies = (
+                sys.stdout if sys.stdout is not self.saved[0] else None,
+                sys.stderr if sys.stderr is not self.saved[1] else None,
+            )
+            if not started:  # Live.start raised: put the streams back, the sink runs without it
+                self.unredirect()
+
+    def update(self, text: str) -> None:
+        from rich.text import Text
+
+        # No wrapping: a narrow terminal crops the box instead of breaking its redraw.
+        self.live.update(Text(text, no_wrap=True, overflow="crop"), refresh=True)
+
+    def stop(self) -> None:
+        try:
+            for proxy in self.proxies:  # a last write without its newline is printed, not lost
+                if proxy is not None:
+                    proxy.flush()
+            self.live.stop()  # restores sys.stdout / sys.stderr in its own finally
+        except Exception:  # noqa: BLE001  # a closed stream: the dashboard is best-effort
+            pass
+        finally:
+            self.unredirect()
+
+    def unredirect(self) -> None:
+        """Put back the streams Live replaced where they are still its proxies (not a stream
+        the script installed since), whatever state Live itself is in."""
+        if self.proxies[0] is not None and sys.stdout is self.proxies[0]:
+            sys.stdout = self.saved[0]
+        if self.proxies[1] is not None and sys.stderr is self.proxies[1]:
+            sys.stderr = self.saved[1]
+
+
+def _start_live(stream: TextIO, refresh_hz: float, redirect_stdout: bool, redirect_stderr: bool) -> _LiveDisplay | None:
+    try:
+        return _LiveDisplay(stream, refresh_hz, redirect_stdout, redirect_stderr)
+    except Exception:  # noqa: BLE001  # rich could not start: no live display, training goes on
+        return None
 
 
 def _verdict_word(a: AnalyticsView, check: str, good: str, bad: str) -> str:
