@@ -81,7 +81,7 @@ NOT_IN_SHORT_REFERENCE_RUN = {
     "karn.counterfactual.claim",
     *(m.name for m in reg.METRICS if m.source == "control"),
     # One process: no reduction, so no spread across ranks (tests/stack/test_ddp_scrape.py has it).
-    *(m.name for m in reg.METRICS if m.source in ("ranks", "ranks_unhealthy")),
+    *(m.name for m in reg.METRICS if m.source in ("ranks", "ranks_unhealthy", "ranks_unhealthy_epochs")),
 }
 INJECTED_REASON = "test_injected_window"
 
