@@ -675,11 +675,11 @@ def _additivity_weight(
 ) -> float:
     """The mixing weight while some size is unsampled: how additive the game looks.
 
-    ``lam`` is the least-squares slope of ``u(S)`` on ``sum_{i in S} removal cost(i)`` over the
-    smaller coalition S of each sampled unit (1 on an additive game; about 0 when the value
-    sits in high-order interactions, whose small coalitions are worth nothing). The weight is
-    ``clip(2 lam - 0.5, 0, 1)``: the regression's additive extrapolation for ``lam >= 0.75``,
-    the stratified estimator's zero prior for ``lam <= 0.25``. ``default`` without such units.
+    On the smaller coalition S of each sampled unit, the additive model predicts ``u(S) = x(S)
+    = sum_{i in S} removal cost(i)`` and the stratified estimator's prior ``u(S) = 0`` (right
+    when the value sits in high-order interactions, whose small coalitions are worth nothing).
+    The weight of the regression is ``SSE(zero) / (SSE(zero) + SSE(additive))`` over those
+    coalitions, ``sum u**2 / (sum u**2 + sum (u - x)**2)``; ``default`` without such units.
     """
     index = {int(m): r for r, m in enumerate(masks)}
     full = (1 << n) - 1
@@ -694,10 +694,10 @@ def _additivity_weight(
             xs.append(float(((small >> np.arange(n)) & 1) @ removal))
             ys.append(float(values[index[small]] - v0))
     x, y = np.array(xs), np.array(ys)
-    if x.size == 0 or float(x @ x) <= 0.0:
+    sse_zero, sse_additive = float(y @ y), float((y - x) @ (y - x))
+    if x.size == 0 or sse_zero + sse_additive <= 0.0:
         return default
-    lam = float(x @ y) / float(x @ x)
-    return min(1.0, max(0.0, 2.0 * lam - 0.5))
+    return sse_zero / (sse_zero + sse_additive)
 
 
 def shapley_sampled_estimate(
@@ -711,7 +711,8 @@ def shapley_sampled_estimate(
     their covariance, pooled over the players; the weight ``alpha`` in ``alpha A + (1 - alpha)
     B`` minimises the pooled variance (clipped to [0, 1]; ``alpha = 1`` below two units). While
     some coalition size is neither complete nor sampled, the error is mostly extrapolation,
-    which the jackknife does not see, and alpha comes from :func:`_additivity_weight`. The
+    which the jackknife does not see: alpha is then the larger of the jackknife's and
+    :func:`_additivity_weight` (B only gets weight when both favour it). The
     same alpha is applied to every column of ``values`` (bootstrap replicates), so the map
     stays linear. Efficiency holds exactly.
 
@@ -743,7 +744,7 @@ def shapley_sampled_estimate(
     alpha = min(1.0, max(0.0, (var_b - cov) / denom)) if denom > 0 else 1.0
     covered = _sizes_covered(n, masks, units)
     if not covered:  # the jackknife cannot see the extrapolation over an unsampled size
-        alpha = _additivity_weight(n, masks, values[:, 0], units, alpha)
+        alpha = max(alpha, _additivity_weight(n, masks, values[:, 0], units, alpha))
     est = alpha * a_est + (1.0 - alpha) * b_est
     if not covered:
         return est, np.full(n, np.nan), p, alpha
