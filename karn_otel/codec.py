@@ -211,12 +211,31 @@ def _encode_slow(obj: Any) -> bytes:
     return _JSON.encode(to_jsonable(obj))
 
 
+def _tag_nonfinite(x: Any) -> Any:
+    """Plain JSON types (msgspec's builtins) with every NaN/inf float replaced by its tag."""
+    tp = type(x)
+    if tp is float:
+        return x if x - x == 0 else _encode_float(x)
+    if tp is dict:
+        return {k: _tag_nonfinite(v) for k, v in x.items()}
+    if tp is list or tp is tuple:  # to_builtins keeps tuples
+        return [_tag_nonfinite(v) for v in x]
+    return x
+
+
+def _encode_tagged(obj: Any) -> bytes:
+    """The on-disk form of an object with non-finite floats and only string dict keys: msgspec
+    converts it to builtins in C, one Python walk tags the non-finite floats (about 5 us for an
+    envelope, against about 100 us for :func:`to_jsonable`; the same bytes, tested)."""
+    return _JSON.encode(_tag_nonfinite(msgspec.to_builtins(obj, enc_hook=_enc_hook)))
+
+
 def encode_event(event: TelemetryEvent) -> bytes:
     """One line of ``events.jsonl`` as UTF-8 bytes, without the newline."""
     if type(event.payload) in _PY_ENCODED:
         return _encode_slow(event)
     line = _JSON.encode(event)
-    return _encode_slow(event) if _needs_python(event, line) else line
+    return _encode_tagged(event) if _needs_python(event, line) else line
 
 
 _payload_of = operator.attrgetter("payload")
