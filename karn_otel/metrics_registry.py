@@ -74,7 +74,8 @@ LABEL_VALUES: dict[str, str] = {
     "signal": "traces, metrics",
     "rule": "the claim rule that made a claim: alpha-spending (live), final-epoch Holm (after the episode)",
     "scope": "`job` on the job-wide (reduced over ranks) series, which carry no `rank` label (the "
-    "`karn.ranks.unhealthy_rank` series' `rank` names the unhealthy rank); absent on per-rank series",
+    "`karn.ranks.unhealthy_rank` and `karn.ranks.unhealthy_epochs` series' `rank` names the unhealthy rank); "
+    "absent on per-rank series",
     "stat": "min, mean, max: the spread of one per-rank value across the ranks of a job",
     "quantity": "train_loss, host_grad_norm, busy: the per-rank values a `RankHealthSummary` spreads",
 }
