@@ -247,14 +247,23 @@ def encode_lines(events: Sequence[TelemetryEvent]) -> bytes:
     One C call for the whole batch in the common case; raises like :func:`encode_event`
     when an event cannot be encoded (callers wanting per-event errors retry one by one).
     """
-    if _PY_ENCODED.isdisjoint(map(type, map(_payload_of, events))):  # C-level loop
-        buf = _JSON.encode_lines(events)
+    finite = list(map(getattr, events, repeat(FINITE_FLAG), repeat(False)))  # C-level loops
+    if _PY_ENCODED.isdisjoint(map(type, map(_payload_of, events))):
         # Validated at the door with every float finite (the usual case): no NaN to tag.
-        if all(map(getattr, events, repeat(FINITE_FLAG), repeat(False))):
-            return buf
-        if b"null" not in buf or not _may_be_nonfinite(events):
-            return buf
-    return b"".join([encode_event(e) + b"\n" for e in events])
+        if all(finite):
+            return _JSON.encode_lines(events)
+        if not any(finite):  # not from a collector: scan the batch once
+            buf = _JSON.encode_lines(events)
+            if b"null" not in buf or not _may_be_nonfinite(events):
+                return buf
+    # Line by line; an envelope validated finite needs only the C encode (a plain loop's batch
+    # is mostly such Scalars around one HostSnapshot with NaN fields: only that one is tagged).
+    return b"".join([(_encode_finite(e) if ok else encode_event(e)) + b"\n" for e, ok in zip(events, finite)])
+
+
+def _encode_finite(event: TelemetryEvent) -> bytes:
+    """:func:`encode_event` of an envelope whose floats validation proved finite."""
+    return _encode_slow(event) if type(event.payload) in _PY_ENCODED else _JSON.encode(event)
 
 
 def event_to_dict(event: TelemetryEvent) -> dict[str, Any]:
