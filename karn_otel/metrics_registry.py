@@ -129,6 +129,9 @@ class Source:
     doc: str
 
 
+MAX_UNHEALTHY_RANK_SERIES = 64
+"""Ranks with a ``karn.ranks.unhealthy_epochs`` series (the first ones named); later ones are not counted."""
+
 _SOURCE_LIST = (
     Source("host", (), "the latest `HostSnapshot`"),
     Source("slot", ("slot", "blueprint"), "each slot's latest `SlotSnapshot`"),
@@ -186,7 +189,8 @@ _SOURCE_LIST = (
     Source(
         "ranks_unhealthy_epochs",
         ("scope",),
-        "`RankHealthSummary.unhealthy_ranks`, counted per rank over the run (rank 0 only; the first 64 "
+        "`RankHealthSummary.unhealthy_ranks`, counted per rank over the run (rank 0 only; the first "
+        f"{MAX_UNHEALTHY_RANK_SERIES} "
         "ranks ever named have a series), its `rank` label naming that rank",
     ),
     Source("alerts", ("check", "severity"), "`HealthAlert` events, counted"),

@@ -132,12 +132,11 @@ class ConsoleSink:
 
     def _draw(self) -> None:
         """Render the store and redraw the live display (on the refresh thread, at flush and close)."""
+        live = self._live
+        if live is None:  # rich could not start, or closed: draw nothing rather than break the terminal
+            return
         try:
-            lines = self.render()
-            live = self._live
-            if live is None:  # rich could not start: draw nothing rather than break the terminal
-                return
-            live.update("\n".join(lines))
+            live.update("\n".join(self.render()))
         except Exception:  # noqa: BLE001  # a closed stream, a store mid-update: skip this frame
             pass
 

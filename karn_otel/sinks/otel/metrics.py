@@ -45,6 +45,7 @@ from karn_otel.distributed.export_policy import RankExportPolicy
 from karn_otel.health import CHECKS
 from karn_otel.metrics_registry import (
     EPOCH_DURATION_BUCKETS_S,
+    MAX_UNHEALTHY_RANK_SERIES,
     METRICS,
     REJECTION_REASONS,
     SINK_DROP_REASONS,
@@ -58,7 +59,6 @@ log = logging.getLogger("karn")
 ET = TelemetryEventType
 
 MAX_HEALTH_CHECKS = 32  # distinct `check` label values; more fold into "other"
-MAX_UNHEALTHY_RANK_SERIES = 64  # ranks with a karn.ranks.unhealthy_epochs series; later ones are not counted
 _SEVERITY_LEVEL = {Severity.OK: 0, Severity.INFO: 1, Severity.WARNING: 2, Severity.CRITICAL: 3}
 Reader = Callable[[], Iterable[tuple[Any, dict[str, str]]]]  # a source: (object, labels) pairs at collection time
 
