@@ -658,6 +658,18 @@ def shapley_regression_adjusted(n: int, masks: Sequence[int], values: FloatArray
     return np.asarray(ks + shapley_stratified_solve(n, masks, values - z @ ks), dtype=float)
 
 
+def _both_estimators(n: int, masks: Sequence[int], values: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """``(shapley_regression_adjusted, shapley_stratified_solve)`` of the same coalitions with one
+    stratified pass: the stratified estimator is linear in the values, so the residual's is
+    ``stratified(v) - stratified(f)``, solved together as extra columns."""
+    ks = kernel_shap_solve(n, masks, values)
+    m = np.asarray(list(masks), dtype=np.int64)
+    z = ((m[:, None] >> np.arange(n)) & 1).astype(float)
+    k = values.shape[1]
+    both = shapley_stratified_solve(n, masks, np.hstack([values, z @ ks]))
+    return np.asarray(ks + both[:, :k] - both[:, k:], dtype=float), both[:, :k]
+
+
 def _sizes_covered(n: int, masks: Sequence[int], units: Sequence[tuple[int, ...]]) -> bool:
     """Whether every coalition size (pair k, n - k) is complete or has a sampled unit."""
     present = np.bincount(_popcount(np.asarray(list(masks), dtype=np.int64)), minlength=n + 1)
@@ -723,8 +735,7 @@ def shapley_sampled_estimate(
     estimate then extrapolates over that size, an error no resampling of the units shows;
     such intervals covered the truth only about 80% of the time).
     """
-    a_est = shapley_regression_adjusted(n, masks, values)
-    b_est = shapley_stratified_solve(n, masks, values)
+    a_est, b_est = _both_estimators(n, masks, values)
     p = len(units)
     if p < 2:
         return a_est, np.full(n, np.nan), p, 1.0
@@ -735,8 +746,8 @@ def shapley_sampled_estimate(
         drop = set(unit)
         keep = [r for r, m in enumerate(masks) if m not in drop]
         kept = [masks[r] for r in keep]
-        reps[0, u] = shapley_regression_adjusted(n, kept, col[keep])[:, 0]
-        reps[1, u] = shapley_stratified_solve(n, kept, col[keep])[:, 0]
+        a_rep, b_rep = _both_estimators(n, kept, col[keep])
+        reps[0, u], reps[1, u] = a_rep[:, 0], b_rep[:, 0]
     dev = reps - reps.mean(axis=1, keepdims=True)
     var_a, var_b = float(np.sum(dev[0] ** 2)), float(np.sum(dev[1] ** 2))
     cov = float(np.sum(dev[0] * dev[1]))

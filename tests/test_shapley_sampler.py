@@ -123,3 +123,15 @@ def test_no_interval_while_a_size_is_unsampled():
     masks, units = kernel_shap_design(n, 2 * n, np.random.default_rng(0))
     est, se, _, _ = shapley_sampled_estimate(n, masks, v[masks][:, None], units)
     assert np.all(np.isfinite(est)) and np.all(np.isnan(se))
+
+
+@pytest.mark.parametrize("n,budget", [(6, 20), (9, 60), (12, 150)])
+def test_the_one_pass_estimators_equal_the_public_ones(n, budget):
+    """The sampler solves both estimators with one stratified pass (linearity); same numbers."""
+    import karn_otel.counterfactual as cf
+
+    masks, _ = cf.kernel_shap_design(n, budget, np.random.default_rng(n))
+    values = np.random.default_rng(budget).uniform(size=(len(masks), 4))
+    a, b = cf._both_estimators(n, masks, values)
+    np.testing.assert_allclose(a, cf.shapley_regression_adjusted(n, masks, values), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(b, cf.shapley_stratified_solve(n, masks, values), rtol=0, atol=1e-12)
