@@ -22,8 +22,11 @@ run: setup
 system-deps:
 	./scripts/install-system-deps.sh
 
+# The suite runs on every CPU (pytest-xdist; a file's tests stay on one worker, so its
+# module fixtures start once). PYTEST_WORKERS=0 runs it serially.
+PYTEST_WORKERS ?= auto
 test: setup system-deps
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Lint and format check (ruff, config in pyproject.toml), and mypy --strict on the torch-free core.
 lint: setup
