@@ -78,7 +78,7 @@ def make_game(family: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return v
 
 
-def karn_estimate(v: np.ndarray, n: int, budget: int, seed: int) -> tuple[np.ndarray, int]:
+def karn_estimate(v: np.ndarray, n: int, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     lo, hi = v.min(), v.max()
     scale = 0.9 / (hi - lo) if hi > lo else 1.0
     acc = 0.05 + (v - lo) * scale  # into [0.05, 0.95]
@@ -92,7 +92,20 @@ def karn_estimate(v: np.ndarray, n: int, budget: int, seed: int) -> tuple[np.nda
     )
     m = attribute(evaluate, [f"p{i}" for i in range(n)], cfg)
     assert m.shapley_values is not None and m.n_evaluations <= budget
-    return np.array([m.shapley_values[f"p{i}"].mean for i in range(n)]) / scale, m.n_evaluations
+    est = [m.shapley_values[f"p{i}"] for i in range(n)]
+    interval = np.array([[e.ci_low, e.ci_high] for e in est]) / scale  # (n, 2); NaN: no interval
+    return np.array([e.mean for e in est]) / scale, interval, m.n_evaluations
+
+
+def ratio_interval(sq: dict[str, list[float]], n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    """95% paired bootstrap interval of the ratio: the games are resampled, the same ones for
+    every estimator, and the best shapiq approximator is re-chosen in each resample."""
+    errors = {k: np.asarray(e) for k, e in sq.items()}
+    idx = rng.integers(0, len(errors["karn"]), size=(n_boot, len(errors["karn"])))
+    best = np.min([errors[k][idx].mean(axis=1) for k in SHAPIQ], axis=0)
+    ratios = np.sqrt(errors["karn"][idx].mean(axis=1) / best)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def shapiq_estimate(name: str, v: np.ndarray, n: int, budget: int, seed: int) -> tuple[np.ndarray, int]:
@@ -127,6 +140,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="10 games per cell, n = 6 8 10")
     p.add_argument("--mult", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--families", nargs="+", default=list(FAMILIES))
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the ratio's interval")
     args = p.parse_args()
     if args.reps is None:
         args.reps = 10 if args.quick else 30
@@ -135,11 +149,19 @@ def main() -> None:
     started = time.perf_counter()
     print(f"relative RMSE over {args.reps} games per cell; ratio = karn / best shapiq (<= 1.0: karn at least as good)")
     print(
+        "[lo, hi]: 95% paired bootstrap interval of the ratio over the games (containing 1.0: a tie at this"
+        " many games); cover: share of karn's 95% intervals (sampling error) that contain the exact value"
+        " ('-': no interval at this budget, some coalition size is unsampled)"
+    )
+    print(
         f"{'family':<18} {'n':>3} {'budget':>6} {'karn':>8} "
         + " ".join(f"{s[:10]:>10}" for s in SHAPIQ)
-        + f" {'best':>10} {'ratio':>6}"
+        + f" {'best':>10} {'ratio':>6} {'[lo, hi]':>13} {'cover':>6}"
     )
+    boot_rng = np.random.default_rng(12345)
     ratios: list[float] = []
+    verdicts: list[str] = []
+    hits = total = 0
     by_family: dict[str, list[float]] = {}
     for family in args.families:
         for n in args.n:
@@ -147,26 +169,35 @@ def main() -> None:
                 budget = mult * n
                 if budget >= 1 << n:
                     continue
-                sq = {name: [] for name in ("karn",) + SHAPIQ}
+                sq: dict[str, list[float]] = {name: [] for name in ("karn",) + SHAPIQ}
+                cell_hits = cell_total = 0
                 for r in range(args.reps):
                     rng = np.random.default_rng(1_000_003 * r + 7919 * n + FAMILIES.index(family))
                     v = make_game(family, n, rng)
                     exact = shapley_exact(v, n)
                     norm2 = float(np.sum(exact**2)) or 1.0
-                    est, _ = karn_estimate(v, n, budget, seed=r)
+                    est, interval, _ = karn_estimate(v, n, budget, seed=r)
                     sq["karn"].append(np.sum((est - exact) ** 2) / norm2)
+                    finite = np.isfinite(interval).all(axis=1)
+                    inside = (interval[:, 0] <= exact) & (exact <= interval[:, 1])
+                    cell_hits += int(np.sum(inside & finite))
+                    cell_total += int(np.sum(finite))
                     for name in SHAPIQ:
                         est, _ = shapiq_estimate(name, v, n, budget, seed=r)
                         sq[name].append(np.sum((est - exact) ** 2) / norm2)
                 rmse = {k: math.sqrt(float(np.mean(e))) for k, e in sq.items()}
                 best = min(SHAPIQ, key=lambda k: rmse[k])
                 ratio = rmse["karn"] / rmse[best]
+                lo, hi = ratio_interval(sq, args.boot, boot_rng)
                 ratios.append(ratio)
+                verdicts.append("win" if hi < 1.0 else "loss" if lo > 1.0 else "tie")
                 by_family.setdefault(family, []).append(ratio)
+                hits, total = hits + cell_hits, total + cell_total
+                cover = f"{cell_hits / cell_total:>6.3f}" if cell_total else f"{'-':>6}"
                 print(
                     f"{family:<18} {n:>3} {budget:>6} {rmse['karn']:>8.4f} "
                     + " ".join(f"{min(rmse[s], 9999.0):>10.4f}" for s in SHAPIQ)
-                    + f" {best[:10]:>10} {ratio:>6.2f}",
+                    + f" {best[:10]:>10} {ratio:>6.2f} [{lo:>5.2f}, {hi:>5.2f}] {cover}",
                     flush=True,
                 )
     print()
@@ -180,6 +211,12 @@ def main() -> None:
         f"{len(r)} cells: ratio median {np.median(r):.2f}, max {r.max():.2f}, cells <= 1.0: {(r <= 1.0).sum()}"
         f"; elapsed {time.perf_counter() - started:.0f} s"
     )
+    print(
+        f"paired bootstrap: karn better (interval below 1.0) in {verdicts.count('win')}, tie in"
+        f" {verdicts.count('tie')}, worse (interval above 1.0) in {verdicts.count('loss')} cells"
+    )
+    if total:
+        print(f"coverage of karn's 95% intervals where given: {hits / total:.3f} ({hits} of {total} player-games)")
 
 
 if __name__ == "__main__":

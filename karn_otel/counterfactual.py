@@ -106,6 +106,7 @@ __all__ = [
     "shapley_interaction_index",
     "shapley_permutation_antithetic",
     "shapley_regression_adjusted",
+    "shapley_regression_observed",
     "shapley_sampled_estimate",
     "shapley_stratified_solve",
     "split_examples",
@@ -541,6 +542,13 @@ def kernel_shap_design(n: int, budget: int, rng: np.random.Generator) -> tuple[l
         for k in open_strata:
             alloc[k] = min(2, capacity[k])
             left -= alloc[k] * unit_cost[k]
+    elif 1 in open_strata and unit_cost[1] == 1:
+        # Too small a budget to sample every size: the singletons first. They have the largest
+        # kernel mass, cost one evaluation each (the complement is in the core), and against the
+        # core's removal costs they are what tells an additive game from a high-order one
+        # (:func:`_additivity_weight`).
+        alloc[1] = min(capacity[1], left)
+        left -= alloc[1]
     while True:
         fits = [k for k in open_strata if alloc[k] < capacity[k] and unit_cost[k] <= left]
         if not fits:
@@ -643,31 +651,80 @@ def shapley_stratified_solve(n: int, masks: Sequence[int], values: FloatArray) -
     return np.asarray(phi + (gap - phi.sum(axis=0))[None, :] / n, dtype=float)
 
 
-def shapley_regression_adjusted(n: int, masks: Sequence[int], values: FloatArray) -> FloatArray:
-    """Kernel regression plus the stratified estimate of what it leaves out.
+def _additive_fit(n: int, masks: Sequence[int], values: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Least-squares additive game ``f(S) = c + sum_{i in S} w_i`` through the coalitions present.
 
-    ``phi = phi_kernel + stratified(v - f)`` with f the additive game of the kernel fit
-    (:func:`kernel_shap_solve`): the Shapley value is linear, f's is exact, and the residual,
-    small when the game is nearly additive, is estimated by :func:`shapley_stratified_solve`
-    (regression-adjusted Monte Carlo). A cell with no coalition then counts as the additive
-    prediction. Same shapes as :func:`kernel_shap_solve`; efficiency holds exactly.
+    Unweighted (every evaluation carries the same noise) and with a free intercept. Returns
+    ``(w (n, k), residual v - f (len(masks), k), z)`` with z the coalitions' 0/1 rows.
     """
-    ks = kernel_shap_solve(n, masks, values)
     m = np.asarray(list(masks), dtype=np.int64)
     z = ((m[:, None] >> np.arange(n)) & 1).astype(float)
-    return np.asarray(ks + shapley_stratified_solve(n, masks, values - z @ ks), dtype=float)
+    design = np.hstack([np.ones((m.size, 1)), z])
+    beta = np.linalg.lstsq(design, values, rcond=None)[0]
+    return np.asarray(beta[1:], dtype=float), np.asarray(values - design @ beta, dtype=float), z
+
+
+def _shapley_coefficients(n: int, z: FloatArray) -> FloatArray:
+    """``(n, len(z))``: the weight of ``v(T)`` in ``phi_i`` for each coalition row T of z:
+    ``p(|T| - 1)`` if i is in T, else ``-p(|T|)``, with ``p(s) = s! (n - s - 1)! / n!``."""
+    p = np.array([1.0 / (n * math.comb(n - 1, s)) for s in range(n)] + [0.0])
+    size = z.sum(axis=1).astype(np.int64)
+    with_i = np.where(size > 0, p[np.maximum(size - 1, 0)], 0.0)
+    return np.asarray((z * with_i[:, None] - (1.0 - z) * p[size][:, None]).T, dtype=float)
+
+
+def _three_estimators(n: int, masks: Sequence[int], values: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``(A, B, R)`` of the same coalitions with one stratified pass (it is linear in the values:
+    the residual's estimate is an extra block of columns).
+
+    With f the least-squares additive game (:func:`_additive_fit`) and r = v - f:
+    ``A = phi(f) + stratified(r)`` (:func:`shapley_regression_adjusted`), ``B = stratified(v)``
+    (:func:`shapley_stratified_solve`) and ``R = phi(f) + sum_T c_i(T) r(T)`` over the coalitions
+    present, c the exact Shapley weights (:func:`shapley_regression_observed`). Each is
+    efficient and exact with all ``2**n`` coalitions.
+    """
+    w, resid, z = _additive_fit(n, masks, values)
+    k = values.shape[1]
+    both = shapley_stratified_solve(n, masks, np.hstack([values, resid]))
+    a = w + both[:, k:]
+    r = w + _shapley_coefficients(n, z) @ resid
+    return np.asarray(a, dtype=float), np.asarray(both[:, :k], dtype=float), np.asarray(r, dtype=float)
+
+
+def shapley_regression_adjusted(n: int, masks: Sequence[int], values: FloatArray) -> FloatArray:
+    """Additive regression plus the stratified estimate of what it leaves out.
+
+    ``phi = phi(f) + stratified(v - f)`` with f the least-squares additive game through the
+    coalitions present (every evaluation weighted alike, free intercept): the Shapley value is
+    linear, f's is exact (its slopes), and the residual, small when the game is nearly
+    additive, is estimated by :func:`shapley_stratified_solve` (regression-adjusted Monte
+    Carlo; unbiased whatever the fit). A cell with no coalition then counts as the additive
+    prediction. ``values`` has shape ``(len(masks), k)``; returns ``(n, k)``; efficiency holds
+    exactly. Needs the all-on and all-off coalitions.
+    """
+    return _three_estimators(n, masks, values)[0]
+
+
+def shapley_regression_observed(n: int, masks: Sequence[int], values: FloatArray) -> FloatArray:
+    """Additive regression plus the residuals where they were observed, at their exact weight.
+
+    ``phi_i = w_i + sum_T c_i(T) (v(T) - f(T))`` over the coalitions T present, with f the
+    least-squares additive game (as in :func:`shapley_regression_adjusted`) and ``c_i(T)`` the
+    exact Shapley weight of ``v(T)`` in ``phi_i``; an unobserved coalition's residual counts as
+    0. Under an additive game with independent evaluation noise this is the best linear
+    unbiased predictor of the Shapley value (the unobserved noise is unpredictable); where the
+    residual is structured (interactions), it is biased towards the additive fit. Efficient
+    (the weights of a coalition sum to 0 over the players, except all on and all off) and
+    exact with all ``2**n`` coalitions. Same shapes as :func:`shapley_regression_adjusted`.
+    """
+    return _three_estimators(n, masks, values)[2]
 
 
 def _both_estimators(n: int, masks: Sequence[int], values: FloatArray) -> tuple[FloatArray, FloatArray]:
     """``(shapley_regression_adjusted, shapley_stratified_solve)`` of the same coalitions with one
-    stratified pass: the stratified estimator is linear in the values, so the residual's is
-    ``stratified(v) - stratified(f)``, solved together as extra columns."""
-    ks = kernel_shap_solve(n, masks, values)
-    m = np.asarray(list(masks), dtype=np.int64)
-    z = ((m[:, None] >> np.arange(n)) & 1).astype(float)
-    k = values.shape[1]
-    both = shapley_stratified_solve(n, masks, np.hstack([values, z @ ks]))
-    return np.asarray(ks + both[:, :k] - both[:, k:], dtype=float), both[:, :k]
+    stratified pass (:func:`_three_estimators`)."""
+    a, b, _ = _three_estimators(n, masks, values)
+    return a, b
 
 
 def _sizes_covered(n: int, masks: Sequence[int], units: Sequence[tuple[int, ...]]) -> bool:
@@ -712,62 +769,102 @@ def _additivity_weight(
     return sse_zero / (sse_zero + sse_additive)
 
 
+ADDITIVITY_EXPONENT = 0.3
+"""While some coalition size is unsampled the mixing weight of the regression is at least
+``additivity weight ** 0.3`` (:func:`_additivity_weight`): the weight separates the game families
+(near 1 on nearly additive games, 0.03-0.3 with pairwise interactions, near 0 in high-order
+ones) but the best mix is not proportional to it (about 1, 0.5 and 0.1-0.3 for them)."""
+
+
+def _box_quadratic(c: FloatArray, g: FloatArray) -> FloatArray:
+    """``argmin_{b in [0, 1]^2} b @ g @ b - 2 b @ c`` for a positive semi-definite 2x2 g."""
+    candidates = [np.array([x, y]) for x in (0.0, 1.0) for y in (0.0, 1.0)]
+    if abs(np.linalg.det(g)) > 1e-12 * max(float(np.abs(g).max()), 1e-300):
+        candidates.append(np.linalg.solve(g, c))
+    for j in range(2):  # one coordinate on the boundary, the other at its best
+        o = 1 - j
+        for fixed in (0.0, 1.0):
+            if g[o, o] > 0:
+                b = np.zeros(2)
+                b[j], b[o] = fixed, (c[o] - g[o, j] * fixed) / g[o, o]
+                candidates.append(b)
+    best, value = np.zeros(2), 0.0
+    for b in candidates:
+        b = np.clip(b, 0.0, 1.0)
+        obj = float(b @ g @ b - 2.0 * b @ c)
+        if obj < value:
+            best, value = b, obj
+    return best
+
+
 def shapley_sampled_estimate(
     n: int, masks: Sequence[int], values: FloatArray, units: Sequence[tuple[int, ...]]
 ) -> tuple[FloatArray, FloatArray, int, float]:
-    """The shapley strategy's estimate: a variance-weighted mix of two estimators.
+    """The shapley strategy's estimate: the regression-adjusted estimator, corrected towards two others.
 
-    ``A`` = :func:`shapley_regression_adjusted` (best on nearly additive games), ``B`` =
-    :func:`shapley_stratified_solve` (best when the value is in high-order interactions). A
-    delete-one-unit jackknife over the random units gives both estimators' sampling errors and
-    their covariance, pooled over the players; the weight ``alpha`` in ``alpha A + (1 - alpha)
-    B`` minimises the pooled variance (clipped to [0, 1]; ``alpha = 1`` below two units). While
-    some coalition size is neither complete nor sampled, the error is mostly extrapolation,
-    which the jackknife does not see: alpha is then the larger of the jackknife's and
-    :func:`_additivity_weight` (B only gets weight when both favour it). The
-    same alpha is applied to every column of ``values`` (bootstrap replicates), so the map
-    stays linear. Efficiency holds exactly.
+    ``A`` = :func:`shapley_regression_adjusted` (unbiased; best on nearly additive games),
+    ``B`` = :func:`shapley_stratified_solve` (unbiased; best when the value is in high-order
+    interactions) and ``R`` = :func:`shapley_regression_observed` (A without the extrapolation of
+    the residual over unobserved coalitions: biased where the residual is structured, less noisy
+    where it is noise). The estimate is ``A - b1 (A - B) - b2 (A - R)`` with ``(b1, b2)`` in
+    ``[0, 1]**2`` minimising the estimated mean squared error ``var(A) - 2 b.c + b' G b``: the
+    covariances c and G come from a delete-one-unit jackknife over the random units (pooled over
+    the players), except that ``E|A - R|**2`` is the larger of its jackknife variance and the
+    observed ``|A - R|**2`` (A - R has a mean, R's bias, which no resampling shows). So b1 is
+    the variance-weighted mix of A and B, and b2 > 0 only when the gap between A and R is no
+    larger than A's own noise explains. While some coalition size is neither complete nor
+    sampled, the error is mostly extrapolation, which the jackknife does not see: the weight
+    of A, ``alpha = 1 - b1``, is then at least :func:`_additivity_weight` ``** 0.3``
+    (:data:`ADDITIVITY_EXPONENT`), and b2 is re-fitted for it; below two units, ``alpha`` is
+    that and b2 = 0. The same weights are applied to every column of ``values`` (bootstrap
+    replicates), so the map stays linear. Efficiency holds exactly.
 
     Returns ``(estimate (n, k), se (n,), units, alpha)``: ``se`` is the larger of the
-    jackknife standard errors of the mix (at that alpha) and of ``A`` alone, per player,
-    finite-population corrected (``1 - units / available``);
+    jackknife standard errors of the estimate (at those weights) and of ``A`` alone, per
+    player, finite-population corrected (``1 - units / available``);
     NaN below two units and while some coalition size is neither complete nor sampled (the
     estimate then extrapolates over that size, an error no resampling of the units shows;
     such intervals covered the truth only about 80% of the time).
     """
-    a_est, b_est = _both_estimators(n, masks, values)
+    a_est, b_est, r_est = _three_estimators(n, masks, values)
+    masks = list(masks)
     p = len(units)
     if p < 2:
-        return a_est, np.full(n, np.nan), p, 1.0
-    masks = list(masks)
+        alpha = _additivity_weight(n, masks, values[:, 0], units, 1.0) ** ADDITIVITY_EXPONENT
+        return alpha * a_est + (1.0 - alpha) * b_est, np.full(n, np.nan), p, alpha
     col = values[:, :1]
-    reps = np.empty((2, p, n))
+    reps = np.empty((3, p, n))
     for u, unit in enumerate(units):
         drop = set(unit)
         keep = [r for r, m in enumerate(masks) if m not in drop]
-        kept = [masks[r] for r in keep]
-        a_rep, b_rep = _both_estimators(n, kept, col[keep])
-        reps[0, u], reps[1, u] = a_rep[:, 0], b_rep[:, 0]
+        a_rep, b_rep, r_rep = _three_estimators(n, [masks[r] for r in keep], col[keep])
+        reps[0, u], reps[1, u], reps[2, u] = a_rep[:, 0], b_rep[:, 0], r_rep[:, 0]
     dev = reps - reps.mean(axis=1, keepdims=True)
-    var_a, var_b = float(np.sum(dev[0] ** 2)), float(np.sum(dev[1] ** 2))
-    cov = float(np.sum(dev[0] * dev[1]))
-    denom = var_a + var_b - 2.0 * cov
-    alpha = min(1.0, max(0.0, (var_b - cov) / denom)) if denom > 0 else 1.0
+    scale = (p - 1) / p
+    d_ab, d_ar = dev[0] - dev[1], dev[0] - dev[2]
+    c = scale * np.array([np.sum(dev[0] * d_ab), np.sum(dev[0] * d_ar)])
+    g = scale * np.array([[np.sum(d_ab * d_ab), np.sum(d_ab * d_ar)], [np.sum(d_ab * d_ar), np.sum(d_ar * d_ar)]])
+    gap = a_est[:, 0] - r_est[:, 0]
+    g[1, 1] = max(g[1, 1], float(gap @ gap))
+    b1, b2 = (float(x) for x in _box_quadratic(c, g))
     covered = _sizes_covered(n, masks, units)
     if not covered:  # the jackknife cannot see the extrapolation over an unsampled size
-        alpha = max(alpha, _additivity_weight(n, masks, values[:, 0], units, alpha))
-    est = alpha * a_est + (1.0 - alpha) * b_est
+        floor = _additivity_weight(n, masks, values[:, 0], units, 0.0) ** ADDITIVITY_EXPONENT
+        b1 = min(b1, 1.0 - floor)
+        b2 = min(1.0, max(0.0, (c[1] - g[1, 0] * b1) / g[1, 1])) if g[1, 1] > 0 else 0.0
+    est = a_est - b1 * (a_est - b_est) - b2 * (a_est - r_est)
     if not covered:
-        return est, np.full(n, np.nan), p, alpha
+        return est, np.full(n, np.nan), p, 1.0 - b1
     # The jackknife does not see the stratified estimator's empty-cell bias (a player absent
-    # from every sampled coalition of some size): alone, the mix's intervals covered 58-80% on
-    # sparse high-order games at 3n-4n. The interval is never narrower than A's own.
-    mix = alpha * dev[0] + (1.0 - alpha) * dev[1]
-    var = (p - 1) / p * np.maximum(np.sum(mix**2, axis=0), np.sum(dev[0] ** 2, axis=0))
+    # from every sampled coalition of some size) nor R's bias: alone, the mix's intervals
+    # covered 58-80% on sparse high-order games at 3n-4n. The interval is never narrower than
+    # A's own.
+    mix = dev[0] - b1 * d_ab - b2 * d_ar
+    var = scale * np.maximum(np.sum(mix**2, axis=0), np.sum(dev[0] ** 2, axis=0))
     strata = {min(bin(unit[0]).count("1"), n - bin(unit[0]).count("1")) for unit in units}
     available = sum(math.comb(n, k) // 2 if k == n - k else math.comb(n, k) for k in strata)
     fpc = max(0.0, 1.0 - p / available) if available else 1.0
-    return est, np.sqrt(var * fpc), p, alpha
+    return est, np.sqrt(var * fpc), p, 1.0 - b1
 
 
 def split_examples(n_examples: int, attribution_fraction: float = 0.5, seed: int = 0) -> tuple[IntArray, IntArray]:
