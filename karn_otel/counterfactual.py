@@ -178,6 +178,18 @@ IntArray = npt.NDArray[np.int64]
 """An int64 array: bitmasks, popcounts, permutations."""
 
 
+def _bit_rows(masks: Sequence[int] | IntArray, n: int) -> FloatArray:
+    """The coalitions as 0/1 rows, shape ``(len(masks), n)``: column i is 1 where slot i is on."""
+    m = np.asarray(masks, dtype=np.int64)
+    return np.asarray((m[:, None] >> np.arange(n)) & 1, dtype=float)
+
+
+def _shapley_weights(n: int) -> FloatArray:
+    """``w[s] = s! (n-s-1)! / n! = 1 / (n C(n-1, s))`` for s = 0..n-1: the Shapley weight of a
+    marginal contribution to a coalition of size s."""
+    return np.array([1.0 / (n * math.comb(n - 1, s)) for s in range(n)])
+
+
 def _popcount(masks: IntArray) -> IntArray:
     if hasattr(np, "bitwise_count"):  # numpy >= 2.0
         return np.bitwise_count(masks).astype(np.int64)
@@ -247,8 +259,7 @@ def shapley_exact(values: GameValues, n: int) -> FloatArray:
     table = _dense_values(values, n)
     masks = np.arange(1 << n, dtype=np.int64)
     sizes = _popcount(masks)
-    # weight(s) = s! (n-s-1)! / n! = 1 / (n * C(n-1, s)); as a table over s = 0..n-1.
-    weight = np.array([1.0 / (n * math.comb(n - 1, s)) for s in range(n)])
+    weight = _shapley_weights(n)
     phi = np.empty((n,) + table.shape[1:])
     for i in range(n):
         bit = 1 << i
@@ -605,7 +616,7 @@ def kernel_shap_solve(n: int, masks: Sequence[int], values: FloatArray) -> Float
     counts = np.bincount(sizes, minlength=n + 1)
     mass = np.array([0.0] + [_kernel_mass(n, s) for s in range(1, n)] + [0.0])
     w = mass[sizes] / counts[sizes]
-    z = ((rows[:, None] >> np.arange(n)) & 1).astype(float)
+    z = _bit_rows(rows, n)
     b = values[[index[int(m)] for m in rows]] - v0
     kkt = np.zeros((n + 1, n + 1))
     kkt[:n, :n] = z.T @ (z * w[:, None])
@@ -636,7 +647,7 @@ def shapley_stratified_solve(n: int, masks: Sequence[int], values: FloatArray) -
     rows = np.array([m for m in index if 0 < m < full], dtype=np.int64)
     if rows.size:
         sizes = _popcount(rows)
-        z = ((rows[:, None] >> np.arange(n)) & 1).astype(float)
+        z = _bit_rows(rows, n)
         b = values[[index[int(m)] for m in rows]] - v0
         for k in np.unique(sizes):
             sel = sizes == k
@@ -657,9 +668,8 @@ def _additive_fit(n: int, masks: Sequence[int], values: FloatArray) -> tuple[Flo
     Unweighted (every evaluation carries the same noise) and with a free intercept. Returns
     ``(w (n, k), residual v - f (len(masks), k), z)`` with z the coalitions' 0/1 rows.
     """
-    m = np.asarray(list(masks), dtype=np.int64)
-    z = ((m[:, None] >> np.arange(n)) & 1).astype(float)
-    design = np.hstack([np.ones((m.size, 1)), z])
+    z = _bit_rows(list(masks), n)
+    design = np.hstack([np.ones((len(z), 1)), z])
     beta = np.linalg.lstsq(design, values, rcond=None)[0]
     return np.asarray(beta[1:], dtype=float), np.asarray(values - design @ beta, dtype=float), z
 
@@ -667,7 +677,7 @@ def _additive_fit(n: int, masks: Sequence[int], values: FloatArray) -> tuple[Flo
 def _shapley_coefficients(n: int, z: FloatArray) -> FloatArray:
     """``(n, len(z))``: the weight of ``v(T)`` in ``phi_i`` for each coalition row T of z:
     ``p(|T| - 1)`` if i is in T, else ``-p(|T|)``, with ``p(s) = s! (n - s - 1)! / n!``."""
-    p = np.array([1.0 / (n * math.comb(n - 1, s)) for s in range(n)] + [0.0])
+    p = np.append(_shapley_weights(n), 0.0)
     size = z.sum(axis=1).astype(np.int64)
     with_i = np.where(size > 0, p[np.maximum(size - 1, 0)], 0.0)
     return np.asarray((z * with_i[:, None] - (1.0 - z) * p[size][:, None]).T, dtype=float)
@@ -720,13 +730,6 @@ def shapley_regression_observed(n: int, masks: Sequence[int], values: FloatArray
     return _three_estimators(n, masks, values)[2]
 
 
-def _both_estimators(n: int, masks: Sequence[int], values: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """``(shapley_regression_adjusted, shapley_stratified_solve)`` of the same coalitions with one
-    stratified pass (:func:`_three_estimators`)."""
-    a, b, _ = _three_estimators(n, masks, values)
-    return a, b
-
-
 def _sizes_covered(n: int, masks: Sequence[int], units: Sequence[tuple[int, ...]]) -> bool:
     """Whether every coalition size (pair k, n - k) is complete or has a sampled unit."""
     present = np.bincount(_popcount(np.asarray(list(masks), dtype=np.int64)), minlength=n + 1)
@@ -760,7 +763,7 @@ def _additivity_weight(
     for unit in units:
         small = min(unit, key=lambda m: bin(m).count("1"))
         if 2 * bin(small).count("1") <= n:
-            xs.append(float(((small >> np.arange(n)) & 1) @ removal))
+            xs.append(float(_bit_rows([small], n)[0] @ removal))
             ys.append(float(values[index[small]] - v0))
     x, y = np.array(xs), np.array(ys)
     sse_zero, sse_additive = float(y @ y), float((y - x) @ (y - x))

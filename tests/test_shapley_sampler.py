@@ -127,11 +127,39 @@ def test_no_interval_while_a_size_is_unsampled():
 
 @pytest.mark.parametrize("n,budget", [(6, 20), (9, 60), (12, 150)])
 def test_the_one_pass_estimators_equal_the_public_ones(n, budget):
-    """The sampler solves both estimators with one stratified pass (linearity); same numbers."""
+    """The sampler solves its three estimators with one stratified pass (linearity); the same
+    numbers as each estimator's definition computed on its own."""
     import karn_otel.counterfactual as cf
 
     masks, _ = cf.kernel_shap_design(n, budget, np.random.default_rng(n))
     values = np.random.default_rng(budget).uniform(size=(len(masks), 4))
-    a, b = cf._both_estimators(n, masks, values)
+    a, b, r = cf._three_estimators(n, masks, values)
     np.testing.assert_allclose(a, cf.shapley_regression_adjusted(n, masks, values), rtol=0, atol=1e-12)
     np.testing.assert_allclose(b, cf.shapley_stratified_solve(n, masks, values), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r, cf.shapley_regression_observed(n, masks, values), rtol=0, atol=1e-12)
+    # The definitions, independently: f the least-squares additive game through the coalitions
+    # present, A = phi(f) + stratified(v - f), R = phi(f) + the exact Shapley value of the game
+    # that is v - f where observed and 0 elsewhere.
+    z = np.array([[(m >> i) & 1 for i in range(n)] for m in masks], dtype=float)
+    design = np.hstack([np.ones((len(masks), 1)), z])
+    beta = np.linalg.lstsq(design, values, rcond=None)[0]
+    resid = values - design @ beta
+    np.testing.assert_allclose(a, beta[1:] + cf.shapley_stratified_solve(n, masks, resid), rtol=0, atol=1e-10)
+    table = np.zeros((1 << n, values.shape[1]))
+    table[list(masks)] = resid
+    np.testing.assert_allclose(r, beta[1:] + cf.shapley_exact(table, n), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [3, 5, 7])
+def test_the_observed_residual_estimator_is_exact_with_every_coalition_and_efficient(n):
+    """shapley_regression_observed: the exact Shapley values when every coalition is present,
+    and efficiency (sum = v(all on) - v(all off)) from a sample."""
+    import karn_otel.counterfactual as cf
+
+    rng = np.random.default_rng(n)
+    v = rng.normal(size=(1 << n, 3))
+    every = list(range(1 << n))
+    np.testing.assert_allclose(cf.shapley_regression_observed(n, every, v), shapley_exact(v, n), atol=1e-10)
+    masks, _ = cf.kernel_shap_design(n, 3 * n, rng)
+    est = cf.shapley_regression_observed(n, masks, v[masks])
+    np.testing.assert_allclose(est.sum(axis=0), v[(1 << n) - 1] - v[0], atol=1e-10)
