@@ -275,6 +275,32 @@ def test_the_writer_writes_within_one_flush_interval_without_a_flush(tmp_path):
     assert took < 0.05 + 0.1, f"written {took:.3f} s after emit (interval 0.05 s)"
 
 
+def test_an_idle_writer_sleeps_untimed_and_the_next_event_still_lands_within_one_interval(tmp_path):
+    """With nothing to write the writer takes no timed wake-ups (each costs the training
+    thread a GIL hand-off); the next event restarts its timer, so the loss bound holds."""
+    sink = RunLogSink(tmp_path, "r", flush_interval_s=0.05)
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off"), sinks=[sink])
+    c.emit(make_context())
+    c.flush(timeout=5)
+    clock = time.pthread_getcpuclockid(sink._thread.ident)
+    time.sleep(0.2)  # a quiet half interval, then the writer dozes
+    cpu0 = time.clock_gettime(clock)
+    time.sleep(1.0)  # 40 timed wake-ups at this interval if it kept its timer
+    idle_cpu = time.clock_gettime(clock) - cpu0
+    assert idle_cpu < 0.002, f"the idle writer used {idle_cpu * 1e3:.2f} ms of CPU in 1 s"
+    t0 = time.perf_counter()
+    c.emit(host(epoch=1))
+    path = tmp_path / "r" / "events.jsonl"
+    while path.read_bytes().count(b"\n") < 2:
+        assert time.perf_counter() - t0 < 2.0
+        time.sleep(0.002)
+    took = time.perf_counter() - t0
+    c.close()
+    assert took < 0.05 + 0.1, f"written {took:.3f} s after emit (interval 0.05 s)"
+    acc = read_run(tmp_path / "r").accounting
+    assert (acc.on_disk, acc.emitted, acc.dropped) == (2, 2, {})
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk_costs_no_training_step(tmp_path):
     sink = RunLogSink(tmp_path, "r")
