@@ -194,6 +194,37 @@ def test_the_c_tagging_path_writes_the_bytes_of_the_reference_encoder(event):
     assert K._encode_tagged(event) == K._JSON.encode(K.to_jsonable(event))
 
 
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(event_strategy)
+def test_every_line_encode_event_writes_is_the_reference_encoders(event):
+    """Whichever path encode_event takes (plain C, the flat patch, the tagging walk), the
+    bytes are those of the pure-Python reference."""
+    assert K.encode_event(event) == K._JSON.encode(K.to_jsonable(event))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([math.nan, math.inf, -math.inf, 0.25, -0.0, 1e308]), min_size=6, max_size=6),
+    st.text(max_size=40),
+)
+def test_the_flat_patch_tags_each_non_finite_field_of_a_host_snapshot(vals, text):
+    """The per-epoch case (a plain loop's unknown fields are NaN) takes the flat patch; any
+    mix of NaN/inf fields and any string in the envelope gives the reference bytes."""
+    snap = C.HostSnapshot(3, vals[0], vals[1], vals[2], vals[3], 1, 0, 1, 0, vals[4], {}, vals[5])
+    for run_id in (text, '"train_loss":null', 'x\\"val_loss":null'):
+        ev = C.TelemetryEvent(C.TelemetryEventType.HOST_SNAPSHOT, run_id, "e", 3, 1.5, snap)
+        line = K._JSON.encode(ev)
+        want = K._JSON.encode(K.to_jsonable(ev))
+        patched = K._patch_flat(ev, line)
+        assert patched == want, "the flat patch is exact"
+        assert K.encode_event(ev) == want
+    # Not flat (a non-empty dict of floats): the patch declines and the general path decides.
+    deep = C.HostSnapshot(3, math.nan, 0.1, 0.2, 0.3, 1, 0, 1, 0, 0.5, {"early": math.nan}, None)
+    ev = C.TelemetryEvent(C.TelemetryEventType.HOST_SNAPSHOT, "r", "e", 3, 1.5, deep)
+    assert K._patch_flat(ev, K._JSON.encode(ev)) is None
+    assert K.encode_event(ev) == K._JSON.encode(K.to_jsonable(ev))
+
+
 def test_non_finite_floats_are_tagged_in_fast_and_slow_paths():
     vals = {"a": float("nan"), "b": float("inf"), "c": float("-inf"), "d": 1.5}
     ev = C.TelemetryEvent(C.TelemetryEventType.SCALARS, "r", "e", 0, 1.0, C.Scalars(1, vals))
