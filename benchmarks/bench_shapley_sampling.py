@@ -141,6 +141,7 @@ def main() -> None:
     p.add_argument("--mult", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--families", nargs="+", default=list(FAMILIES))
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the ratio's interval")
+    p.add_argument("--seed-offset", type=int, default=0, help="another set of games and designs (0: the default set)")
     args = p.parse_args()
     if args.reps is None:
         args.reps = 10 if args.quick else 30
@@ -151,7 +152,7 @@ def main() -> None:
     print(
         "[lo, hi]: 95% paired bootstrap interval of the ratio over the games (containing 1.0: a tie at this"
         " many games); cover: share of karn's 95% intervals (sampling error) that contain the exact value"
-        " ('-': no interval at this budget, some coalition size is unsampled)"
+        " ('-': no interval in this cell)"
     )
     print(
         f"{'family':<18} {'n':>3} {'budget':>6} {'karn':>8} "
@@ -162,6 +163,7 @@ def main() -> None:
     ratios: list[float] = []
     verdicts: list[str] = []
     hits = total = 0
+    cell_cover: list[tuple[int, float]] = []  # (budget multiple, coverage) per cell with intervals
     by_family: dict[str, list[float]] = {}
     for family in args.families:
         for n in args.n:
@@ -172,18 +174,18 @@ def main() -> None:
                 sq: dict[str, list[float]] = {name: [] for name in ("karn",) + SHAPIQ}
                 cell_hits = cell_total = 0
                 for r in range(args.reps):
-                    rng = np.random.default_rng(1_000_003 * r + 7919 * n + FAMILIES.index(family))
+                    rng = np.random.default_rng(1_000_003 * r + 7919 * n + FAMILIES.index(family) + args.seed_offset)
                     v = make_game(family, n, rng)
                     exact = shapley_exact(v, n)
                     norm2 = float(np.sum(exact**2)) or 1.0
-                    est, interval, _ = karn_estimate(v, n, budget, seed=r)
+                    est, interval, _ = karn_estimate(v, n, budget, seed=r + args.seed_offset)
                     sq["karn"].append(np.sum((est - exact) ** 2) / norm2)
                     finite = np.isfinite(interval).all(axis=1)
                     inside = (interval[:, 0] <= exact) & (exact <= interval[:, 1])
                     cell_hits += int(np.sum(inside & finite))
                     cell_total += int(np.sum(finite))
                     for name in SHAPIQ:
-                        est, _ = shapiq_estimate(name, v, n, budget, seed=r)
+                        est, _ = shapiq_estimate(name, v, n, budget, seed=r + args.seed_offset)
                         sq[name].append(np.sum((est - exact) ** 2) / norm2)
                 rmse = {k: math.sqrt(float(np.mean(e))) for k, e in sq.items()}
                 best = min(SHAPIQ, key=lambda k: rmse[k])
@@ -193,6 +195,8 @@ def main() -> None:
                 verdicts.append("win" if hi < 1.0 else "loss" if lo > 1.0 else "tie")
                 by_family.setdefault(family, []).append(ratio)
                 hits, total = hits + cell_hits, total + cell_total
+                if cell_total:
+                    cell_cover.append((mult, cell_hits / cell_total))
                 cover = f"{cell_hits / cell_total:>6.3f}" if cell_total else f"{'-':>6}"
                 print(
                     f"{family:<18} {n:>3} {budget:>6} {rmse['karn']:>8.4f} "
@@ -217,6 +221,14 @@ def main() -> None:
     )
     if total:
         print(f"coverage of karn's 95% intervals where given: {hits / total:.3f} ({hits} of {total} player-games)")
+        cc = np.array([c for _, c in cell_cover])
+        print(
+            f"per cell ({len(cc)} cells with intervals): coverage min {cc.min():.3f}, max {cc.max():.3f},"
+            f" cells below 0.93: {(cc < 0.93).sum()}, above 0.97: {(cc > 0.97).sum()}"
+        )
+        for mult in sorted({m for m, _ in cell_cover}):
+            cm = np.array([c for m, c in cell_cover if m == mult])
+            print(f"  budget {mult:>2}n: {len(cm)} cells, coverage min {cm.min():.3f}, median {np.median(cm):.3f}")
 
 
 if __name__ == "__main__":
