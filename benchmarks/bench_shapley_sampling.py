@@ -1,8 +1,12 @@
 """Karn's Shapley sampler against shapiq's approximators at equal budgets of distinct evaluations.
 
 Run: ``python benchmarks/bench_shapley_sampling.py [--reps 30] [--n 6 8 10 12] [--quick]``
-(numpy + shapiq, the test extra; about 3 minutes at the defaults on one core; ``--quick``:
-10 games per cell, n = 6, 8, 10, under a minute).
+(numpy + shapiq, the test extra; about 5 minutes at the defaults on one core; ``--quick``:
+10 games per cell, n = 6, 8, 10, under a minute). The RMSEs use ``--reps`` games per cell; the
+coverage of Karn's intervals ``--cover-reps`` (100: the first ``--reps`` and more, Karn only),
+since at 30 games a calibrated 95% interval's per-cell coverage has a standard error of
+about 0.015-0.025 (the players of a game share one fit) and would fall below 0.93 in some
+cells by chance.
 
 For every game family, number of players n and budget (2n, 4n, 8n, 16n distinct
 evaluations, below 2**n), each replication draws a game, computes its exact Shapley values
@@ -141,10 +145,15 @@ def main() -> None:
     p.add_argument("--mult", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--families", nargs="+", default=list(FAMILIES))
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the ratio's interval")
+    p.add_argument(
+        "--cover-reps", type=int, default=None, help="games per cell for the coverage (100; 30 with --quick)"
+    )
     p.add_argument("--seed-offset", type=int, default=0, help="another set of games and designs (0: the default set)")
     args = p.parse_args()
     if args.reps is None:
         args.reps = 10 if args.quick else 30
+    if args.cover_reps is None:
+        args.cover_reps = max(args.reps, 30 if args.quick else 100)
     if args.n is None:
         args.n = [6, 8, 10] if args.quick else [6, 8, 10, 12]
     started = time.perf_counter()
@@ -152,18 +161,18 @@ def main() -> None:
     print(
         "[lo, hi]: 95% paired bootstrap interval of the ratio over the games (containing 1.0: a tie at this"
         " many games); cover: share of karn's 95% intervals (sampling error) that contain the exact value"
-        " ('-': no interval in this cell)"
+        f" over {args.cover_reps} games ('-': no interval in this cell), se: its standard error over the games"
     )
     print(
         f"{'family':<18} {'n':>3} {'budget':>6} {'karn':>8} "
         + " ".join(f"{s[:10]:>10}" for s in SHAPIQ)
-        + f" {'best':>10} {'ratio':>6} {'[lo, hi]':>13} {'cover':>6}"
+        + f" {'best':>10} {'ratio':>6} {'[lo, hi]':>13} {'cover':>6} {'se':>5}"
     )
     boot_rng = np.random.default_rng(12345)
     ratios: list[float] = []
     verdicts: list[str] = []
     hits = total = 0
-    cell_cover: list[tuple[int, float]] = []  # (budget multiple, coverage) per cell with intervals
+    cell_cover: list[tuple[int, float, float]] = []  # (budget multiple, coverage, its se) per cell
     by_family: dict[str, list[float]] = {}
     for family in args.families:
         for n in args.n:
@@ -173,17 +182,23 @@ def main() -> None:
                     continue
                 sq: dict[str, list[float]] = {name: [] for name in ("karn",) + SHAPIQ}
                 cell_hits = cell_total = 0
-                for r in range(args.reps):
+                game_cover: list[float] = []  # per game: share of its players covered
+                for r in range(max(args.reps, args.cover_reps)):
                     rng = np.random.default_rng(1_000_003 * r + 7919 * n + FAMILIES.index(family) + args.seed_offset)
                     v = make_game(family, n, rng)
                     exact = shapley_exact(v, n)
                     norm2 = float(np.sum(exact**2)) or 1.0
                     est, interval, _ = karn_estimate(v, n, budget, seed=r + args.seed_offset)
-                    sq["karn"].append(np.sum((est - exact) ** 2) / norm2)
                     finite = np.isfinite(interval).all(axis=1)
                     inside = (interval[:, 0] <= exact) & (exact <= interval[:, 1])
-                    cell_hits += int(np.sum(inside & finite))
-                    cell_total += int(np.sum(finite))
+                    if r < args.cover_reps:
+                        cell_hits += int(np.sum(inside & finite))
+                        cell_total += int(np.sum(finite))
+                        if finite.all():
+                            game_cover.append(float(inside.mean()))
+                    if r >= args.reps:  # a coverage-only game
+                        continue
+                    sq["karn"].append(np.sum((est - exact) ** 2) / norm2)
                     for name in SHAPIQ:
                         est, _ = shapiq_estimate(name, v, n, budget, seed=r + args.seed_offset)
                         sq[name].append(np.sum((est - exact) ** 2) / norm2)
@@ -195,9 +210,14 @@ def main() -> None:
                 verdicts.append("win" if hi < 1.0 else "loss" if lo > 1.0 else "tie")
                 by_family.setdefault(family, []).append(ratio)
                 hits, total = hits + cell_hits, total + cell_total
+                cover_se = (
+                    float(np.std(game_cover, ddof=1) / math.sqrt(len(game_cover))) if len(game_cover) > 1 else 0.0
+                )
                 if cell_total:
-                    cell_cover.append((mult, cell_hits / cell_total))
+                    cell_cover.append((mult, cell_hits / cell_total, cover_se))
                 cover = f"{cell_hits / cell_total:>6.3f}" if cell_total else f"{'-':>6}"
+                if len(game_cover) > 1:  # the game is the independent unit (its players share one fit)
+                    cover += f" {cover_se:>5.3f}"
                 print(
                     f"{family:<18} {n:>3} {budget:>6} {rmse['karn']:>8.4f} "
                     + " ".join(f"{min(rmse[s], 9999.0):>10.4f}" for s in SHAPIQ)
@@ -221,13 +241,15 @@ def main() -> None:
     )
     if total:
         print(f"coverage of karn's 95% intervals where given: {hits / total:.3f} ({hits} of {total} player-games)")
-        cc = np.array([c for _, c in cell_cover])
+        cc = np.array([c for _, c, _ in cell_cover])
+        ce = np.array([e for _, _, e in cell_cover])
         print(
             f"per cell ({len(cc)} cells with intervals): coverage min {cc.min():.3f}, max {cc.max():.3f},"
-            f" cells below 0.93: {(cc < 0.93).sum()}, above 0.97: {(cc > 0.97).sum()}"
+            f" cells below 0.93: {(cc < 0.93).sum()} (of which below by more than 1.96 se: {(cc + 1.96 * ce < 0.93).sum()}),"
+            f" above 0.97: {(cc > 0.97).sum()}"
         )
-        for mult in sorted({m for m, _ in cell_cover}):
-            cm = np.array([c for m, c in cell_cover if m == mult])
+        for mult in sorted({m for m, _, _ in cell_cover}):
+            cm = np.array([c for m, c, _ in cell_cover if m == mult])
             print(f"  budget {mult:>2}n: {len(cm)} cells, coverage min {cm.min():.3f}, median {np.median(cm):.3f}")
 
 
