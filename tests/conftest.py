@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import math
+import os
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from karn_otel import collector as kc
 from karn_otel.config import KarnConfig
 from karn_otel.contracts import EpisodeContext
 from karn_otel.sinks import MemorySink
+from karn_otel.sinks.runlog_format import read_counter
 
 
 def canon(x: Any) -> Any:
@@ -67,3 +71,20 @@ def memory_collector():
 def _no_leftover_collector():
     yield
     kc.shutdown()
+
+
+@contextlib.contextmanager
+def own_live_counters_removed() -> Iterator[None]:
+    """Runs left unclosed on purpose (killed, faulted) keep their live counter in /dev/shm:
+    remove the new ones this process owns when the block ends. Only this process's: under
+    pytest-xdist another worker may be reading its own killed child's counter right now
+    (deleting every new counter failed the SIGKILL and frozen-disk tests whenever
+    test_disk.py, test_sigkill.py and test_runlog.py ran side by side). Tests that kill
+    children remove their children's counters themselves."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()
+    yield
+    for p in (set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()) - before:
+        reading = read_counter(p.name)
+        if reading is not None and reading.pid == os.getpid():
+            p.unlink(missing_ok=True)

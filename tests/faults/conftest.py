@@ -14,16 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import own_live_counters_removed
+
 
 @pytest.fixture(autouse=True)
 def _no_live_counters_left() -> Iterator[None]:
-    """Killed and faulted runs keep their live counter in /dev/shm (that is their point):
-    remove the ones this test created."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()
-    yield
-    for p in (set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()) - before:
-        p.unlink(missing_ok=True)
+    with own_live_counters_removed():
+        yield
 
 
 def _sh(*cmd: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ from karn_otel.config import KarnConfig
 from karn_otel.contracts import EpisodeSummary, HostBaseline, Scalars, TelemetryEventType
 from karn_otel.sinks.runlog import RunDirError, RunLogSink, read_events, read_run
 from karn_otel.sinks.runlog_format import reseal
-from tests.conftest import canon, make_context
+from tests.conftest import canon, make_context, own_live_counters_removed
 from tests.test_collector import host
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,13 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def _no_live_counters_left():
-    """Runs a test leaves unclosed on purpose keep their live counter in /dev/shm: remove the
-    ones this test created."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()
-    yield
-    for p in (set(shm.glob("karn-runlog-*")) if shm.is_dir() else set()) - before:
-        p.unlink(missing_ok=True)
+    with own_live_counters_removed():
+        yield
 
 
 def _collector(tmp_path: Path, **kw) -> kc.KarnCollector:
