@@ -454,7 +454,7 @@ class Run:
         if torch is None or not isinstance(v, torch.Tensor):
             return False
         try:
-            return v.numel() == 1 and (self._defer_cpu or v.device.type != "cpu")  # metadata only: no sync
+            return v.numel() == 1 and (self._defer_cpu or not v.is_cpu)  # metadata only: no sync
         except Exception:  # noqa: BLE001
             return False
 
@@ -804,6 +804,10 @@ def _as_float(v: Any) -> float | None:
             return float(v)
         except OverflowError:
             return None
+    torch = sys.modules.get("torch")
+    if torch is not None and type(v) is torch.Tensor and v.numel() == 1:  # the common case, checked cheaply
+        x = v.item()
+        return float(x) if isinstance(x, (bool, int, float)) else None
     if _is_array_scalar(v):
         x = v.item()
         if isinstance(x, (bool, int, float)):
