@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_a_signal_mid_run_flushes_and_exits_cleanly(tmp_path, sig, status, words):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "karn_otel.cli", "run", "--epochs", "40", "--no-live", "--out", str(tmp_path)],
+        [sys.executable, "-m", "karn_otel.cli", "run", "--epochs", "400", "--no-live", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -38,6 +38,9 @@ def test_a_signal_mid_run_flushes_and_exits_cleanly(tmp_path, sig, status, words
                 break
         else:
             pytest.fail("no epoch line: " + proc.stderr.read())
+        # 400 epochs: still mid-run when a loaded machine delivers the line late (with 40, a
+        # CI run once saw the child finish first and exit 0)
+        assert proc.poll() is None, "the run ended before the signal"
         t0 = time.monotonic()
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
