@@ -64,9 +64,7 @@ Two noise sources are reported, both in :class:`~karn_otel.contracts.ShapleyEsti
 * sampling noise of the ``shapley`` strategy: the error of its (linear) estimate under an
   additive game plus independent noise, with the residual mean square of the additive fit
   as the noise variance and the coalitions not evaluated counted in (t with ``m - n - 1``
-  degrees of freedom for m configurations; :func:`_residual_noise_se`), the part a
-  delete-one-unit jackknife sees shrunk where that jackknife shows the residual to be
-  structure the design cancels rather than noise. It exists at every
+  degrees of freedom for m configurations; :func:`_residual_noise_se`). It exists at every
   budget from n + 1 up, including those where some coalition size is unsampled; at exactly
   n + 1 (no residual degree of freedom) it is the range the Shapley value can take with
   every unevaluated accuracy in [0, 1].
@@ -673,17 +671,11 @@ def _additive_fit(n: int, masks: Sequence[int], values: FloatArray) -> tuple[Flo
     """Least-squares additive game ``f(S) = c + sum_{i in S} w_i`` through the coalitions present.
 
     Unweighted (every evaluation carries the same noise) and with a free intercept. Returns
-    ``(w (n, k), residual v - f (len(masks), k), z)`` with z the coalitions' 0/1 rows. With many
-    columns (bootstrap replicates, or the identity in :func:`_residual_noise_se`) the fit is
-    ``pinv(design) @ values``: the same minimum-norm solution as ``lstsq`` (to ~1e-15), but
-    LAPACK's ``gelsd`` with 200 right-hand sides took 7-100 ms at n = 8-12, the pinv 0.5 ms.
+    ``(w (n, k), residual v - f (len(masks), k), z)`` with z the coalitions' 0/1 rows.
     """
     z = _bit_rows(list(masks), n)
     design = np.hstack([np.ones((len(z), 1)), z])
-    if values.shape[1] > 4:
-        beta = np.asarray(np.linalg.pinv(design) @ values, dtype=float)
-    else:
-        beta = np.asarray(np.linalg.lstsq(design, values, rcond=None)[0], dtype=float)
+    beta = np.linalg.lstsq(design, values, rcond=None)[0]
     return np.asarray(beta[1:], dtype=float), np.asarray(values - design @ beta, dtype=float), z
 
 
@@ -813,65 +805,6 @@ def _box_quadratic(c: FloatArray, g: FloatArray) -> FloatArray:
     return best
 
 
-STRUCTURE_QUANTILE = 0.25
-"""The F quantile that turns the structure ratio kappa into the interval's shrink factor
-(:func:`_residual_noise_se`): ``min(1, kappa / F_0.25)``, kappa's 75% upper confidence bound
-under the noise model. Chosen on games other than the benchmark's (40 per cell, n = 6-12):
-0.5 (kappa itself) took structured cells down to 0.91, 0.25 kept them at 0.944-1.000."""
-
-
-def f_ppf(p: float, df1: float, df2: float) -> float:
-    """Quantile of the F distribution with ``(df1, df2)`` degrees of freedom (bisection on the
-    regularized incomplete beta, relative error < 1e-10)."""
-    if not 0.0 < p < 1.0 or not (df1 > 0 and df2 > 0):
-        raise ValueError(f"need 0 < p < 1 and positive df, got {p}, {df1}, {df2}")
-
-    def cdf(x: float) -> float:
-        return _betainc(0.5 * df1, 0.5 * df2, df1 * x / (df1 * x + df2))
-
-    lo, hi = 1e-12, 1.0
-    while cdf(hi) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = math.sqrt(lo * hi)
-        if cdf(mid) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo - 1.0 < 1e-10:
-            break
-    return math.sqrt(lo * hi)
-
-
-def _jackknife_structure_ratio(
-    n: int, masks: Sequence[int], values: FloatArray, dev: FloatArray
-) -> tuple[float, float]:
-    """``(kappa, df)``: how much less the estimate varies over the delete-one-unit jackknife on
-    this game than under the noise model of :func:`_residual_noise_se`.
-
-    ``dev`` ``(p, n, m)``: the jackknife replicates' deviations from their mean of the
-    estimate's linear map applied to the residual-maker ``I - H`` (H the additive fit's hat
-    matrix), so ``dev @ v`` is the jackknife on the residual r = (I - H) v. With
-    ``M = (p - 1)/p sum dev' dev``: ``kappa = (r' M r / tr M) / (r' r / (m - n - 1))``, about 1
-    when r is independent noise (its df from Satterthwaite, ``tr(M)**2 / tr(M**2)``), small when
-    the design cancels a structured r. NaN when there is nothing to compare.
-    """
-    m = len(masks)
-    z = _bit_rows(list(masks), n)
-    design = np.hstack([np.ones((m, 1)), z])
-    r = values[:, 0] - design @ (np.linalg.pinv(design) @ values[:, 0])
-    p = dev.shape[0]
-    g = dev.reshape(-1, m)
-    scale = (p - 1) / p
-    trace = scale * float(np.sum(g * g))
-    gram = g.T @ g
-    trace2 = scale**2 * float(np.sum(gram * gram))
-    s2 = float(r @ r) / (m - n - 1) if m > n + 1 else 0.0
-    if trace <= 0.0 or trace2 <= 0.0 or s2 <= 0.0:
-        return math.nan, 0.0
-    return scale * float(np.sum((g @ r) ** 2)) / trace / s2, trace * trace / trace2
-
-
 def _residual_noise_se(
     n: int,
     masks: Sequence[int],
@@ -881,7 +814,6 @@ def _residual_noise_se(
     estimate: FloatArray,
     validation_noise: bool,
     bounds: tuple[float, float] | None,
-    structure: tuple[float, float] | None = None,
 ) -> tuple[FloatArray, float]:
     """``(se (n,), df)`` of column 0 of :func:`shapley_sampled_estimate` at the weights ``(b1, b2)``.
 
@@ -901,19 +833,6 @@ def _residual_noise_se(
     (``m = n + 1``) the error is bounded instead: every absent value lies in ``bounds``, and
     ``se`` is the largest distance from the estimate to that range over 1.959964 (so the 95%
     interval, df infinite, contains the whole range); NaN without ``bounds``.
-
-    ``structure = (kappa, df_kappa)`` (:func:`_jackknife_structure_ratio`) corrects the noise
-    model where the residual is structure rather than noise: the design (balanced windows,
-    paired complements) then cancels much of the error that independent noise would leave, so
-    the model's variance is 2-6x too large on games with interactions. kappa is the
-    delete-one-unit jackknife's variance of the estimate on the residual over the variance the
-    same jackknife would have under the noise model (about 1 there, F-distributed with
-    ``(df_kappa, m - n - 1)`` degrees of freedom; 0.1-0.6 on the structured benchmark games).
-    The part of the variance the jackknife sees (evaluated coalitions and the absent ones of the
-    sizes it samples) is multiplied by ``min(1, kappa / F_0.25)`` (:data:`STRUCTURE_QUANTILE`:
-    kappa's 75% upper confidence bound, so that an additive game's interval is shrunk only
-    where kappa is low by chance) and the t's df is then at most ``df_kappa``; the absent
-    coalitions of sizes with no coalition evaluated, and the bias, are not shrunk.
     """
     m = len(masks)
     la, lb, lr = _three_estimators(n, masks, np.eye(m))
@@ -954,22 +873,8 @@ def _residual_noise_se(
     s2 = rss / dof
     beta = coef @ values[:, 0]
     bias = b1 * (lb @ (design @ beta) - beta[1:])
-    shrink, df = 1.0, float(dof)
-    if structure is not None and math.isfinite(structure[0]) and structure[1] > 0:
-        kappa, df_kappa = structure
-        shrink = min(1.0, kappa / f_ppf(STRUCTURE_QUANTILE, df_kappa, float(dof)))
-        if shrink < 1.0:
-            df = min(df, df_kappa)
-    # absent coalitions of the sizes with none evaluated: the extrapolation no resampling sees
-    unseen = np.bincount(z.sum(axis=1).astype(np.int64), minlength=n + 1) == 0
-    blind = np.zeros(n)
-    for k in (int(x) for x in np.flatnonzero(unseen)):
-        with_i = math.comb(n - 1, k - 1) * p[k - 1] ** 2 if k >= 1 else 0.0
-        without = math.comb(n - 1, k) * p[k] ** 2 if k <= n - 1 else 0.0
-        blind += with_i + without
-    seen = np.sum((lin - c) ** 2, axis=1) + absent - blind
-    var = s2 * (shrink * seen + blind) + bias**2
-    return np.sqrt(var), df
+    var = s2 * (np.sum((lin - c) ** 2, axis=1) + absent) + bias**2
+    return np.sqrt(var), float(dof)
 
 
 def shapley_sampled_estimate(
@@ -1004,9 +909,7 @@ def shapley_sampled_estimate(
     ``df`` are :func:`_residual_noise_se` (the additive-plus-noise model's error of this
     linear estimate, counting the coalitions not evaluated, so also at budgets where some
     coalition size is unsampled; the jackknife alone covered 88-100% per benchmark cell at
-    3n-4n and could not see that extrapolation at all), with the part the jackknife sees
-    shrunk by its structure ratio (:func:`_jackknife_structure_ratio`; the same jackknife pass
-    carries the residual-maker's columns). ``validation_noise``: the columns
+    3n-4n and could not see that extrapolation at all). ``validation_noise``: the columns
     1.. are bootstrap replicates (their share is subtracted from the residual variance);
     ``bounds``: the range of a value, for the bound used when no residual degree of freedom
     is left (``len(masks) = n + 1``).
@@ -1018,20 +921,14 @@ def shapley_sampled_estimate(
         alpha = _additivity_weight(n, masks, values[:, 0], units, 1.0) ** ADDITIVITY_EXPONENT
         b1, b2 = 1.0 - alpha, 0.0
     else:
-        # column 0: the observed values; the others: the residual-maker I - H of the additive
-        # fit, so that the replicates' maps on the residual come out of the same pass
-        m = len(masks)
-        z = _bit_rows(masks, n)
-        design = np.hstack([np.ones((m, 1)), z])
-        col = np.hstack([values[:, :1], np.eye(m) - design @ np.linalg.pinv(design)])
-        full_reps = np.empty((3, p, n, m + 1))
+        col = values[:, :1]
+        reps = np.empty((3, p, n))
         for u, unit in enumerate(units):
             drop = set(unit)
-            keep = [r for r, mk in enumerate(masks) if mk not in drop]
+            keep = [r for r, m in enumerate(masks) if m not in drop]
             a_rep, b_rep, r_rep = _three_estimators(n, [masks[r] for r in keep], col[keep])
-            full_reps[0, u], full_reps[1, u], full_reps[2, u] = a_rep, b_rep, r_rep
-        full_dev = full_reps - full_reps.mean(axis=1, keepdims=True)
-        dev = full_dev[..., 0]
+            reps[0, u], reps[1, u], reps[2, u] = a_rep[:, 0], b_rep[:, 0], r_rep[:, 0]
+        dev = reps - reps.mean(axis=1, keepdims=True)
         scale = (p - 1) / p
         d_ab, d_ar = dev[0] - dev[1], dev[0] - dev[2]
         c = scale * np.array([np.sum(dev[0] * d_ab), np.sum(dev[0] * d_ar)])
@@ -1044,11 +941,7 @@ def shapley_sampled_estimate(
             b1 = min(b1, 1.0 - floor)
             b2 = min(1.0, max(0.0, (c[1] - g[1, 0] * b1) / g[1, 1])) if g[1, 1] > 0 else 0.0
     est = a_est - b1 * (a_est - b_est) - b2 * (a_est - r_est)
-    structure = None
-    if p >= 2:
-        mix_dev = full_dev[0] - b1 * (full_dev[0] - full_dev[1]) - b2 * (full_dev[0] - full_dev[2])
-        structure = _jackknife_structure_ratio(n, masks, values, mix_dev[..., 1:])
-    se, df = _residual_noise_se(n, masks, values, b1, b2, est[:, 0], validation_noise, bounds, structure)
+    se, df = _residual_noise_se(n, masks, values, b1, b2, est[:, 0], validation_noise, bounds)
     return est, se, df, 1.0 - b1
 
 
