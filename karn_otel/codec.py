@@ -257,7 +257,7 @@ def _patch_flat(event: TelemetryEvent, line: bytes) -> bytes | None:
     byte for byte against it)."""
     if type(event) is not TelemetryEvent:
         return None
-    ts = event.timestamp
+    ts = event.timestamp  # the envelope's one float field; a non-finite one: the general path
     if type(ts) is not float or ts - ts != 0:
         return None
     fields = getattr(event.payload, "__dict__", None)
@@ -275,23 +275,14 @@ def _patch_flat(event: TelemetryEvent, line: bytes) -> bytes | None:
         elif not (tp in _FLAT_LEAVES or isinstance(v, enum.Enum)):
             return None
     for name, v in tagged:
-        patterns = _FIELD_PATTERNS.get(name) or _field_patterns(name)
-        if line.count(patterns[0]) != 1:
+        key = _FIELD_KEYS.get(name) or _FIELD_KEYS.setdefault(name, _JSON.encode(name) + b":")
+        if line.count(key + b"null") != 1:
             return None
-        line = line.replace(patterns[0], patterns[1 if v != v else (2 if v > 0 else 3)])
+        line = line.replace(key + b"null", key + _NONFINITE_JSON[_encode_float(v)[_FLOAT_TAG]])
     return line
 
 
-_FIELD_PATTERNS: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}  # contract field names: a bounded set
-
-
-def _field_patterns(name: str) -> tuple[bytes, bytes, bytes, bytes]:
-    """``"name":null`` and its three tagged forms (NaN, inf, -inf)."""
-    key = msgspec.json.encode(name) + b":"
-    tags = _NONFINITE_JSON
-    out = (key + b"null", key + tags["nan"], key + tags["inf"], key + tags["-inf"])
-    _FIELD_PATTERNS[name] = out
-    return out
+_FIELD_KEYS: dict[str, bytes] = {}  # '"name":' per contract field name (a bounded set)
 
 
 _payload_of = operator.attrgetter("payload")
