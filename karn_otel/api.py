@@ -783,6 +783,9 @@ def _hp_value(v: Any) -> bool | int | float | str | None:
 
 def _is_array_scalar(v: Any) -> bool:
     """A numpy scalar or a 0-d/one-element array or tensor, recognised without importing them."""
+    torch = sys.modules.get("torch")
+    if torch is not None and type(v) is torch.Tensor:  # the common case, by one type check
+        return bool(v.numel() == 1)
     shape = getattr(v, "shape", None)
     return hasattr(v, "item") and hasattr(v, "dtype") and shape is not None and _size(shape) == 1
 
@@ -804,10 +807,6 @@ def _as_float(v: Any) -> float | None:
             return float(v)
         except OverflowError:
             return None
-    torch = sys.modules.get("torch")
-    if torch is not None and type(v) is torch.Tensor and v.numel() == 1:  # the common case, checked cheaply
-        x = v.item()
-        return float(x) if isinstance(x, (bool, int, float)) else None
     if _is_array_scalar(v):
         x = v.item()
         if isinstance(x, (bool, int, float)):
