@@ -254,18 +254,22 @@ def test_backpressure_blocks_up_to_its_bound_then_drops_and_counts(tmp_path):
     assert rec.accounting.emitted == 9 and rec.accounting.on_disk == 9 - rec.accounting.dropped["RunLogSink:queue_full"]
 
 
+def _seconds_until_on_disk(c: kc.KarnCollector, path: Path, lines: int) -> float:
+    """Emit one host snapshot and poll ``path`` until it holds ``lines`` lines (at most 2 s)."""
+    t0 = time.perf_counter()
+    c.emit(host(epoch=1))
+    while path.read_bytes().count(b"\n") < lines:
+        assert time.perf_counter() - t0 < 2.0
+        time.sleep(0.002)
+    return time.perf_counter() - t0
+
+
 def test_the_writer_writes_within_one_flush_interval_without_a_flush(tmp_path):
     sink = RunLogSink(tmp_path, "r", flush_interval_s=0.05)
     c = kc.KarnCollector(KarnConfig(out_dir=None, console="off"), sinks=[sink])
     c.emit(make_context())
     time.sleep(0.1)
-    t0 = time.perf_counter()
-    c.emit(host(epoch=1))
-    path = tmp_path / "r" / "events.jsonl"
-    while path.read_bytes().count(b"\n") < 2:
-        assert time.perf_counter() - t0 < 2.0
-        time.sleep(0.002)
-    took = time.perf_counter() - t0
+    took = _seconds_until_on_disk(c, tmp_path / "r" / "events.jsonl", lines=2)
     c.close()
     assert took < 0.05 + 0.1, f"written {took:.3f} s after emit (interval 0.05 s)"
 
@@ -283,13 +287,7 @@ def test_an_idle_writer_sleeps_untimed_and_the_next_event_still_lands_within_one
     time.sleep(1.0)  # 40 timed wake-ups at this interval if it kept its timer
     idle_cpu = time.clock_gettime(clock) - cpu0
     assert idle_cpu < 0.002, f"the idle writer used {idle_cpu * 1e3:.2f} ms of CPU in 1 s"
-    t0 = time.perf_counter()
-    c.emit(host(epoch=1))
-    path = tmp_path / "r" / "events.jsonl"
-    while path.read_bytes().count(b"\n") < 2:
-        assert time.perf_counter() - t0 < 2.0
-        time.sleep(0.002)
-    took = time.perf_counter() - t0
+    took = _seconds_until_on_disk(c, tmp_path / "r" / "events.jsonl", lines=2)
     c.close()
     assert took < 0.05 + 0.1, f"written {took:.3f} s after emit (interval 0.05 s)"
     acc = read_run(tmp_path / "r").accounting
