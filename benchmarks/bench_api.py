@@ -43,29 +43,46 @@ import karn_otel  # noqa: E402
 from karn_otel.reference.data import load_digits_data  # noqa: E402
 
 
-def train(epochs: int, logger, per_batch: bool, data) -> None:
+def make_model():
+    """The digits MLP and its optimiser, seeded: every variant trains the same model."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def one_epoch(model, opt, data, on_batch=None) -> dict:
+    """One epoch of minibatches of 64 (``on_batch(loss, i)`` after each), then the epoch's
+    losses and validation accuracy as 0-d tensors, named as ``run.log`` knows them."""
+    model.train()
+    for i in range(0, len(data.y_train), 64):
+        loss = F.cross_entropy(model(data.x_train[i : i + 64]), data.y_train[i : i + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if on_batch is not None:
+            on_batch(loss)
+    model.eval()
+    with torch.no_grad():
+        tl = F.cross_entropy(model(data.x_train), data.y_train)
+        out = model(data.x_val)
+        vl = F.cross_entropy(out, data.y_val)
+        va = (out.argmax(1) == data.y_val).float().mean()
+    return {"train_loss": tl, "val_loss": vl, "val_accuracy": va, "lr": 0.1}
+
+
+def train(epochs: int, logger, per_batch: bool, data) -> None:
+    model, opt = make_model()
     step = 0
+
+    def on_batch(loss) -> None:
+        nonlocal step
+        logger.batch({"loss": loss.detach(), "lr": 0.1}, step)
+        step += 1
+
     for epoch in range(epochs):
-        model.train()
-        for i in range(0, len(data.y_train), 64):
-            loss = F.cross_entropy(model(data.x_train[i : i + 64]), data.y_train[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if per_batch and logger is not None:
-                logger.batch({"loss": loss.detach(), "lr": 0.1}, step)
-            step += 1
-        model.eval()
-        with torch.no_grad():
-            tl = F.cross_entropy(model(data.x_train), data.y_train)
-            out = model(data.x_val)
-            vl = F.cross_entropy(out, data.y_val)
-            va = (out.argmax(1) == data.y_val).float().mean()
+        values = one_epoch(model, opt, data, on_batch if per_batch and logger is not None else None)
         if logger is not None:
-            logger.epoch({"train_loss": tl, "val_loss": vl, "val_accuracy": va, "lr": 0.1}, epoch)
+            logger.epoch(values, epoch)
 
 
 class KarnLogger:
@@ -184,24 +201,7 @@ def paired_epochs(data, pairs: int, seed: int = 0) -> dict[str, float]:
     core). A second phase with no logging at all is an A/A check of the design."""
     import numpy as np
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-
-    def epoch() -> tuple:
-        model.train()
-        for i in range(0, len(data.y_train), 64):
-            loss = F.cross_entropy(model(data.x_train[i : i + 64]), data.y_train[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            tl = F.cross_entropy(model(data.x_train), data.y_train)
-            out = model(data.x_val)
-            vl = F.cross_entropy(out, data.y_val)
-            va = (out.argmax(1) == data.y_val).float().mean()
-        return tl, vl, va
+    model, opt = make_model()
 
     rng = np.random.default_rng(seed)
     out: dict[str, float] = {}
@@ -209,7 +209,7 @@ def paired_epochs(data, pairs: int, seed: int = 0) -> dict[str, float]:
         run = karn_otel.init(config={"lr": 0.1}, out_dir=Path(tmp), console="off")
         clock = _writer_clock()
         for _ in range(5):
-            epoch()  # warm-up
+            one_epoch(model, opt, data)  # warm-up
         e = 0
         for phase in ("logged", "aa"):
             on, off = [], []
@@ -219,9 +219,9 @@ def paired_epochs(data, pairs: int, seed: int = 0) -> dict[str, float]:
                 got = {}
                 for log_it in (first, not first):
                     t0 = time.perf_counter()
-                    tl, vl, va = epoch()
+                    values = one_epoch(model, opt, data)
                     if log_it and phase == "logged":
-                        run.log({"train_loss": tl, "val_loss": vl, "val_accuracy": va, "lr": 0.1}, epoch=e)
+                        run.log(values, epoch=e)
                     got[log_it] = time.perf_counter() - t0
                     e += 1
                 on.append(got[True])
