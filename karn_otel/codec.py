@@ -235,12 +235,7 @@ def encode_event(event: TelemetryEvent) -> bytes:
     if type(event.payload) in _PY_ENCODED:
         return _encode_slow(event)
     line = _JSON.encode(event)
-    if b"null" not in line:
-        return line
-    patched = _patch_flat(event, line)
-    if patched is not None:
-        return patched
-    return _encode_tagged(event) if _may_be_nonfinite(event) else line
+    return _retag(event, line) if b"null" in line else line
 
 
 _NONFINITE_JSON = {k: _JSON.encode({_FLOAT_TAG: k}) for k in ("nan", "inf", "-inf")}
@@ -295,17 +290,28 @@ def encode_lines(events: Sequence[TelemetryEvent]) -> bytes:
     when an event cannot be encoded (callers wanting per-event errors retry one by one).
     """
     finite = list(map(getattr, events, repeat(FINITE_FLAG), repeat(False)))  # C-level loops
-    if _PY_ENCODED.isdisjoint(map(type, map(_payload_of, events))):
-        # Validated at the door with every float finite (the usual case): no NaN to tag.
-        if all(finite):
-            return _JSON.encode_lines(events)
-        if not any(finite):  # not from a collector: scan the batch once
-            buf = _JSON.encode_lines(events)
-            if b"null" not in buf or not _may_be_nonfinite(events):
-                return buf
-    # Line by line; an envelope validated finite needs only the C encode (a plain loop's batch
-    # is mostly such Scalars around one HostSnapshot with NaN fields: only that one is tagged).
-    return b"".join([(_encode_finite(e) if ok else encode_event(e)) + b"\n" for e, ok in zip(events, finite)])
+    if not _PY_ENCODED.isdisjoint(map(type, map(_payload_of, events))):
+        return b"".join([(_encode_finite(e) if ok else encode_event(e)) + b"\n" for e, ok in zip(events, finite)])
+    buf = _JSON.encode_lines(events)
+    if all(finite) or b"null" not in buf:
+        return buf  # validated at the door with every float finite, or no null to tag: the usual case
+    # One C call for the batch, then only the lines of events not known to be finite that
+    # hold a null are looked at again, exactly as encode_event would (a plain loop's batch is
+    # mostly Scalars around one HostSnapshot with NaN fields: one line is patched). JSON
+    # escapes a newline inside a string, so the batch splits into its events' lines.
+    lines = buf.split(b"\n")
+    for i, ok in enumerate(finite):
+        if not ok and b"null" in lines[i]:
+            lines[i] = _retag(events[i], lines[i])
+    return b"\n".join(lines)
+
+
+def _retag(event: TelemetryEvent, line: bytes) -> bytes:
+    """``line`` (msgspec's, with a null) as encode_event writes it: NaN/inf tagged."""
+    patched = _patch_flat(event, line)
+    if patched is not None:
+        return patched
+    return _encode_tagged(event) if _may_be_nonfinite(event) else line
 
 
 def _encode_finite(event: TelemetryEvent) -> bytes:

@@ -282,7 +282,7 @@ def test_an_idle_writer_sleeps_untimed_and_the_next_event_still_lands_within_one
     c.emit(make_context())
     c.flush(timeout=5)
     clock = time.pthread_getcpuclockid(sink._thread.ident)
-    time.sleep(0.2)  # a quiet half interval, then the writer dozes
+    time.sleep(0.2)  # a quiet wake period (3/4 of the interval), then the writer dozes
     cpu0 = time.clock_gettime(clock)
     time.sleep(1.0)  # 40 timed wake-ups at this interval if it kept its timer
     idle_cpu = time.clock_gettime(clock) - cpu0
