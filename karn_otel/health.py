@@ -49,9 +49,9 @@ import math
 import statistics
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from karn_otel.contracts import (
     HealthAlert,
@@ -347,15 +347,24 @@ def entropy_floors(
 # --------------------------------------------------------------------------- pure checks
 
 
-@dataclass(frozen=True)
-class Finding:
-    """The outcome of evaluating one check on one observation."""
+class Finding(NamedTuple):
+    """The outcome of evaluating one check on one observation.
+
+    ``text`` is the message, or a function that formats it: every check is evaluated every
+    epoch, and formatting its numbers (about 1.6 us a message) is done only when the message
+    is read (an alert, a status report), not for each passing check. Read :attr:`message`.
+    """
 
     check: str
     failing: bool
     value: float
     threshold: float
-    message: str
+    text: str | Callable[[], str]
+
+    @property
+    def message(self) -> str:
+        t = self.text
+        return t if isinstance(t, str) else t()
 
 
 def _num(x: Any) -> float:
@@ -390,7 +399,7 @@ def loss_spike_finding(loss: object, previous: Iterable[float], ratio: float) ->
         value > ratio,
         value,
         ratio,
-        f"train loss {x:.4g} is {value:.3g}x its rolling mean {avg:.4g} over {len(prev)} epoch(s)",
+        lambda: f"train loss {x:.4g} is {value:.3g}x its rolling mean {avg:.4g} over {len(prev)} epoch(s)",
     )
 
 
@@ -408,14 +417,16 @@ def gradient_explosion_finding(norm: object, previous: Iterable[float], ratio: f
     if typical <= 0:
         return None
     if not _finite(n):
-        return Finding("gradient_explosion", True, math.inf, ratio, f"host grad norm is {n} (typical {typical:.4g})")
+        return Finding(
+            "gradient_explosion", True, math.inf, ratio, lambda: f"host grad norm is {n} (typical {typical:.4g})"
+        )
     value = n / typical
     return Finding(
         "gradient_explosion",
         value > ratio,
         value,
         ratio,
-        f"host grad norm {n:.4g} is {value:.3g}x its rolling median {typical:.4g}",
+        lambda: f"host grad norm {n:.4g} is {value:.3g}x its rolling median {typical:.4g}",
     )
 
 
@@ -430,7 +441,7 @@ def accuracy_drop_finding(previous: object, current: object, points: float) -> F
         drop > points,
         drop,
         points,
-        f"val accuracy {100 * cur:.2f}% is {drop:+.2f} points below the previous epoch's {100 * prev:.2f}%",
+        lambda: f"val accuracy {100 * cur:.2f}% is {drop:+.2f} points below the previous epoch's {100 * prev:.2f}%",
     )
 
 
@@ -460,7 +471,7 @@ def value_collapse_finding(
         value < ratio,
         value,
         ratio,
-        f"value variance {vv:.4g} is {100 * value:.3g}% of the return variance {var_r:.4g}",
+        lambda: f"value variance {vv:.4g} is {100 * value:.3g}% of the return variance {var_r:.4g}",
     )
 
 
@@ -498,7 +509,7 @@ def entropy_collapse_finding(
         h < floor,
         h,
         floor,
-        f"entropy of head {head!r} is {h:.4g} nats (floor {floor:.4g} nats)",
+        lambda: f"entropy of head {head!r} is {h:.4g} nats (floor {floor:.4g} nats)",
     )
 
 
@@ -546,7 +557,7 @@ def host_findings(h: HostSnapshot, history: HostHistory, thresholds: HealthThres
             bool(bad),
             float(len(bad)),
             0.0,
-            ("non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "losses finite",
+            lambda: ("non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "losses finite",
         )
     )
     for f in (
@@ -567,7 +578,11 @@ def host_findings(h: HostSnapshot, history: HostHistory, thresholds: HealthThres
         failing = not _finite(leak) or abs(leak) > eps
         out.append(
             Finding(
-                "isolation_leakage", failing, leak, eps, f"gradient isolation leakage {leak:.4g} (epsilon {eps:.2g})"
+                "isolation_leakage",
+                failing,
+                leak,
+                eps,
+                lambda: f"gradient isolation leakage {leak:.4g} (epsilon {eps:.2g})",
             )
         )
     return out
@@ -595,7 +610,9 @@ def ppo_findings(
             bool(bad),
             float(len(bad)),
             0.0,
-            ("non-finite PPO " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "PPO statistics finite",
+            lambda: (
+                ("non-finite PPO " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "PPO statistics finite"
+            ),
         )
     )
     kl = scalars["kl_divergence"]
@@ -608,7 +625,7 @@ def ppo_findings(
                 abs(kl) > thresholds.kl_too_high,
                 abs(kl),
                 thresholds.kl_too_high,
-                f"approx KL {kl:.4g} nats per update (limit {thresholds.kl_too_high:.3g})",
+                lambda: f"approx KL {kl:.4g} nats per update (limit {thresholds.kl_too_high:.3g})",
             )
         )
         out.append(
@@ -617,7 +634,7 @@ def ppo_findings(
                 abs(kl) < thresholds.kl_too_low,
                 abs(kl),
                 thresholds.kl_too_low,
-                f"approx KL {kl:.4g} nats per update (floor {thresholds.kl_too_low:.3g})",
+                lambda: f"approx KL {kl:.4g} nats per update (floor {thresholds.kl_too_low:.3g})",
             )
         )
     ev = scalars["explained_variance"]
@@ -628,7 +645,7 @@ def ppo_findings(
                 ev < thresholds.explained_variance_min,
                 ev,
                 thresholds.explained_variance_min,
-                f"explained variance {ev:.4g}",
+                lambda: f"explained variance {ev:.4g}",
             )
         )
     adv = getattr(s, "advantage_stats", None)
@@ -652,7 +669,7 @@ def ppo_findings(
                     sat > thresholds.lstm_saturation_fraction,
                     sat,
                     thresholds.lstm_saturation_fraction,
-                    f"{100 * sat:.1f}% of LSTM hidden units saturated (|h| > 0.9)",
+                    lambda: f"{100 * sat:.1f}% of LSTM hidden units saturated (|h| > 0.9)",
                 )
             )
     return out
@@ -1016,7 +1033,7 @@ class ReturnMonitor(GuardedProcessor):
     def _return(self, r: float) -> list[Finding]:
         t = self.thresholds
         if not _finite(r):
-            return [Finding("non_finite_return", True, 1.0, 0.0, f"episode return is {r}")]
+            return [Finding("non_finite_return", True, 1.0, 0.0, lambda: f"episode return is {r}")]
         out = [Finding("non_finite_return", False, 0.0, 0.0, "returns finite")]
         self._recent.append(r)
         self._episodes += 1
@@ -1040,14 +1057,17 @@ class ReturnMonitor(GuardedProcessor):
             beyond_noise = gain > noise and self._best_mean - mean > noise
             # Hysteresis: a failing check recovers only below half the fraction (no flapping).
             limit = t.regression_fraction / 2 if "return_regression" in self._failing else t.regression_fraction
+            first, best = self._first_mean, self._best_mean  # the message reads them as of now
             out.append(
                 Finding(
                     "return_regression",
                     lost > limit and beyond_noise,
                     lost,
                     t.regression_fraction,
-                    f"mean return over {len(self._recent)} episodes {mean:.4g} has lost {100 * lost:.0f}% of "
-                    f"the gain from {self._first_mean:.4g} to its best {self._best_mean:.4g}",
+                    lambda: (
+                        f"mean return over {n} episodes {mean:.4g} has lost {100 * lost:.0f}% of "
+                        f"the gain from {first:.4g} to its best {best:.4g}"
+                    ),
                 )
             )
         return out
