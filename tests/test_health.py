@@ -15,6 +15,7 @@ from karn_otel.contracts import (
     EVENT_TYPE_OF,
     AdvantageStats,
     HealthAlert,
+    HostSnapshot,
     LSTMHealth,
     PPOUpdateStats,
     RatioStats,
@@ -29,8 +30,11 @@ from karn_otel.health import (
     HealthMonitor,
     HealthReport,
     HealthThresholds,
+    HostHistory,
+    ReturnMonitor,
     alert_thresholds,
     entropy_floors,
+    host_findings,
     value_collapse_finding,
 )
 from tests.conftest import make_context
@@ -478,3 +482,27 @@ def test_the_job_wide_snapshot_is_not_judged_as_this_ranks():
 
     eng = DenseTriggerEngine(DenseTraceTrigger())
     assert eng.anomalies(ev(spike, True)) == []
+
+
+def test_a_findings_message_is_formatted_lazily_and_reads_the_state_of_its_evaluation():
+    """Messages are formatted only when read; one read later still describes the
+    observation that produced it, not the monitor's state since."""
+    m = ReturnMonitor()
+    regressions = []
+    for r in [0.0] * 20 + [float(i) for i in range(1, 200)] + [0.0] * 200:
+        regressions += [f for f in m._return(r) if f.check == "return_regression"]
+    assert regressions, "the simulated collapse must be evaluated"
+    first = regressions[0]
+    assert callable(first.text)
+    text = first.message
+    for r in [500.0] * 100:  # the monitor's best mean and window move on
+        m._return(r)
+    assert first.message == text
+    assert "mean return over" in text and "%" in text
+    # The host checks: a passing finding formats on read, with the numbers it was built from.
+    hist = HostHistory(5)
+    snap = HostSnapshot(3, 0.5, 0.9, 0.6, 0.8, 1, 0, 1, 0, 1.0, {}, None)
+    hist.update(snap)
+    spike = next(f for f in host_findings(snap, hist, DEFAULT_THRESHOLDS) if f.check == "loss_spike")
+    hist.update(HostSnapshot(4, 50.0, 0.9, 0.6, 0.8, 1, 0, 1, 0, 1.0, {}, None))
+    assert not spike.failing and spike.message.startswith("train loss 0.5 is 1x its rolling mean 0.5")
