@@ -369,6 +369,8 @@ class Finding(NamedTuple):
 
 def _num(x: Any) -> float:
     """A float, or NaN for anything that is not a real number (never raises)."""
+    if type(x) is float:  # what a validated payload holds: nine calls per epoch
+        return x
     if isinstance(x, bool):
         return math.nan
     try:
@@ -548,20 +550,22 @@ class HostHistory:
 
 def host_findings(h: HostSnapshot, history: HostHistory, thresholds: HealthThresholds) -> list[Finding]:
     """Evaluate the per-epoch host checks on ``h`` against ``history`` (not modified)."""
-    out: list[Finding] = []
-    losses = {"train_loss": _num(getattr(h, "train_loss", None)), "val_loss": _num(getattr(h, "val_loss", None))}
-    bad = {k: v for k, v in losses.items() if not _finite(v)}
-    out.append(
-        Finding(
-            "non_finite_loss",
-            bool(bad),
-            float(len(bad)),
-            0.0,
-            lambda: ("non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items())) if bad else "losses finite",
-        )
-    )
+    train_loss, val_loss = _num(getattr(h, "train_loss", None)), _num(getattr(h, "val_loss", None))
+    if _finite(train_loss) and _finite(val_loss):
+        out = [Finding("non_finite_loss", False, 0.0, 0.0, "losses finite")]
+    else:
+        bad = {k: v for k, v in (("train_loss", train_loss), ("val_loss", val_loss)) if not _finite(v)}
+        out = [
+            Finding(
+                "non_finite_loss",
+                True,
+                float(len(bad)),
+                0.0,
+                lambda: "non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items()),
+            )
+        ]
     for f in (
-        loss_spike_finding(losses["train_loss"], history.losses, thresholds.loss_spike_ratio),
+        loss_spike_finding(train_loss, history.losses, thresholds.loss_spike_ratio),
         gradient_explosion_finding(
             getattr(h, "host_grad_norm", None), history.grad_norms, thresholds.gradient_explosion_ratio
         ),
@@ -804,7 +808,6 @@ class HealthMonitor(GuardedProcessor):
             # Rank 0's job-wide snapshot (DDP): this monitor judges this rank's own values;
             # mixing the job's means into its rolling histories would blur both.
             return []
-        before = self._failing()
         # Dispatch on the envelope's type, not the payload's class: the checks read fields
         # defensively, so even a payload that slipped past validation is judged, not skipped.
         if et is ET.HOST_SNAPSHOT:
@@ -813,10 +816,18 @@ class HealthMonitor(GuardedProcessor):
             self._history.update(h)
         else:
             source, findings = et.value, ppo_findings(cast(PPOUpdateStats, p), self.thresholds, self.head_sizes)
-        for f in findings:
-            self._findings[(f.check, source)] = f
         self._last_event, self._last_findings = event, tuple(findings)
         self._epoch = event.epoch
+        known = self._findings
+        # Alerts are edges of "some source fails this check": none unless a finding's
+        # failing flag differs from its source's last one (the usual epoch: skip the scans).
+        if all((old := known.get((f.check, source))) is not None and old.failing == f.failing for f in findings):
+            for f in findings:
+                known[(f.check, source)] = f
+            return []
+        before = self._failing()
+        for f in findings:
+            known[(f.check, source)] = f
         after = self._failing()
         alerts = []
         for name in CHECK_NAMES:
