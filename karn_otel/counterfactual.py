@@ -64,7 +64,10 @@ Two noise sources are reported, both in :class:`~karn_otel.contracts.ShapleyEsti
 * sampling noise of the ``shapley`` strategy: the error of its (linear) estimate under an
   additive game plus independent noise, with the residual mean square of the additive fit
   as the noise variance and the coalitions not evaluated counted in (t with ``m - n - 1``
-  degrees of freedom for m configurations; :func:`_residual_noise_se`). It exists at every
+  degrees of freedom for m configurations; :func:`_residual_noise_se`), the part a
+  delete-one-unit jackknife sees shrunk where that jackknife, on the fit's residual against
+  random probe residuals, shows the residual to be structure the design cancels rather than
+  noise (:func:`_jackknife_structure_ratio`). It exists at every
   budget from n + 1 up, including those where some coalition size is unsampled; at exactly
   n + 1 (no residual degree of freedom) it is the range the Shapley value can take with
   every unevaluated accuracy in [0, 1].
@@ -805,6 +808,82 @@ def _box_quadratic(c: FloatArray, g: FloatArray) -> FloatArray:
     return best
 
 
+STRUCTURE_QUANTILE = 0.25
+"""The F quantile that turns the structure ratio kappa into the interval's shrink factor
+(:func:`_residual_noise_se`): ``min(1, kappa / F_0.25)``, kappa's 75% upper confidence bound
+under the noise model."""
+
+STRUCTURE_PROBES = 8
+"""Random residuals (Rademacher vectors through the additive fit's residual-maker) that the
+delete-one-unit jackknife carries beside the observed values, to measure its variance under the
+noise model (:func:`_jackknife_structure_ratio`)."""
+
+
+def f_ppf(p: float, df1: float, df2: float) -> float:
+    """Quantile of the F distribution with ``(df1, df2)`` degrees of freedom (bisection on the
+    regularized incomplete beta, relative error < 1e-8)."""
+    if not 0.0 < p < 1.0 or not (df1 > 0 and df2 > 0):
+        raise ValueError(f"need 0 < p < 1 and positive df, got {p}, {df1}, {df2}")
+
+    def cdf(x: float) -> float:
+        return _betainc(0.5 * df1, 0.5 * df2, df1 * x / (df1 * x + df2))
+
+    lo, hi = 1e-12, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2.0 * hi
+    while hi / lo - 1.0 > 1e-8:
+        mid = math.sqrt(lo * hi)
+        if cdf(mid) < p:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
+
+
+def _structure_columns(n: int, masks: Sequence[int], values: FloatArray) -> FloatArray:
+    """``(m, 1 + STRUCTURE_PROBES)``: the additive fit's residual ``(I - H) v`` of column 0 of
+    ``values`` and :data:`STRUCTURE_PROBES` probe residuals ``(I - H) xi_j``, xi_j Rademacher
+    vectors drawn from a generator seeded by the coalitions (so the interval is a function of
+    the data, and designs that put like coalitions in like rows do not share one draw's error),
+    H the hat matrix of the least-squares additive fit (:func:`_additive_fit`)."""
+    m = len(masks)
+    design = np.hstack([np.ones((m, 1)), _bit_rows(masks, n)])
+    xi = np.random.default_rng([n, *(int(mk) for mk in masks)]).choice([-1.0, 1.0], size=(m, STRUCTURE_PROBES))
+    x = np.hstack([values[:, :1], xi])
+    return np.asarray(x - design @ (np.linalg.pinv(design) @ x), dtype=float)
+
+
+def _jackknife_structure_ratio(dev: FloatArray, r: FloatArray, dof: int) -> tuple[float, float, float]:
+    """``(kappa, df_kappa, df_noise)``: how much less the estimate varies over the delete-one-unit
+    jackknife on this game's residual than on independent noise (:func:`_residual_noise_se`).
+
+    ``dev`` ``(p, n, 1 + k)``: the p jackknife replicates' deviations from their mean of the
+    estimate applied to the additive fit's residual ``r = (I - H) v`` (column 0) and to k probe
+    residuals ``(I - H) xi_j``, xi_j independent Rademacher vectors (H the fit's hat matrix).
+    With M the jackknife's quadratic form (``J(x) = x' M x``, the jackknife variance, summed
+    over the players, of the estimate applied to x), column 0 gives ``J(r)`` exactly, and the
+    probes ``T = mean_j J((I - H) xi_j)``, whose expectation ``tr(M (I - H))`` is what J(r) would
+    be for a residual of independent unit-variance noise, and ``Q = mean_{j<l} (xi_j' (I - H)
+    M (I - H) xi_l)**2``, an unbiased estimate of that form's squared Frobenius norm.
+    ``kappa = (J(r) / T) / (r' r / dof)``: about 1 when r is noise, small when the design
+    cancels a structured r; under the noise model it is roughly F-distributed with
+    ``df_kappa = T**2 / Q`` (Satterthwaite) and ``df_noise = 1 / (1 / dof + 1 / (k df_kappa))``
+    (r's mean square and T both in the denominator) degrees of freedom. NaN (and 0, 0) when
+    there is nothing to compare.
+    """
+    p, k = dev.shape[0], dev.shape[2] - 1
+    g = dev.reshape(-1, k + 1)
+    gram = ((p - 1) / p) * (g.T @ g)  # x_a' M x_b for the columns a, b: r, then the probes
+    trace = float(np.mean(np.diag(gram)[1:])) if k else 0.0
+    pairs = gram[1:, 1:][np.triu_indices(k, 1)]
+    trace2 = float(np.mean(pairs**2)) if pairs.size else 0.0
+    s2 = float(r @ r) / dof if dof > 0 else 0.0
+    if trace <= 0.0 or trace2 <= 0.0 or s2 <= 0.0:
+        return math.nan, 0.0, 0.0
+    df_kappa = trace * trace / trace2
+    return float(gram[0, 0]) / trace / s2, df_kappa, 1.0 / (1.0 / dof + 1.0 / (k * df_kappa))
+
+
 def _residual_noise_se(
     n: int,
     masks: Sequence[int],
@@ -814,6 +893,7 @@ def _residual_noise_se(
     estimate: FloatArray,
     validation_noise: bool,
     bounds: tuple[float, float] | None,
+    structure: tuple[float, float, float] | None = None,
 ) -> tuple[FloatArray, float]:
     """``(se (n,), df)`` of column 0 of :func:`shapley_sampled_estimate` at the weights ``(b1, b2)``.
 
@@ -833,10 +913,21 @@ def _residual_noise_se(
     (``m = n + 1``) the error is bounded instead: every absent value lies in ``bounds``, and
     ``se`` is the largest distance from the estimate to that range over 1.959964 (so the 95%
     interval, df infinite, contains the whole range); NaN without ``bounds``.
+
+    ``structure = (kappa, df_kappa, df_noise)`` (:func:`_jackknife_structure_ratio`) corrects
+    the noise model where the residual is structure rather than noise: the design (balanced
+    windows, paired complements) then cancels much of the error that independent noise would
+    leave. kappa is the delete-one-unit jackknife's variance of the estimate on the residual
+    over what the same jackknife gives on independent noise of the residual's mean square
+    (about 1 under the noise model, roughly F with ``(df_kappa, df_noise)`` degrees of
+    freedom). The part of the variance the jackknife sees (the evaluated coalitions and the
+    absent ones of the sizes with some coalition evaluated) is multiplied by ``min(1, kappa /
+    F_q(df_kappa, df_noise))`` with q = :data:`STRUCTURE_QUANTILE` (kappa's upper confidence
+    bound under the noise model, so an additive game's interval is shrunk only where kappa is
+    low by chance), and where it shrinks the t's df is at most ``df_kappa``; the absent
+    coalitions of sizes with none evaluated, and the bias, are not shrunk.
     """
     m = len(masks)
-    la, lb, lr = _three_estimators(n, masks, np.eye(m))
-    lin = la - b1 * (la - lb) - b2 * (la - lr)
     z = _bit_rows(list(masks), n)
     c = _shapley_coefficients(n, z)
     p = _shapley_weights(n)
@@ -865,6 +956,13 @@ def _residual_noise_se(
     design = np.hstack([np.ones((m, 1)), z])
     coef = np.linalg.pinv(design)
     proj = design @ coef
+    # the maps (n, m) of A, B and R: _three_estimators applied to the identity, with the additive
+    # fit as pinv(design) (the same least-squares solution; LAPACK's gelsd with m right-hand
+    # sides took 5-50 ms at n = 12, m = 200, most of the whole estimate's time)
+    eye = np.eye(m)
+    both = shapley_stratified_solve(n, masks, np.hstack([eye, eye - proj]))
+    la, lb, lr = coef[1:] + both[:, m:], both[:, :m], coef[1:] + c @ (eye - proj)
+    lin = la - b1 * (la - lb) - b2 * (la - lr)
     resid = values - proj @ values
     rss = float(resid[:, 0] @ resid[:, 0])
     if validation_noise and values.shape[1] > 2:
@@ -873,8 +971,22 @@ def _residual_noise_se(
     s2 = rss / dof
     beta = coef @ values[:, 0]
     bias = b1 * (lb @ (design @ beta) - beta[1:])
-    var = s2 * (np.sum((lin - c) ** 2, axis=1) + absent) + bias**2
-    return np.sqrt(var), float(dof)
+    shrink, df = 1.0, float(dof)
+    if structure is not None and math.isfinite(structure[0]) and structure[1] > 0 and structure[2] > 0:
+        kappa, df_kappa, df_noise = structure
+        shrink = min(1.0, kappa / f_ppf(STRUCTURE_QUANTILE, df_kappa, df_noise))
+        if shrink < 1.0:
+            df = min(df, df_kappa)
+    # the absent coalitions of the sizes with none evaluated: an extrapolation no resampling sees
+    unseen = np.bincount(z.sum(axis=1).astype(np.int64), minlength=n + 1) == 0
+    blind = np.zeros(n)
+    for k in (int(x) for x in np.flatnonzero(unseen)):
+        blind += (math.comb(n - 1, k - 1) * p[k - 1] ** 2 if k >= 1 else 0.0) + (
+            math.comb(n - 1, k) * p[k] ** 2 if k <= n - 1 else 0.0
+        )
+    seen = np.sum((lin - c) ** 2, axis=1) + absent - blind
+    var = s2 * (shrink * seen + blind) + bias**2
+    return np.sqrt(var), df
 
 
 def shapley_sampled_estimate(
@@ -909,7 +1021,10 @@ def shapley_sampled_estimate(
     ``df`` are :func:`_residual_noise_se` (the additive-plus-noise model's error of this
     linear estimate, counting the coalitions not evaluated, so also at budgets where some
     coalition size is unsampled; the jackknife alone covered 88-100% per benchmark cell at
-    3n-4n and could not see that extrapolation at all). ``validation_noise``: the columns
+    3n-4n and could not see that extrapolation at all), with the part the jackknife sees
+    shrunk by its structure ratio (:func:`_jackknife_structure_ratio`: the same jackknife pass
+    carries the additive fit's residual and :data:`STRUCTURE_PROBES` probe residuals beside the
+    observed values, :func:`_structure_columns`). ``validation_noise``: the columns
     1.. are bootstrap replicates (their share is subtracted from the residual variance);
     ``bounds``: the range of a value, for the bound used when no residual degree of freedom
     is left (``len(masks) = n + 1``).
@@ -921,14 +1036,18 @@ def shapley_sampled_estimate(
         alpha = _additivity_weight(n, masks, values[:, 0], units, 1.0) ** ADDITIVITY_EXPONENT
         b1, b2 = 1.0 - alpha, 0.0
     else:
-        col = values[:, :1]
-        reps = np.empty((3, p, n))
+        # beside the observed values, the jackknife carries the additive fit's residual and
+        # STRUCTURE_PROBES probe residuals (for _jackknife_structure_ratio); the map is linear
+        # and column by column, so the observed values' replicates are unchanged (to rounding)
+        resid = _structure_columns(n, masks, values)
+        col = np.hstack([values[:, :1], resid])
+        reps = np.empty((3, p, n, col.shape[1]))
         for u, unit in enumerate(units):
             drop = set(unit)
             keep = [r for r, m in enumerate(masks) if m not in drop]
-            a_rep, b_rep, r_rep = _three_estimators(n, [masks[r] for r in keep], col[keep])
-            reps[0, u], reps[1, u], reps[2, u] = a_rep[:, 0], b_rep[:, 0], r_rep[:, 0]
-        dev = reps - reps.mean(axis=1, keepdims=True)
+            reps[0, u], reps[1, u], reps[2, u] = _three_estimators(n, [masks[r] for r in keep], col[keep])
+        full_dev = reps - reps.mean(axis=1, keepdims=True)
+        dev = full_dev[..., 0]
         scale = (p - 1) / p
         d_ab, d_ar = dev[0] - dev[1], dev[0] - dev[2]
         c = scale * np.array([np.sum(dev[0] * d_ab), np.sum(dev[0] * d_ar)])
@@ -941,7 +1060,11 @@ def shapley_sampled_estimate(
             b1 = min(b1, 1.0 - floor)
             b2 = min(1.0, max(0.0, (c[1] - g[1, 0] * b1) / g[1, 1])) if g[1, 1] > 0 else 0.0
     est = a_est - b1 * (a_est - b_est) - b2 * (a_est - r_est)
-    se, df = _residual_noise_se(n, masks, values, b1, b2, est[:, 0], validation_noise, bounds)
+    structure = None
+    if p >= 2:
+        mix = full_dev[0] - b1 * (full_dev[0] - full_dev[1]) - b2 * (full_dev[0] - full_dev[2])
+        structure = _jackknife_structure_ratio(mix[..., 1:], resid[:, 0], len(masks) - n - 1)
+    se, df = _residual_noise_se(n, masks, values, b1, b2, est[:, 0], validation_noise, bounds, structure)
     return est, se, df, 1.0 - b1
 
 
