@@ -819,9 +819,7 @@ class HealthMonitor(GuardedProcessor):
         self._last_event, self._last_findings = event, tuple(findings)
         self._epoch = event.epoch
         known = self._findings
-        # Alerts are edges of "some source fails this check": none unless a finding's
-        # failing flag differs from its source's last one (the usual epoch: skip the scans).
-        if all((old := known.get((f.check, source))) is not None and old.failing == f.failing for f in findings):
+        if not self._flips(findings, source):  # the usual epoch: no edge, skip the scans
             for f in findings:
                 known[(f.check, source)] = f
             return []
@@ -846,6 +844,15 @@ class HealthMonitor(GuardedProcessor):
         """This monitor's findings for ``event`` if it was the last one observed, else None."""
         with self._lock:
             return self._last_findings if self._last_event is event else None
+
+    def _flips(self, findings: list[Finding], source: str) -> bool:
+        """Whether a finding's failing flag differs from its source's last one (or is new):
+        alerts are edges of "some source fails this check", so without a flip there are none."""
+        for f in findings:
+            old = self._findings.get((f.check, source))
+            if old is None or old.failing != f.failing:
+                return True
+        return False
 
     def _failing(self) -> dict[str, Finding]:
         out: dict[str, Finding] = {}
