@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="hold out this fraction of the validation examples for attribution: the gates and the controller "
         "decide on the rest, so the reported contributions of kept seeds are not selection-biased "
-        "(docs/validity.md, Selection; default 0 = off)",
+        "(docs/counterfactual-validity.md, Selection; default 0 = off)",
     )
     r.add_argument(
         "--inject-loss-spike", type=int, metavar="EPOCH", help="fault injection: shuffle the labels for one epoch"

@@ -22,6 +22,7 @@ derived signal is a :class:`Processor`; a new query is a method on the store and
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -67,8 +68,10 @@ SHUTDOWN_TIMEOUT_S = 5.0
 class Sink(Protocol):
     """An output. ``handle`` runs on the training thread: enqueue and return, never block.
 
-    Optional capabilities, looked up once when the pipeline is built: ``dropped() ->
-    dict[str, int]`` (events lost, by reason) and ``queue_depth() -> int``.
+    Optional capabilities: ``dropped() -> dict[str, int]`` (events lost, by reason),
+    ``queue_depth() -> int`` and ``linger_s() -> float``, asked at close: how long beyond
+    the shutdown bound its ``close`` may wait for a reader outside the process (the embedded
+    Prometheus endpoint's final scrape); 0 when nothing is waiting for it.
     """
 
     def handle(self, event: TelemetryEvent) -> None: ...
@@ -488,19 +491,24 @@ class Pipeline:
         Order: flush all; close every sink except the final ones (the run log) in parallel,
         leaving the final ones a reserve of the bound; then close the final ones with the
         drop counts of all the others, so every sink's losses reach the run log's final
-        accounting. A sink still closing at the bound is left behind (reported).
+        accounting. A sink still closing at the bound is left behind (reported). A sink that
+        lingers for an outside reader (``linger_s``: the Prometheus endpoint waiting for its
+        final scrape, at most ``final_scrape_s``) extends the bound by that much: a process
+        that exits right after close must not cut the wait short.
         """
         bound = self.shutdown_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + bound
         sinks = self._sinks
         final = [s for s in sinks if getattr(s, "final_sink", False) is True]
         others = [s for s in sinks if s not in final]
+        linger = max((_linger_of(s) for s in others), default=0.0)
+        deadline = time.monotonic() + bound + linger
         reserve = min(1.0, 0.2 * bound) if final else 0.0
-        self.flush(timeout=max(0.0, deadline - reserve - time.monotonic()))
+        self.flush(timeout=max(0.0, deadline - linger - reserve - time.monotonic()))
         busy = _run_bounded([(type(s).__name__, s.close) for s in others], deadline - reserve, self.report_once)
         for name in busy:
             self.report_once(
-                f"close:{name}", f"Karn sink {name} was still closing at the {bound:g} s shutdown bound; left behind"
+                f"close:{name}",
+                f"Karn sink {name} was still closing at the {bound + linger:g} s shutdown bound; left behind",
             )
         unwritten: dict[str, int] = {}
         for sink in final:
@@ -515,6 +523,18 @@ class Pipeline:
                 unwritten[f"{name}:{reason}"] = n
         self.unwritten = unwritten
         return unwritten
+
+
+def _linger_of(sink: Sink) -> float:
+    """The sink's ``linger_s()`` (0 without one, or when it fails or makes no sense)."""
+    fn = getattr(sink, "linger_s", None)
+    if not callable(fn):
+        return 0.0
+    try:
+        s = float(fn())
+    except Exception:  # noqa: BLE001 (a sink's bug must not stop the shutdown)
+        return 0.0
+    return s if 0.0 < s < math.inf else 0.0
 
 
 def _run_bounded(

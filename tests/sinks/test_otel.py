@@ -3,6 +3,7 @@ really scrapes, and that an unreachable collector costs neither training time no
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import urllib.request
@@ -801,6 +802,61 @@ def test_completion_is_held_and_the_endpoint_waits_for_a_final_scrape(monkeypatc
     assert not closer.is_alive() and time.monotonic() - t0 < 5, "and stops right after it"
     with pytest.raises(OSError):
         scrape(port)
+
+
+_EXITS_AFTER_SHUTDOWN = """
+import sys
+import karn_otel
+from karn_otel.config import KarnConfig
+from karn_otel.contracts import EpisodeSummary
+from tests.conftest import make_context
+
+c = karn_otel.configure(KarnConfig(out_dir=sys.argv[1], console="off", prometheus_port=0, shutdown_timeout_s=1.0))
+karn_otel.emit(make_context())
+print(next(s for s in c.sinks if hasattr(s, "prometheus_port")).prometheus_port, flush=True)
+sys.stdin.readline()  # scraped once: finish the episode and exit at once after shutdown()
+karn_otel.emit(EpisodeSummary(3, 1.0, 0.5, 0.4, 1000, 1000, 0, 2.0))
+karn_otel.shutdown()
+print("shutdown returned", flush=True)
+"""
+
+
+def test_a_process_exiting_after_shutdown_still_gets_its_final_scrape(tmp_path):
+    """The user-visible promise (finished is not missing): a script that calls shutdown() and
+    exits at once keeps /metrics up for Prometheus' next scrape, even when that scrape comes
+    after the 1 s shutdown bound (the endpoint's wait used to be cut off there, and the
+    process took the endpoint down with it before a 15 s scrape interval came round)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KARN_PROMETHEUS_FINAL_SCRAPE_S": "20", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _EXITS_AFTER_SHUTDOWN, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        port = int(child.stdout.readline())
+        assert [v for _, v in scrape(port)["karn_episode_complete"]] == [0]  # Prometheus has scraped it
+        t0 = time.monotonic()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        time.sleep(2.5)  # the next scrape comes well after the 1 s shutdown bound
+        assert child.poll() is None, "the process waits for the final scrape"
+        final = scrape(port)
+        assert [v for _, v in final["karn_episode_complete"]] == [1], "the final scrape reads the completion"
+        assert child.wait(10) == 0
+        assert time.monotonic() - t0 < 6, "and it exits right after that scrape"
+        assert "shutdown returned" in child.stdout.read()
+        said = child.stderr.read()
+        assert said.count("stays up until Prometheus' final scrape") == 1, said  # why it has not exited
+        assert "left behind" not in said, said
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_an_endpoint_nobody_scraped_stops_at_once(monkeypatch):

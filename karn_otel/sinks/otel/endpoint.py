@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -70,22 +70,37 @@ class PrometheusEndpoint:
         """How many times /metrics was read."""
         return self._scrapes.scrapes
 
-    def await_final_scrape(self, timeout_s: float) -> bool:
+    def await_final_scrape(
+        self, timeout_s: float, on_wait: Callable[[float], None] | None = None, quiet_s: float = 1.0
+    ) -> bool:
         """Wait (at most ``timeout_s``) for one more scrape; at once when nobody ever scraped.
 
-        Returns True when a scrape came (or none was expected).
+        ``on_wait(seconds_left)`` is called once if no scrape has come after ``quiet_s`` (to
+        say why the process has not exited yet). Returns True when a scrape came (or none was
+        expected).
         """
         c = self._scrapes
         with c.changed:
             seen = c.scrapes
             if seen == 0 or timeout_s <= 0:
                 return seen == 0
-            deadline = time.monotonic() + timeout_s
+            start = time.monotonic()
+            deadline = start + timeout_s
+            notify = on_wait
             while c.scrapes == seen:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     return False
-                c.changed.wait(left)
+                if notify is not None and now - start >= quiet_s:
+                    c.changed.release()  # the callback logs: never hold the scrape path's lock meanwhile
+                    try:
+                        notify(left)
+                    finally:
+                        c.changed.acquire()
+                    notify = None
+                    continue
+                c.changed.wait(left if notify is None else min(left, quiet_s - (now - start)))
         return True
 
     def stop(self) -> None:

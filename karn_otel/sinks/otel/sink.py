@@ -154,11 +154,29 @@ class OTelSink:
         self._closed = True
         self._metrics.mark_stopped()  # an episode still open was stopped, not lost
         if self._endpoint is not None:
-            self._endpoint.await_final_scrape(self.final_scrape_s)
+            port = self._endpoint.port
+
+            def waiting(left: float) -> None:
+                logging.getLogger("karn").warning(
+                    "Karn: /metrics on port %d stays up until Prometheus' final scrape (at most %.0f s more; "
+                    "%s=0 skips it)",
+                    port,
+                    left,
+                    ENV_FINAL_SCRAPE_S,
+                )
+
+            self._endpoint.await_final_scrape(self.final_scrape_s, on_wait=waiting)
         deadline = time.monotonic() + self._config.otel_shutdown_timeout_s
         if self._traces is not None:
             self._traces.abandon_episode(time.time_ns())
         self._lifecycle.close(deadline)
+
+    def linger_s(self) -> float:
+        """How long ``close`` may wait for Prometheus' final scrape beyond the pipeline's
+        shutdown bound: ``final_scrape_s`` once the endpoint has been scraped, else 0."""
+        if self._closed or self._endpoint is None or self._endpoint.scrapes == 0:
+            return 0.0
+        return self.final_scrape_s
 
     def dropped(self) -> dict[str, int]:
         """What this sink lost, by reason (only non-zero entries).
