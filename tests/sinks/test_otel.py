@@ -852,7 +852,7 @@ def test_a_process_exiting_after_shutdown_still_gets_its_final_scrape(tmp_path):
         assert time.monotonic() - t0 < 6, "and it exits right after that scrape"
         assert "shutdown returned" in child.stdout.read()
         said = child.stderr.read()
-        assert said.count("stays up until Prometheus' final scrape") == 1, said  # why it has not exited
+        assert said.count("up until Prometheus' final scrape") == 1, said  # why it has not exited
         assert "left behind" not in said, said
     finally:
         child.kill()

@@ -158,7 +158,7 @@ class OTelSink:
 
             def waiting(left: float) -> None:
                 logging.getLogger("karn").warning(
-                    "Karn: /metrics on port %d stays up until Prometheus' final scrape (at most %.0f s more; "
+                    "Karn keeps /metrics on port %d up until Prometheus' final scrape (at most %.0f s more; "
                     "%s=0 skips it)",
                     port,
                     left,
