@@ -57,6 +57,7 @@ __all__ = [
     "check_int",
     "check_object",
     "check_str",
+    "canonical_floats",
     "check_types",
     "checker",
     "decode_payload",
@@ -590,7 +591,8 @@ class Problem(typing.NamedTuple):
 
 
 MAYBE_NONFINITE = Problem("ok", "", "valid; may hold a non-finite float")
-"""The checker result for a valid value that may hold NaN or inf (compared by identity)."""
+"""The checker result for a valid value that may hold NaN or inf, or an int where a float is
+expected (compared by identity); the collector then converts such ints (:func:`canonical_floats`)."""
 
 _Result = Problem | None
 _Check = Callable[[Any], _Result]
@@ -671,7 +673,7 @@ def _c_float(v: Any) -> _Result:
     if isinstance(v, int) and not isinstance(v, bool):
         x = int.__index__(v)  # an exact int (no user __le__ for an int subclass)
         if -_FLOAT_MAX <= x <= _FLOAT_MAX:
-            return None
+            return _NF  # valid, but not yet a float: the collector converts it (canonical_floats)
         return Problem("out_of_range", "", f"{safe_repr(x)} does not fit a float")
     return _expected("float", v)
 
@@ -1006,6 +1008,112 @@ def check_object(obj: Any) -> _Result:
             return _expected("a Karn contract", obj)
         check = checker(cls)
     return check(obj)
+
+
+# --------------------------------------------------------------------------- canonical floats
+# An int is a valid float (validation accepts it, like W&B and TensorBoard), but the run log
+# reads every float field back as a float: the collector converts such ints when it accepts a
+# payload, so what sinks and the store see is exactly what a replay of the log gives back.
+# Validation reports them like a possibly non-finite float (MAYBE_NONFINITE), so the
+# conversion runs only for payloads that were not proven to hold finite floats only.
+
+_Conv = Callable[[Any], Any]
+
+
+def _int_to_float(v: Any) -> Any:
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def _float_converter(tp: Any) -> _Conv | None:
+    """``v -> v`` with the ints in ``tp``'s float places as floats (``v`` itself when nothing
+    changes), or None when ``tp`` holds no float."""
+    if tp is float:
+        return _int_to_float
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        plan = _FLOAT_PLANS.get(tp)
+        if plan is None:
+            plan = _FLOAT_PLANS[tp] = _float_plan(tp)
+        return canonical_floats if plan else None
+    args = typing.get_args(tp)
+    if _is_union(tp):
+        members = [a for a in args if a is not type(None)]
+        if int in members:
+            return None  # an int is a member: it stays an int
+        convs = [c for c in map(_float_converter, members) if c is not None]
+        if len(convs) != 1:
+            return None
+        conv = convs[0]
+        return lambda v: v if v is None else conv(v)
+    origin = typing.get_origin(tp)
+    if origin is dict and len(args) == 2:
+        vc = _float_converter(args[1])
+        if vc is None:
+            return None
+
+        def dict_conv(v: Any) -> Any:
+            if type(v) is not dict:
+                return v
+            new = {k: vc(x) for k, x in v.items()}
+            return new if any(new[k] is not x for k, x in v.items()) else v
+
+        return dict_conv
+    if origin in (list, tuple) and args:
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            convs_at: list[_Conv | None] = [_float_converter(a) for a in args]
+            if not any(convs_at):
+                return None
+
+            def fixed_conv(v: Any) -> Any:
+                if type(v) is not tuple or len(v) != len(convs_at):
+                    return v
+                new = tuple(c(x) if c is not None else x for c, x in zip(convs_at, v))
+                return new if any(a is not b for a, b in zip(new, v)) else v
+
+            return fixed_conv
+        ec = _float_converter(args[0])
+        if ec is None:
+            return None
+        kind = origin
+
+        def seq_conv(v: Any) -> Any:
+            if type(v) is not kind:
+                return v
+            new = [ec(x) for x in v]
+            return (new if kind is list else tuple(new)) if any(a is not b for a, b in zip(new, v)) else v
+
+        return seq_conv
+    return None
+
+
+def _float_plan(cls: type) -> tuple[tuple[str, _Conv], ...]:
+    _FLOAT_PLANS[cls] = ()  # recursion guard (a contract holding its own type)
+    hints = type_hints(cls)
+    plan = []
+    for f in dataclasses.fields(cls):
+        conv = _float_converter(hints[f.name])
+        if conv is not None:
+            plan.append((f.name, conv))
+    return tuple(plan)
+
+
+_FLOAT_PLANS: dict[type, tuple[tuple[str, _Conv], ...]] = {}
+
+
+def canonical_floats(obj: Any) -> Any:
+    """A validated contract with every int in a float-typed place as a float (nested contracts,
+    dict values, sequences included): the form its run-log line decodes to. ``obj`` itself
+    when there is nothing to convert."""
+    cls = type(obj)
+    plan = _FLOAT_PLANS.get(cls)
+    if plan is None:
+        plan = _FLOAT_PLANS[cls] = _float_plan(cls)
+    changes = {}
+    for name, conv in plan:
+        v = getattr(obj, name)
+        nv = conv(v)
+        if nv is not v:
+            changes[name] = nv
+    return dataclasses.replace(obj, **changes) if changes else obj
 
 
 # The leaf checkers, for envelope fields and call arguments (same results as inside contracts).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import secrets
 import threading
 import time
@@ -26,6 +27,7 @@ from karn_otel.codec import (
     FINITE_FLAG,
     MAYBE_NONFINITE,
     Problem,
+    canonical_floats,
     check_float,
     check_int,
     check_str,
@@ -177,6 +179,10 @@ class KarnCollector:
                     if simple:
                         r = check(event)
                         if r is None or r is MAYBE_NONFINITE:
+                            if r is not None:
+                                c = canonical_floats(event)  # an int given for a float becomes one
+                                if c is not event:
+                                    event, r = c, check(c)
                             ep = event.epoch if has_epoch else self._epoch
                             if ep >= self._epoch and (slots is None or self._slot_ids.issuperset(slots(event))):
                                 d = self._template.copy()
@@ -243,8 +249,12 @@ class KarnCollector:
         inside an open episode. Same checks as the general path, fewer steps."""
         et, check, has_epoch = plan[0], plan[1], plan[2]
         r = check(event)
-        if r is not None and r is not MAYBE_NONFINITE:
-            raise _problem(r, event)
+        if r is not None:
+            if r is not MAYBE_NONFINITE:
+                raise _problem(r, event)
+            c = canonical_floats(event)  # an int given for a float becomes one
+            if c is not event:
+                event, r = c, check(c)
         if has_epoch:
             ep = event.epoch
         elif epoch is None:
@@ -279,8 +289,12 @@ class KarnCollector:
             )
         et, check, has_epoch = plan[0], plan[1], plan[2]
         r = check(event)
-        if r is not None and r is not MAYBE_NONFINITE:
-            raise _problem(r, event)
+        if r is not None:
+            if r is not MAYBE_NONFINITE:
+                raise _problem(r, event)
+            c = canonical_floats(event)  # an int given for a float becomes one
+            if c is not event:
+                event, r = c, check(c)
         if et is ET.EPISODE_STARTED:
             ep = 0 if epoch is None else _checked_epoch(epoch)
         elif has_epoch:
@@ -308,8 +322,12 @@ class KarnCollector:
                 "type_error", f"TelemetryEvent.payload: {type_name(payload)} does not match event_type {et.value}"
             )
         r = plan[1](payload)
-        if r is not None and r is not MAYBE_NONFINITE:
-            raise _problem(r, payload)
+        if r is not None:
+            if r is not MAYBE_NONFINITE:
+                raise _problem(r, payload)
+            c = canonical_floats(payload)  # an int given for a float becomes one
+            if c is not payload:
+                payload, r = c, plan[1](c)
         for name in ("run_id", "episode_id"):
             p = id_problem(_field(env, name)) if name == "run_id" or et is not ET.EPISODE_STARTED else None
             if name == "episode_id" and p is None:
@@ -319,7 +337,7 @@ class KarnCollector:
         ep = _checked_epoch(_field(env, "epoch"), "TelemetryEvent.epoch")
         ts = _field(env, "timestamp")
         p = check_float(ts)
-        if p is not None:
+        if p is not None and not (p is MAYBE_NONFINITE and type(ts) is not float and math.isfinite(ts)):
             if p is MAYBE_NONFINITE:
                 p = Problem("bad_timestamp", "", f"{safe_repr(ts)} is not a finite time")
             raise _problem(p, env, root="TelemetryEvent.timestamp", envelope=True)

@@ -484,7 +484,10 @@ def test_checkers_name_the_field_and_never_fail_to_describe():
     assert "<int of" in p.detail and len(p.detail) < 100
     assert K.check_types(C.Scalars(1, {"a": "x"})) == "values['a']: expected float, got str"
     assert K.check_object(C.Scalars(1, {"a": float("nan")})) is K.MAYBE_NONFINITE
-    assert K.check_object(C.Scalars(1, {"a": 1.0, "b": 2})) is None
+    # an int is a valid float, reported as not yet canonical; canonical_floats converts it
+    ints = C.Scalars(1, {"a": 1.0, "b": 2})
+    assert K.check_object(ints) is K.MAYBE_NONFINITE
+    assert K.check_object(K.canonical_floats(ints)) is None
     assert K.check_object(C.Scalars(2**63, {})).reason == "out_of_range"  # type: ignore[union-attr]
     assert K.check_object(C.Scalars(True, {})).reason == "type_error"  # type: ignore[union-attr]
 
@@ -500,3 +503,43 @@ def test_safe_repr_and_printable_are_bounded_and_escaped():
     assert K.safe_repr(Evil()) == "<Evil>"
     assert K.printable("a\x1b[31mb\u202ec\ud800\n") == "a\\x1b[31mb\\u202ec\\ud800\\n"
     assert len(K.printable("y" * 10_000, 50)) == 53
+
+
+def test_canonical_floats_turns_ints_in_float_places_into_floats_and_nothing_else():
+    hs = C.HostSnapshot(4, 2, 0.5, 1, 1, 1674, 0, 1674, 0, 0, {"mid": 3}, 0)
+    out = K.canonical_floats(hs)
+    assert canon(out) == canon(C.HostSnapshot(4, 2.0, 0.5, 1.0, 1.0, 1674, 0, 1674, 0, 0.0, {"mid": 3.0}, 0.0))
+    # the int fields stay ints (epoch, parameter counts); an object with nothing to convert is returned as is
+    assert type(out.epoch) is int and type(out.host_params) is int
+    finite = C.HostSnapshot(4, 2.0, 0.5, 1.0, 1.0, 1674, 0, 1674, 0, 0.0, {}, None)
+    assert K.canonical_floats(finite) is finite
+    # nested: a sequence of floats, a dict of floats, an Optional float inside a nested contract
+    res = C.CounterfactualResult((True, False), {"early": 1}, 1, 0.5, {3: 1})
+    assert canon(K.canonical_floats(res)) == canon(
+        C.CounterfactualResult((True, False), {"early": 1.0}, 1.0, 0.5, {3: 1.0})
+    )
+
+
+def test_an_int_given_for_a_float_is_stored_as_the_run_log_reads_it_back(tmp_path):
+    """What sinks and the store see is exactly what a replay of the run log gives back (the
+    fuzz test's round trip, type for type): an int in a float place arrives as a float."""
+    from karn_otel import collector as kc
+    from karn_otel.config import KarnConfig
+    from karn_otel.sinks import MemorySink
+    from tests.conftest import make_context
+
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True, run_id="run"))
+    mem = MemorySink()
+    c.add_sink(mem)
+    c.emit(make_context())
+    c.emit(C.BatchMetrics(0, 0, 0.0, 0.0, 0, {}, None))  # the fuzz test's find: host_grad_norm=0
+    c.emit(C.Scalars(1, {"loss": 1, "lr": 0.1}))  # the per-step path
+    c.emit(C.HostSnapshot(1, 2, float("nan"), 1, 1, 10, 0, 10, 0, 0, {}, None))  # the general path, with a NaN
+    for ev in mem.events[1:]:
+        assert canon(K.event_from_json(K.encode_event(ev))) == canon(ev), ev.event_type
+    assert type(mem.events[1].payload.host_grad_norm) is float
+    assert (
+        mem.events[2].payload.values == {"loss": 1.0, "lr": 0.1} and type(mem.events[2].payload.values["loss"]) is float
+    )
+    assert getattr(mem.events[2], K.FINITE_FLAG) is True  # converted, then proven finite
+    assert type(mem.events[3].payload.train_loss) is float and math.isnan(mem.events[3].payload.train_accuracy)
