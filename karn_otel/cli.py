@@ -381,7 +381,7 @@ def _inspect_lines(rec) -> list[str]:
             delta = ""
             if host is not None:
                 diff = _num(summary.final_val_accuracy - host, "+.2f", 100)
-                delta = f" ({diff} pts vs host-only {_num(host, '.2f', 100)}%)"
+                delta = f" ({diff} pts vs host-only removal {_num(host, '.2f', 100)}%, not causal)"
             out.append(
                 f"  finished: {_num(summary.epochs_completed)} epochs in {_num(summary.wall_time_s, '.1f')}s{delta}"
             )

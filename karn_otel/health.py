@@ -443,7 +443,7 @@ def accuracy_drop_finding(previous: object, current: object, points: float) -> F
         drop > points,
         drop,
         points,
-        lambda: f"val accuracy {100 * cur:.2f}% is {drop:+.2f} points below the previous epoch's {100 * prev:.2f}%",
+        lambda: f"val accuracy {100 * cur:.2f}% is {drop:.2f} points below the previous epoch's {100 * prev:.2f}%",
     )
 
 

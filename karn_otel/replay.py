@@ -218,8 +218,9 @@ def replay_run(record: RunRecord) -> ReplayReport:
         mode=OperatingMode.RESEARCH if cfg.research else OperatingMode.STANDARD,
         policy_head_sizes=policy_head_sizes(cfg),
     )
+    other_ranks: list[tuple[int, list[TelemetryEvent], list[TelemetryEvent]]] = []
     if cfg.nproc > 1:
-        replayed, ckpt_note = _replay_ranks(cfg, kcfg, record)
+        replayed, ckpt_note, other_ranks = _replay_ranks(cfg, kcfg, record)
     else:
         collector = kc.KarnCollector(kcfg)
         build_pipeline(kcfg, collector, sinks=[sink])
@@ -238,16 +239,30 @@ def replay_run(record: RunRecord) -> ReplayReport:
     if ckpt_note:
         notes.append(ckpt_note)
     report = compare_events(record.events, replayed)
-    return ReplayReport(report.compared, report.first_difference, notes)
+    compared, first = report.compared, report.first_difference
+    for k, recorded, again in other_ranks:  # every rank's own log, not only rank 0's
+        if not recorded:
+            notes.append(f"rank {k}: no log in the record (ranks/rank{k}/); not compared")
+            continue
+        r = compare_events(recorded, again)
+        compared += r.compared
+        if first is None and r.first_difference is not None:
+            first = f"rank {k}: {r.first_difference}"
+    return ReplayReport(compared, first, notes)
 
 
-def _replay_ranks(cfg: Any, kcfg: Any, record: RunRecord) -> tuple[list[TelemetryEvent], str]:
-    """Re-run a multi-rank run on as many ranks; returns rank 0's events and the checkpoint note."""
+def _replay_ranks(
+    cfg: Any, kcfg: Any, record: RunRecord
+) -> tuple[list[TelemetryEvent], str, list[tuple[int, list[TelemetryEvent], list[TelemetryEvent]]]]:
+    """Re-run a multi-rank run on as many ranks; returns rank 0's events, the checkpoint note
+    and, for each rank k > 0, (k, its recorded events, its replayed events) from
+    ``ranks/rank<k>/`` (an empty recorded list where the record has no log for it)."""
     import dataclasses
 
     from karn_otel.reference.launch import run_ranks
     from karn_otel.sinks.runlog import read_run
 
+    others: list[tuple[int, list[TelemetryEvent], list[TelemetryEvent]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         run_id = record.run_id
         result = run_ranks(cfg, dataclasses.replace(kcfg, out_dir=Path(tmp), run_id=run_id))
@@ -255,7 +270,13 @@ def _replay_ranks(cfg: Any, kcfg: Any, record: RunRecord) -> tuple[list[Telemetr
             raise ValueError(f"the replayed ranks failed: {result.describe()}")
         rec = read_run(Path(tmp) / run_id)
         note = _compare_checkpoints(record, Path(tmp) / run_id / "checkpoints")
-    return rec.events, note
+        for k in range(1, cfg.nproc):
+            sub = Path("ranks") / f"rank{k}"
+            replayed = read_run(Path(tmp) / run_id / sub).events
+            recorded_dir = Path(record.run_dir) / sub
+            recorded = read_run(recorded_dir).events if (recorded_dir / "events.jsonl").is_file() else []
+            others.append((k, recorded, replayed))
+    return rec.events, note, others
 
 
 def recorded_checkpoints(record: RunRecord) -> list[Path | None]:

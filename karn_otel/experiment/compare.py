@@ -164,7 +164,9 @@ def _f(x: float | None, pct: bool = False, signed: bool = True) -> str:
     return f"{x:.4g}"
 
 
-def _p(p: float | None) -> str:
+def _p(p: float | None, no_spread: bool = False) -> str:
+    if p is not None and no_spread:
+        return "n/a (no spread between runs: the t-test is undefined)"
     return "—" if p is None else ("<0.0001" if p < 1e-4 else f"{p:.4f}")
 
 
@@ -182,7 +184,8 @@ def render(res: CompareResult) -> str:
                 f"[{_f(row.a.iqm_ci.low)}, {_f(row.a.iqm_ci.high)}]",
                 f"    {res.b_label}: mean {_f(row.b.mean)} ± {_f(row.b.std)} (n={row.b.n}), IQM {_f(row.b.iqm)} "
                 f"[{_f(row.b.iqm_ci.low)}, {_f(row.b.iqm_ci.high)}]",
-                f"    Welch p = {_p(row.welch_p)}   paired p = {_p(row.paired_p)} (n={row.paired_n})   "
+                f"    Welch p = {_p(row.welch_p, row.no_spread)}   "
+                f"paired p = {_p(row.paired_p, row.paired_no_spread)} (n={row.paired_n})   "
                 f"Cohen's d = {_f(row.cohens_d)}   Hedges' g = {_f(row.hedges_g)}",
             ]
         else:
@@ -192,7 +195,7 @@ def render(res: CompareResult) -> str:
                 f"• {row.quantity}: mean {_f(s.mean, pct)} [95% bootstrap {_f(row.mean_ci.low, pct)}, "
                 f"{_f(row.mean_ci.high, pct)}], sd {_f(s.std, pct, signed=False)}, n={s.n}",
                 f"    IQM {_f(s.iqm, pct)} [{_f(s.iqm_ci.low, pct)}, {_f(s.iqm_ci.high, pct)}]   "
-                f"t-test vs {row.null:g}: p = {_p(row.p_value)}",
+                f"t-test vs {row.null:g}: p = {_p(row.p_value, row.no_spread)}",
             ]
     if res.slots:
         lines.append("• per-seed Shapley across runs (final-epoch value; claims by each run's final verdict):")

@@ -50,7 +50,7 @@ from karn_otel.contracts import (
     TelemetryEvent,
 )
 from karn_otel.experiment.compare import compare_runs, render
-from karn_otel.experiment.summary import summarise
+from karn_otel.experiment.summary import job_events, summarise
 from karn_otel.export import run_dirs_in
 from karn_otel.sinks.runlog import RunRecord, read_run
 
@@ -90,7 +90,7 @@ def _empty_figure(message: str) -> str:
 def _last_episode(rec: RunRecord) -> list[TelemetryEvent]:
     ids = [ev.episode_id for ev in rec.events if isinstance(ev.payload, EpisodeContext)]
     last = ids[-1] if ids else None
-    return [ev for ev in rec.events if ev.episode_id == last and not ev.is_reduced]
+    return job_events([ev for ev in rec.events if ev.episode_id == last])
 
 
 # ---------------------------------------------------------------------- run figures

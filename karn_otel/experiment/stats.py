@@ -63,6 +63,10 @@ class Comparison:
     hedges_g: float
     paired_p: float | None = None  # paired t-test when the runs pair up by seed
     paired_n: int = 0
+    # No spread within the groups (or among the paired differences): the t-tests are undefined
+    # and the p-values above are conventions (1 for equal means, 0 otherwise), not evidence.
+    no_spread: bool = False
+    paired_no_spread: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,12 +175,15 @@ def compare(
     else:
         welch = float(stats.ttest_ind(x, y, equal_var=False).pvalue)
     paired_p = None
+    paired_flat = False
     if len(pairs) >= MIN_RUNS:
         pa, pb = np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs])
         diffs = pa - pb
-        paired_p = (
-            (1.0 if diffs[0] == 0 else 0.0) if np.all(diffs == diffs[0]) else float(stats.ttest_rel(pa, pb).pvalue)
-        )
+        paired_flat = _no_spread(diffs)  # the same rule as above (exact equality let rounding noise through)
+        if paired_flat:
+            paired_p = 1.0 if abs(float(diffs.mean())) <= 1e-12 * max(1.0, float(np.max(np.abs(pa)))) else 0.0
+        else:
+            paired_p = float(stats.ttest_rel(pa, pb).pvalue)
     return Comparison(
         quantity=quantity,
         a=group_stats(x, seed),
@@ -188,6 +195,8 @@ def compare(
         hedges_g=hedges_g(x, y),
         paired_p=paired_p,
         paired_n=len(pairs),
+        no_spread=_no_spread(x, y),
+        paired_no_spread=paired_flat,
     )
 
 
@@ -200,6 +209,7 @@ class OneSample:
     stats: GroupStats
     mean_ci: Interval  # bootstrap (BCa) of the mean
     p_value: float  # one-sample t-test against ``null`` (two-sided)
+    no_spread: bool = False  # every run gave the same number: p_value is a convention, not a test
 
 
 def describe(quantity: str, x: Sequence[float], null: float = 0.0, seed: int = 0) -> OneSample | NotEnoughRuns:
@@ -221,4 +231,4 @@ def describe(quantity: str, x: Sequence[float], null: float = 0.0, seed: int = 0
         )
         ci = Interval(float(res.confidence_interval.low), float(res.confidence_interval.high))
         p = float(stats.ttest_1samp(arr, null).pvalue)
-    return OneSample(quantity, null, group_stats(arr, seed), ci, p)
+    return OneSample(quantity, null, group_stats(arr, seed), ci, p, no_spread=_no_spread(arr))

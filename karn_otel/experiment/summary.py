@@ -19,6 +19,7 @@ from karn_otel.contracts import (
     EpisodeSummary,
     HostSnapshot,
     ShapleyEstimate,
+    TelemetryEvent,
 )
 from karn_otel.sinks.runlog import RunRecord, read_run
 
@@ -62,6 +63,16 @@ class RunSummary:
         return (self.final_val_accuracy / self.total_params) / (acc_ref / params_ref)
 
 
+def job_events(events: list[TelemetryEvent]) -> list[TelemetryEvent]:
+    """The job's view of one episode's events: for each event type that has reduced (job-wide)
+    records, those only; every other type as recorded. A single-process run has none, so it is
+    unchanged; in rank 0's log of a multi-rank run the host snapshots are the job-wide ones (as
+    ``karn inspect`` and the console show) and the counterfactual matrices, which exist only
+    reduced, are kept (they were dropped before 2026-12-04)."""
+    reduced = {ev.event_type for ev in events if ev.is_reduced}
+    return [ev for ev in events if ev.is_reduced or ev.event_type not in reduced]
+
+
 def summarise(rec: RunRecord) -> RunSummary:
     contexts = [ev for ev in rec.events if isinstance(ev.payload, EpisodeContext)]
     if not contexts:
@@ -69,9 +80,7 @@ def summarise(rec: RunRecord) -> RunSummary:
     last_ep = contexts[-1].episode_id
     ctx = contexts[-1].payload
     assert isinstance(ctx, EpisodeContext)
-    events = [ev for ev in rec.events if ev.episode_id == last_ep and not ev.is_reduced] or [
-        ev for ev in rec.events if ev.episode_id == last_ep
-    ]
+    events = job_events([ev for ev in rec.events if ev.episode_id == last_ep])
     hp = ctx.hyperparameters
     controller = str(hp.get("controller", "unknown"))
     arm = ctx.experiment_arm or ("control" if controller == "none" else "morph")

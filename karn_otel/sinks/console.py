@@ -81,7 +81,7 @@ class ConsoleSink:
                 host = "n/a" if s.host_only_accuracy is None else f"{100 * s.host_only_accuracy:.1f}%"
                 self._write(
                     f"[karn] episode done: {s.epochs_completed} epochs, val acc {100 * s.final_val_accuracy:.1f}% "
-                    f"(host-only {host}), {s.total_params:,} params ({s.fossilized_params:,} fossilized)\n"
+                    f"(host-only removal {host}), {s.total_params:,} params ({s.fossilized_params:,} fossilized)\n"
                 )
             verdict = self.verdict_line()
             if verdict:

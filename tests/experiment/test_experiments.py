@@ -181,3 +181,42 @@ def test_report_of_an_experiment_overlays_runs_and_compares(tmp_path, experiment
     for sid in ("runs", "compare", "run-1", "run-4"):
         assert re.search(rf'<section id="{sid}" data-rendered="yes"', dom), sid
     assert "Welch p" in dom
+
+
+def test_summary_and_report_of_a_multi_rank_log_keep_its_reduced_matrices(tmp_path):
+    """Rank 0's log of a --nproc run holds its own host snapshots and the job-wide (reduced)
+    ones, and the counterfactual matrices only reduced: compare and report read the job's
+    view (before, every reduced event was dropped and a DDP run showed no Shapley values)."""
+    from karn_otel.contracts import CounterfactualMatrix, CounterfactualResult, EpisodeSummary, ShapleyEstimate
+    from karn_otel.experiment.report import _last_episode
+    from karn_otel.experiment.summary import summarise
+    from karn_otel.sinks.runlog import RunLogSink
+    from tests.conftest import make_context
+
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", strict=True, run_id="ddp"))
+    c.add_sink(RunLogSink(tmp_path, "ddp"))
+    c.emit(make_context(slots=("mid",)))
+    for epoch, (own, job) in enumerate([(0.70, 0.72), (0.80, 0.83)], start=1):
+        c.emit(HostSnapshot(epoch, 1.0, 0.5, 1.1, own, 100, 10, 110, 0, 0.5, {}, None))  # rank 0's own
+        c.emit(HostSnapshot(epoch, 1.0, 0.5, 1.1, job, 100, 10, 110, 0, 0.5, {}, None), is_reduced=True)
+        matrix = CounterfactualMatrix(
+            epoch=epoch,
+            slot_ids=("mid",),
+            configs=(
+                CounterfactualResult((True,), {"mid": 1.0}, 0.3, job),
+                CounterfactualResult((False,), {"mid": 0.0}, 0.4, job - 0.05),
+            ),
+            marginal_contributions={"mid": 0.05},
+            interaction_effects={},
+            shapley_values={"mid": ShapleyEstimate(0.05, 0.01, 2, "exact", 0.03, 0.07)},
+        )
+        c.emit(matrix, is_reduced=True)  # the matrices exist only reduced
+    c.emit(EpisodeSummary(2, 0.83, 0.78, 0.78, 100, 110, 0, 1.0))
+    c.close()
+    rec = read_run(tmp_path / "ddp")
+    s = summarise(rec)
+    assert s.final_shapley["mid"].mean == pytest.approx(0.05) and s.final_shapley_epoch == 2
+    assert [p.val_accuracy for p in s.curve] == [0.72, 0.83], "the job-wide snapshots, not rank 0's own"
+    assert [p.removal_accuracy for p in s.curve] == pytest.approx([0.67, 0.78])
+    kinds = [type(ev.payload).__name__ for ev in _last_episode(rec)]
+    assert kinds.count("CounterfactualMatrix") == 2 and kinds.count("HostSnapshot") == 2

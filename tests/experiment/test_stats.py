@@ -116,3 +116,20 @@ def test_shapley_claims_are_aggregated_with_each_runs_final_verdict(tmp_path):
     assert by_slot["mid"].n_claimed == want["mid"] == 0
     assert by_slot["early"].n_runs == 3
     assert by_slot["early"].mean.stats.mean == pytest.approx(np.mean([0.05, 0.04, 0.002]))
+
+
+def test_no_spread_is_said_not_printed_as_a_tiny_p_value():
+    """Two runs whose paired deltas are both exactly 2 of 359 examples (differing only by float
+    rounding) used to print 'paired p = <0.0001 (n=2)': a t-test on zero spread is undefined."""
+    from karn_otel.experiment.compare import _p
+
+    a = [0.9164345403899722, 0.8857938718662952]
+    b = [x - 2 / 359 for x in a]
+    res = ks.compare("final val accuracy", a, b, pairs=list(zip(a, b)))
+    assert res.paired_no_spread and res.paired_p == 0.0
+    assert not res.no_spread  # the groups themselves do vary
+    assert _p(res.paired_p, res.paired_no_spread).startswith("n/a (no spread")
+    one = ks.describe("delta", [2 / 359, 2 / 359 + 1e-17])
+    assert one.no_spread and _p(one.p_value, one.no_spread).startswith("n/a")
+    varied = ks.describe("delta", [0.01, 0.02, 0.04])
+    assert not varied.no_spread and _p(varied.p_value, varied.no_spread)[0] in "0<"

@@ -37,6 +37,24 @@ def test_two_rank_run_reports_every_rank_and_replays(tmp_path):
     assert set(beats) == {"rank0.json", "rank1.json"}
     rp = karn("replay", str(run_dir))
     assert rp.returncode == 0 and "identical" in rp.stdout, rp.stdout + rp.stderr
+    # every rank's log is compared, not only rank 0's: a changed value in rank 1's log is found
+    compared = int(rp.stdout.split("identical: ")[1].split()[0])
+    assert compared > len(rank0.events), rp.stdout
+    import dataclasses
+    import shutil
+
+    from karn_otel.sinks.runlog import RunLogSink
+
+    events = rank1.events
+    i = next(k for k, e in enumerate(events) if e.event_type.value == "host_snapshot")
+    bad = dataclasses.replace(events[i], payload=dataclasses.replace(events[i].payload, train_loss=123.0))
+    shutil.rmtree(run_dir / "ranks" / "rank1")
+    sink = RunLogSink(run_dir / "ranks", "rank1", run_dir=run_dir / "ranks" / "rank1")
+    for e in events[:i] + [bad] + events[i + 1 :]:
+        sink.handle(e)
+    sink.close()
+    rp = karn("replay", str(run_dir))
+    assert rp.returncode != 0 and "rank 1:" in rp.stdout and "recorded 123.0" in rp.stdout, rp.stdout + rp.stderr
 
 
 def test_two_rank_run_over_otlp_per_rank_means_per_rank(tmp_path):
