@@ -350,17 +350,17 @@ def _inspect_lines(rec) -> list[str]:
     for ep_id, ctx in rec.episodes.items():
         slots = " ".join(f"{P(k, 40)}={_num(v)}" for k, v in list(ctx.slot_config.items())[:32])
         started = P(ctx.timestamp.isoformat(timespec="seconds"))
-        out.append(f"episode {P(ep_id)}  started {started}  git {P(ctx.git_commit[:12])}  seed {_num(ctx.base_seed)}")
-        out.append(
-            f"  host {P(ctx.host_architecture)}, {_num(ctx.host_params, ',')} params; slots {slots};"
-            f" max epochs {_num(ctx.max_epochs)}"
-        )
+        unknown = ctx.unknown_fields
+        seed = "unknown" if "base_seed" in unknown else _num(ctx.base_seed)
+        params = "params unknown" if "host_params" in unknown else f"{_num(ctx.host_params, ',')} params"
+        max_epochs = "unknown" if "max_epochs" in unknown else _num(ctx.max_epochs)
+        out.append(f"episode {P(ep_id)}  started {started}  git {P(ctx.git_commit[:12])}  seed {seed}")
+        out.append(f"  host {P(ctx.host_architecture)}, {params}; slots {slots}; max epochs {max_epochs}")
         hp, _ = redact_hyperparameters(ctx.hyperparameters)
         shown = ", ".join(f"{P(k, 60)}={P(v, 100) if isinstance(v, str) else _num(v)}" for k, v in hp.items())
         out.append(f"  hyperparameters: {P(shown, 4000)}")
         software = ", ".join(f"{P(k, 40)} {P(v, 60)}" for k, v in list(ctx.software.items())[:16])
         out.append(f"  task {P(ctx.task_type, 40)}; software: {software or 'not recorded'}")
-        unknown = ctx.unknown_fields
         if unknown:
             out.append("  not known to the script (recorded as placeholders): " + P(", ".join(map(str, unknown)), 1000))
         if ctx.experiment_id:
@@ -487,8 +487,12 @@ def _diff(args: argparse.Namespace) -> int:
         )
         first = first or _first_diff(cx, cy, f"episode {i + 1} context")
     if first is None:
-        ea, eb = ([e for e in r.events if e.event_type not in SKIPPED_TYPES | {ET.EPISODE_STARTED}] for r in (a, b))
+        # numbered as `karn replay` numbers them (Karn's own records left out); the contexts
+        # were compared above, field by field, so a pair of episode starts is passed over here
+        ea, eb = ([e for e in r.events if e.event_type not in SKIPPED_TYPES] for r in (a, b))
         for i, (x, y) in enumerate(zip(ea, eb)):
+            if x.event_type is ET.EPISODE_STARTED and y.event_type is ET.EPISODE_STARTED:
+                continue
             d = _first_diff(comparable(x), comparable(y), "")
             if d:
                 first = f"event #{i + 1} ({x.event_type.value}, epoch {x.epoch}): {d.lstrip('.')}"

@@ -82,6 +82,7 @@ This module imports numpy and the standard library only (no torch, no openteleme
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -120,6 +121,7 @@ __all__ = [
     "split_examples",
     "student_t_cdf",
     "student_t_ppf",
+    "with_on_alphas",
 ]
 
 EXACT_ALGORITHM = "exact_enumeration"
@@ -1068,6 +1070,23 @@ def shapley_sampled_estimate(
     return est, se, df, 1.0 - b1
 
 
+def with_on_alphas(matrix: CounterfactualMatrix, alphas: Mapping[str, float]) -> CounterfactualMatrix:
+    """``matrix`` with each configuration's ``alpha_settings`` saying the alpha an "on" slot
+    actually ran at (``alphas``; off stays 0.0). :func:`attribute` records 1.0 for "on"; an
+    ``evaluate`` that leaves a blending seed at its current alpha (the reference system's)
+    passes the real values here, so the record says what was measured."""
+    known = {s: float(a) for s, a in alphas.items() if s in matrix.slot_ids}
+    if not known:
+        return matrix
+    configs = tuple(
+        dataclasses.replace(
+            r, alpha_settings={s: (known.get(s, a) if a > 0.0 else a) for s, a in r.alpha_settings.items()}
+        )
+        for r in matrix.configs
+    )
+    return dataclasses.replace(matrix, configs=configs)
+
+
 def split_examples(n_examples: int, attribution_fraction: float = 0.5, seed: int = 0) -> tuple[IntArray, IntArray]:
     """A fixed random split of the validation examples: ``(decision, attribution)`` indices.
 
@@ -1418,7 +1437,7 @@ def attribute(
     optimistic interval (docs/counterfactual-validity.md, "Selection").
 
     ``evaluate(configs)`` gets a list of configurations (tuples of bools in ``slot_ids``
-    order; True = slot at alpha 1.0, False = alpha 0.0) and returns, per configuration and in
+    order; True = slot on, False = slot off at alpha 0.0) and returns, per configuration and in
     order, the per-example correctness on the validation set (a :class:`ConfigEvaluation`, or
     a plain array when the loss is not measured). Every configuration must be evaluated on
     the same examples. Each configuration is requested at most once; requests are batched

@@ -406,3 +406,20 @@ def test_a_rejected_context_still_opens_the_run_and_says_so(run_factory, caplog,
     assert [e.payload.val_loss for e in rec.events if e.event_type is ET.HOST_SNAPSHOT] == [2.0]
     (stats,) = [e.payload for e in rec.events if e.event_type is ET.TELEMETRY_STATS]
     assert stats.rejected == {"type_error": 1}  # in the run's accounting: `karn inspect` shows it
+
+
+def test_what_a_loop_without_a_model_or_seed_cannot_know_is_shown_as_unknown(tmp_path, capsys):
+    """Placeholders are not numbers: the episode-end line and `karn inspect` say "unknown" for
+    a run opened without a model or a seed, instead of "0 params" and "seed -1"."""
+    from karn_otel.cli import _inspect_lines
+
+    run = init(config={"lr": 0.1}, out_dir=tmp_path, console="plain")
+    run.log({"train_loss": 1.0, "val_loss": 1.1, "val_accuracy": 0.75}, epoch=0)
+    run.finish()
+    said = capsys.readouterr().out
+    (line,) = [ln for ln in said.splitlines() if "episode done" in ln]
+    assert "params unknown" in line and "0 params" not in line and "fossilized" not in line, line
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    shown = "\n".join(_inspect_lines(read_run(run_dir)))
+    assert "seed unknown" in shown and "params unknown" in shown and "seed -1" not in shown, shown
+    assert "max epochs unknown" in shown

@@ -36,6 +36,14 @@ def test_diff_names_the_first_difference(tmp_path):
     assert bumped.returncode == 1
     want = f"(host_snapshot, epoch 2): payload.val_loss: A {1 / 3!r}, B {1 / 3 + 1e-9!r}"
     assert "DIFFERENT: event #" in bumped.stdout and want in bumped.stdout
+    # numbered as `karn replay` numbers events: the position in the log, Karn's own records left out
+    from karn_otel.replay import SKIPPED_TYPES
+    from karn_otel.sinks.runlog import read_run
+
+    events = [e for e in read_run(a).events if e.event_type not in SKIPPED_TYPES]
+    k = next(i for i, e in enumerate(events, 1) if e.event_type.value == "host_snapshot" and e.epoch == 2)
+    assert f"DIFFERENT: event #{k} (host_snapshot, epoch 2)" in bumped.stdout, bumped.stdout
+    assert f"identical: {len(events)} events compared" in same.stdout, same.stdout
 
     other_lr = _karn("diff", str(a), str(_plain_run(tmp_path, lr=0.2)))
     assert other_lr.returncode == 1 and "episode 1 hyperparameters.lr: A 0.1, B 0.2" in other_lr.stdout

@@ -48,7 +48,7 @@ from karn_otel.contracts import (
     SeedStage,
     SlotSnapshot,
 )
-from karn_otel.counterfactual import ConfigEvaluation, Evaluate, attribute, split_examples
+from karn_otel.counterfactual import ConfigEvaluation, Evaluate, attribute, split_examples, with_on_alphas
 from karn_otel.distributed.episode import shared_episode_id
 from karn_otel.distributed.evaluation import (
     WaitClock,
@@ -340,7 +340,16 @@ class ReferenceTrainer:
         return self.counterfactual_pair(epoch)[0]
 
     def counterfactual_pair(self, epoch: int) -> tuple[CounterfactualMatrix, CounterfactualMatrix]:
-        """Attribution over the active seeds (alpha > 0); with none, the host-only pass.
+        """Attribution over the active seeds (alpha > 0); with none, the host-only pass. An
+        "on" seed is evaluated as the model runs it, at its current blend alpha, which each
+        configuration's ``alpha_settings`` records (:func:`with_on_alphas`)."""
+        alphas = {sid: float(self.model.slots[sid].alpha) for sid in self.slot_ids if self.model.slots[sid].is_active}
+        reported, decision = self._counterfactual_pair(epoch)
+        on = with_on_alphas(reported, alphas)
+        return on, (on if decision is reported else with_on_alphas(decision, alphas))
+
+    def _counterfactual_pair(self, epoch: int) -> tuple[CounterfactualMatrix, CounterfactualMatrix]:
+        """The matrices of :meth:`counterfactual_pair`, "on" recorded as alpha 1.0.
 
         Returns ``(reported, decision)``: the matrix that is emitted and the one the gates
         and the controller read. Without an attribution split they are the same object; with

@@ -74,14 +74,19 @@ class ConsoleSink:
         elif event.event_type is ET.EPISODE_ENDED:
             s = event.payload
             finals = s.final_metrics
+            ctx = self.store.context
+            # a plain loop without a model: the parameter counts are placeholders, not zeros
+            unknown_params = ctx is not None and "host_params" in ctx.unknown_fields and s.total_params == 0
+            params = "params unknown" if unknown_params else f"{s.total_params:,} params"
             if s.final_val_accuracy != s.final_val_accuracy and finals:  # no accuracy (an RL task): its own headline
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in list(finals.items())[:6])
-                self._write(f"[karn] episode done: {s.epochs_completed} epochs, {shown}, {s.total_params:,} params\n")
+                self._write(f"[karn] episode done: {s.epochs_completed} epochs, {shown}, {params}\n")
             else:
                 host = "n/a" if s.host_only_accuracy is None else f"{100 * s.host_only_accuracy:.1f}%"
+                fossilized = "" if unknown_params else f" ({s.fossilized_params:,} fossilized)"
                 self._write(
                     f"[karn] episode done: {s.epochs_completed} epochs, val acc {100 * s.final_val_accuracy:.1f}% "
-                    f"(host-only removal {host}), {s.total_params:,} params ({s.fossilized_params:,} fossilized)\n"
+                    f"(host-only removal {host}), {params}{fossilized}\n"
                 )
             verdict = self.verdict_line()
             if verdict:

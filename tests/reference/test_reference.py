@@ -129,3 +129,26 @@ def test_the_trainer_applies_its_checkpoint_retention(memory_collector, tmp_path
     assert [p.name[:5] for p in paths] == names
     assert [p.exists() for p in paths] == kept
     assert len(list(tmp_path.glob("*.pt"))) == sum(kept)
+
+
+def test_a_blending_seed_is_recorded_at_the_alpha_it_was_evaluated_at(memory_collector):
+    """The counterfactual pass evaluates an "on" seed as the model runs it, mid-blend included;
+    the matrix used to record alpha 1.0 for it. The all-on row's alpha is now the seed's alpha
+    at the pass: the previous epoch's SlotSnapshot (the pass runs before the epoch advances it)."""
+    events = _events(memory_collector)
+    slot_alpha: dict[tuple[int, str], float] = {
+        (e.epoch, e.payload.slot_id): e.payload.alpha for e in events if e.event_type is ET.SLOT_SNAPSHOT
+    }
+    seen_partial = False
+    for e in events:
+        if e.event_type is not ET.COUNTERFACTUAL or not e.payload.slot_ids:
+            continue
+        on = next(r for r in e.payload.configs if all(r.config))
+        for sid, a in on.alpha_settings.items():
+            assert 0.0 < a <= 1.0
+            if (e.epoch - 1, sid) in slot_alpha:
+                assert a == pytest.approx(slot_alpha[(e.epoch - 1, sid)]), (e.epoch, sid)
+            seen_partial = seen_partial or a < 1.0
+        off = next(r for r in e.payload.configs if not any(r.config))
+        assert set(off.alpha_settings.values()) == {0.0}
+    assert seen_partial, "a blending seed was evaluated mid-blend (FAST blends over 2 epochs)"
