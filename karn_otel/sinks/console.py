@@ -443,8 +443,13 @@ def _verdict(win: bool, unknown: bool) -> str:
 
 
 def _lr(left: str, right: str) -> str:
+    """``left`` and ``right`` on one box row; when they do not fit, ``left`` is shortened (with
+    an ellipsis), never ``right`` (a verdict such as "✗ not yet" is read whole or not at all)."""
+    room = WIDTH - 2 - len(right) - (1 if right else 0)
+    if len(left) > room:
+        left = left[: max(0, room - 1)] + "…"
     gap = WIDTH - 2 - len(left) - len(right)
-    return left + " " * max(1, gap) + right
+    return left + " " * max(1 if right else 0, gap) + right
 
 
 def _box(rows: list[str | None]) -> list[str]:

@@ -196,3 +196,14 @@ def test_a_loop_without_slots_is_not_compared_with_a_host_only_model():
     c.close()
     line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("[karn] epoch 1"))
     assert "val_acc  60.0%" in line and "host-only" not in line
+
+
+def test_a_row_too_long_for_the_box_shortens_its_left_side_never_the_verdict():
+    """The audit's find: 'ACCURACY 92.5% (+0.0% vs host-only removal, not causal) ✗ not y│'."""
+    from karn_otel.sinks.console import _box, _lr
+
+    left = "ACCURACY        100.0% (+10.3% vs host-only removal, not causal)"
+    (row,) = [r for r in _box([_lr(left, "✗ not yet")]) if "ACCURACY" in r]
+    assert row.endswith("✗ not yet│") and "…" in row and len(row) == WIDTH + 2, row
+    short = _lr("ACCURACY        92.5%", "✓ WIN")
+    assert short.startswith("ACCURACY        92.5%") and short.endswith(" ✓ WIN") and "…" not in short
