@@ -1057,32 +1057,19 @@ def _float_converter(tp: Any) -> _Conv | None:
             return new if any(new[k] is not x for k, x in v.items()) else v
 
         return dict_conv
-    if origin in (list, tuple) and args:
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            convs_at: list[_Conv | None] = [_float_converter(a) for a in args]
-            if not any(convs_at):
-                return None
-
-            def fixed_conv(v: Any) -> Any:
-                if type(v) is not tuple or len(v) != len(convs_at):
-                    return v
-                new = tuple(c(x) if c is not None else x for c, x in zip(convs_at, v))
-                return new if any(a is not b for a, b in zip(new, v)) else v
-
-            return fixed_conv
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # the contracts' only sequences
         ec = _float_converter(args[0])
         if ec is None:
             return None
-        kind = origin
 
         def seq_conv(v: Any) -> Any:
-            if type(v) is not kind:
+            if type(v) is not tuple:
                 return v
-            new = [ec(x) for x in v]
-            return (new if kind is list else tuple(new)) if any(a is not b for a, b in zip(new, v)) else v
+            new = tuple(ec(x) for x in v)
+            return new if any(a is not b for a, b in zip(new, v)) else v
 
         return seq_conv
-    return None
+    return None  # other shapes hold no float in any contract (a new one that does needs a branch here)
 
 
 def _float_plan(cls: type) -> tuple[tuple[str, _Conv], ...]:

@@ -180,9 +180,7 @@ class KarnCollector:
                         r = check(event)
                         if r is None or r is MAYBE_NONFINITE:
                             if r is not None:
-                                c = canonical_floats(event)  # an int given for a float becomes one
-                                if c is not event:
-                                    event, r = c, check(c)
+                                event, r = _canonical(event, r, check)
                             ep = event.epoch if has_epoch else self._epoch
                             if ep >= self._epoch and (slots is None or self._slot_ids.issuperset(slots(event))):
                                 d = self._template.copy()
@@ -252,9 +250,7 @@ class KarnCollector:
         if r is not None:
             if r is not MAYBE_NONFINITE:
                 raise _problem(r, event)
-            c = canonical_floats(event)  # an int given for a float becomes one
-            if c is not event:
-                event, r = c, check(c)
+            event, r = _canonical(event, r, check)
         if has_epoch:
             ep = event.epoch
         elif epoch is None:
@@ -292,9 +288,7 @@ class KarnCollector:
         if r is not None:
             if r is not MAYBE_NONFINITE:
                 raise _problem(r, event)
-            c = canonical_floats(event)  # an int given for a float becomes one
-            if c is not event:
-                event, r = c, check(c)
+            event, r = _canonical(event, r, check)
         if et is ET.EPISODE_STARTED:
             ep = 0 if epoch is None else _checked_epoch(epoch)
         elif has_epoch:
@@ -325,9 +319,7 @@ class KarnCollector:
         if r is not None:
             if r is not MAYBE_NONFINITE:
                 raise _problem(r, payload)
-            c = canonical_floats(payload)  # an int given for a float becomes one
-            if c is not payload:
-                payload, r = c, plan[1](c)
+            payload, r = _canonical(payload, r, plan[1])
         for name in ("run_id", "episode_id"):
             p = id_problem(_field(env, name)) if name == "run_id" or et is not ET.EPISODE_STARTED else None
             if name == "episode_id" and p is None:
@@ -531,6 +523,13 @@ def _problem(r: Problem, obj: Any, root: str | None = None, envelope: bool = Fal
     field = (r.where[1:] if r.where.startswith(".") else r.where) or (None if root is None else root.split(".")[-1])
     reason = "malformed" if envelope and r.reason == "type_error" else r.reason
     return TelemetryValidationError(reason, r.describe(base) if r.where else f"{base}: {r.detail}", field=field)
+
+
+def _canonical(payload: Any, r: Problem | None, check: Callable[[Any], Problem | None]) -> tuple[Any, Problem | None]:
+    """A valid payload (``check`` gave ``r``, MAYBE_NONFINITE) with an int given for a float
+    converted (:func:`~karn_otel.codec.canonical_floats`), and its check result again."""
+    c = canonical_floats(payload)
+    return (payload, r) if c is payload else (c, check(c))
 
 
 def _field(obj: Any, name: str) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -79,29 +78,20 @@ class PrometheusEndpoint:
         say why the process has not exited yet). Returns True when a scrape came (or none was
         expected).
         """
+        seen = self.scrapes
+        if seen == 0 or timeout_s <= 0:
+            return seen == 0
+        first = min(quiet_s, timeout_s)
+        if self._scraped_since(seen, first) or first >= timeout_s:
+            return self.scrapes != seen
+        if on_wait is not None:
+            on_wait(timeout_s - first)
+        return self._scraped_since(seen, timeout_s - first)
+
+    def _scraped_since(self, seen: int, timeout_s: float) -> bool:
         c = self._scrapes
         with c.changed:
-            seen = c.scrapes
-            if seen == 0 or timeout_s <= 0:
-                return seen == 0
-            start = time.monotonic()
-            deadline = start + timeout_s
-            notify = on_wait
-            while c.scrapes == seen:
-                now = time.monotonic()
-                left = deadline - now
-                if left <= 0:
-                    return False
-                if notify is not None and now - start >= quiet_s:
-                    c.changed.release()  # the callback logs: never hold the scrape path's lock meanwhile
-                    try:
-                        notify(left)
-                    finally:
-                        c.changed.acquire()
-                    notify = None
-                    continue
-                c.changed.wait(left if notify is None else min(left, quiet_s - (now - start)))
-        return True
+            return c.changed.wait_for(lambda: c.scrapes != seen, timeout_s)
 
     def stop(self) -> None:
         self._server.shutdown()
