@@ -92,6 +92,7 @@ _MAX_NAMES = 1024  # distinct logged names kept for the summary (memory bounded 
 _MAX_DEPTH = 4  # nesting of hyperparameter mappings flattened to dotted names
 _MAX_TEXT = 500  # characters kept of a hyperparameter shown as text
 _INT64 = 2**63
+_new_object = object.__new__
 
 
 def init(
@@ -349,23 +350,26 @@ class Run:
             return False
 
     def _log(self, values: Any, epoch: Any, step: Any) -> bool:
+        # The per-epoch call runs after milliseconds of training, with the CPU caches cold,
+        # where each Python call costs about a microsecond (docs/benchmarks.md): the common
+        # case (ints, a dict, floats and CPU tensors) is kept inline, the rest goes to helpers.
         if self._closed:
             self._reject("after_finish", "log", "Karn: run.log() after run.finish(); not recorded")
             return False
         ok = True
         ep: int | None = None
         if epoch is not None:
-            ep = _as_int(epoch)
+            ep = epoch if type(epoch) is int and 0 <= epoch < _INT64 else _as_int(epoch)
             if ep is None or ep < 0:
                 self._reject("bad_epoch", "epoch", f"Karn rejected epoch={_short(epoch)} (an integer >= 0); ignored")
                 ep, ok = None, False
         st: int | None = None
         if step is not None:
-            st = _as_int(step)
+            st = step if type(step) is int and -_INT64 <= step < _INT64 else _as_int(step)
             if st is None:
                 self._reject("type_error", "step", f"Karn rejected step={_short(step)} (an integer); ignored")
                 ok = False
-        if not isinstance(values, Mapping):
+        if type(values) is not dict and not isinstance(values, Mapping):
             self._reject("type_error", "values", f"Karn: run.log() takes a dict of named numbers, got {_type(values)}")
             return False
         if ep is not None and ep != self._epoch:
@@ -376,29 +380,46 @@ class Run:
                     f"Karn rejected epoch {ep} after epoch {self._epoch} (epochs must not decrease)",
                 )
                 return False
-            self._close_epoch()
+            if self._pending or self._deferred:
+                self._close_epoch()
+            self._host_done = False
             self._epoch = ep
             self._epochs_seen += 1
         values = dict(values)
-        if ep is None and self._sync_every > 1 and any(self._device_scalar(v) for v in values.values()):
+        device = self._has_device_scalar(values)
+        if device and ep is None and self._sync_every > 1:
             # Accelerator tensors logged per step: read back together, once per sync_every calls.
             self._deferred.append((st if st is not None else self._logs, values))
             self._logs += 1
             if len(self._deferred) >= self._sync_every:
                 self._flush_deferred()
             return ok
-        self._flush_deferred()  # what was queued goes first: records stay in call order
-        self._materialize([values])
+        if self._deferred:
+            self._flush_deferred()  # what was queued goes first: records stay in call order
+        if device:
+            self._materialize([values])
         return self._record(values, ep, st if st is not None else (ep if ep is not None else self._logs)) and ok
 
     def _record(self, values: dict[str, Any], ep: int | None, idx: int) -> bool:
         """Validate and record one call's values (tensors already read back where deferred)."""
         ok = True
         scalars: dict[str, float] = {}
+        torch = sys.modules.get("torch")
+        tensor = torch.Tensor if torch is not None else None
+        host = ep is not None and self.profile.host_checks
+        kinds, last, pending = self._kinds, self._last, self._pending
         for key, raw in values.items():
-            name = key if isinstance(key, str) else str(key)
+            name = key if type(key) is str else str(key)
+            t = type(raw)
             try:
-                x = _as_float(raw)
+                if t is float:
+                    x: float | None = raw
+                elif t is tensor and raw.numel() == 1:
+                    x = raw.item()  # a CPU tensor (device ones were read back together)
+                    if type(x) is not float:
+                        x = _as_float(x)
+                else:
+                    x = _as_float(raw)
             except Exception:  # noqa: BLE001 (a hostile __float__ or .item(): this value only)
                 x = None
             if x is None:
@@ -407,29 +428,36 @@ class Run:
                 )
                 ok = False
                 continue
-            self._remember(name, x)
-            field = HOST_NAMES.get(name) if (ep is not None and self.profile.host_checks) else None
-            if field is not None and "accuracy" in field and not (0.0 <= x <= 1.0 or math.isnan(x)):
-                self._warn_once(
-                    f"implausible:{name}",
-                    f"Karn: {name}={x:g} is not a fraction in [0, 1] (a percentage?); recorded as a scalar, "
-                    "not as the epoch's accuracy",
-                )
-                field = None
-            if field is not None and not self._host_done and field not in self._pending:
-                self._pending[field] = x
+            field = HOST_NAMES.get(name)
+            if kinds.get(name, "") is None and field is None:  # a name seen before, of no kind
+                if name in last or len(last) < _MAX_NAMES:
+                    last[name] = x
             else:
-                scalars[name] = x
+                self._remember(name, x, field)
+            if field is not None and host:
+                if "accuracy" in field and not (0.0 <= x <= 1.0 or math.isnan(x)):
+                    self._warn_once(
+                        f"implausible:{name}",
+                        f"Karn: {name}={x:g} is not a fraction in [0, 1] (a percentage?); recorded as a scalar, "
+                        "not as the epoch's accuracy",
+                    )
+                elif not self._host_done and field not in pending:
+                    pending[field] = x
+                    continue
+            scalars[name] = x
         if scalars:
             ok = self.collector.emit(Scalars(idx, scalars), epoch=ep) and ok
         self._logs += 1
-        if ep is not None and "train_loss" in self._pending and "val_loss" in self._pending:
+        if ep is not None and "train_loss" in pending and "val_loss" in pending:
             ok = self._emit_host(ep) and ok
         return ok
 
     def _emit_host(self, ep: int) -> bool:
         p, nan = self._pending, math.nan
-        snap = HostSnapshot(
+        # Built without the frozen dataclass's twelve object.__setattr__ calls (the same
+        # instance as HostSnapshot(...); validated by the collector like any other).
+        snap = _new_object(HostSnapshot)
+        snap.__dict__.update(
             epoch=ep,
             train_loss=p["train_loss"],
             train_accuracy=p.get("train_accuracy", nan),
@@ -446,6 +474,21 @@ class Run:
         self._pending = {}
         self._host_done = True
         return self.collector.emit(snap)
+
+    def _has_device_scalar(self, values: dict[str, Any]) -> bool:
+        """Whether ``values`` holds a tensor whose read-back waits for a device (one pass,
+        metadata only; a tensor that cannot say is left to :func:`_as_float`)."""
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return False
+        tensor, cpu_too = torch.Tensor, self._defer_cpu
+        try:
+            for v in values.values():
+                if isinstance(v, tensor) and (cpu_too or not v.is_cpu) and self._device_scalar(v):
+                    return True
+        except Exception:  # noqa: BLE001 (a tensor subclass that cannot say: read one by one)
+            return False
+        return False
 
     def _device_scalar(self, v: Any) -> bool:
         """A one-element torch tensor whose read-back would wait for the device (CPU ones are
@@ -492,7 +535,7 @@ class Run:
         self._pending = {}
         self._host_done = False
 
-    def _remember(self, name: str, x: float) -> None:
+    def _remember(self, name: str, x: float, field: str | None) -> None:
         if name in self._last or len(self._last) < _MAX_NAMES:
             self._last[name] = x
         kind = self._kinds.get(name, "")
@@ -509,7 +552,6 @@ class Run:
             self._episodes += 1
         elif kind == "length" and math.isfinite(x):
             self._lengths.append(x)
-        field = HOST_NAMES.get(name)
         if field == "val_loss":
             self._last_val_loss = x
         elif field == "val_accuracy" and 0.0 <= x <= 1.0:

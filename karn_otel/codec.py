@@ -1097,6 +1097,8 @@ def canonical_floats(obj: Any) -> Any:
     changes = {}
     for name, conv in plan:
         v = getattr(obj, name)
+        if type(v) is float or v is None or (type(v) is dict and not v):
+            continue  # nothing to convert (the usual case: a NaN float made the check ask)
         nv = conv(v)
         if nv is not v:
             changes[name] = nv

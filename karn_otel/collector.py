@@ -25,6 +25,7 @@ from typing import Any
 
 from karn_otel.codec import (
     FINITE_FLAG,
+    INT64_MAX,
     MAYBE_NONFINITE,
     Problem,
     canonical_floats,
@@ -174,14 +175,19 @@ class KarnCollector:
             env = None
             try:  # the per-step path, inlined: a simple payload, valid, in an open episode
                 plan = _PLANS.get(type(event))
-                if plan is not None and epoch is None and is_reduced is False and self._episode_id:
+                if (
+                    plan is not None
+                    and is_reduced is False
+                    and self._episode_id
+                    and (epoch is None or (type(epoch) is int and epoch <= INT64_MAX))
+                ):
                     et, check, has_epoch, simple, slots = plan
                     if simple:
                         r = check(event)
                         if r is None or r is MAYBE_NONFINITE:
                             if r is not None:
                                 event, r = _canonical(event, r, check)
-                            ep = event.epoch if has_epoch else self._epoch
+                            ep = event.epoch if has_epoch else (self._epoch if epoch is None else epoch)
                             if ep >= self._epoch and (slots is None or self._slot_ids.issuperset(slots(event))):
                                 d = self._template.copy()
                                 d["event_type"] = et

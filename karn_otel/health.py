@@ -389,7 +389,7 @@ def loss_spike_finding(loss: object, previous: Iterable[float], ratio: float) ->
     to 0 means nothing), or a non-finite loss (that is ``non_finite_loss``'s finding).
     """
     x = _num(loss)
-    prev = [p for p in previous if _finite(p)]
+    prev = list(filter(_finite, previous))
     if not prev or not _finite(x):
         return None
     avg = sum(prev) / len(prev)
@@ -412,7 +412,7 @@ def gradient_explosion_finding(norm: object, previous: Iterable[float], ratio: f
     there is a history; None when the typical norm is unknown or not positive.
     """
     n = _num(norm)
-    prev = [p for p in previous if _finite(p)]
+    prev = list(filter(_finite, previous))
     if not prev:
         return None
     typical = statistics.median(prev)
@@ -818,14 +818,21 @@ class HealthMonitor(GuardedProcessor):
             source, findings = et.value, ppo_findings(cast(PPOUpdateStats, p), self.thresholds, self.head_sizes)
         self._last_event, self._last_findings = event, tuple(findings)
         self._epoch = event.epoch
+        # Alerts are edges of "some source fails this check": without a finding whose failing
+        # flag differs from its source's last one (or is new), there are none, and the usual
+        # epoch skips the scans. Storing a finding that did not flip leaves what fails as it
+        # was, so the state before the first flip is still "before".
         known = self._findings
-        if not self._flips(findings, source):  # the usual epoch: no edge, skip the scans
-            for f in findings:
-                known[(f.check, source)] = f
-            return []
-        before = self._failing()
+        before: dict[str, Finding] | None = None
         for f in findings:
-            known[(f.check, source)] = f
+            key = (f.check, source)
+            if before is None:
+                old = known.get(key)
+                if old is None or old.failing != f.failing:
+                    before = self._failing()
+            known[key] = f
+        if before is None:
+            return []
         after = self._failing()
         alerts = []
         for name in CHECK_NAMES:
@@ -844,15 +851,6 @@ class HealthMonitor(GuardedProcessor):
         """This monitor's findings for ``event`` if it was the last one observed, else None."""
         with self._lock:
             return self._last_findings if self._last_event is event else None
-
-    def _flips(self, findings: list[Finding], source: str) -> bool:
-        """Whether a finding's failing flag differs from its source's last one (or is new):
-        alerts are edges of "some source fails this check", so without a flip there are none."""
-        for f in findings:
-            old = self._findings.get((f.check, source))
-            if old is None or old.failing != f.failing:
-                return True
-        return False
 
     def _failing(self) -> dict[str, Finding]:
         out: dict[str, Finding] = {}

@@ -192,7 +192,9 @@ class DenseTriggerEngine(GuardedProcessor):
         """The host/PPO anomalies from the checks' findings, at this engine's limits (the
         findings' own ``failing`` uses the health thresholds; the trigger's may differ)."""
         th, t = self.thresholds, self.trigger
-        by = {f.check: f for f in findings}
+        by: dict[str, Finding] = {}
+        for f in findings:  # a loop, not a comprehension: no extra code object per epoch
+            by[f.check] = f
         out: list[str] = []
         spike = by.get("loss_spike")
         if (spike is not None and spike.value > th.loss_spike_ratio) or _non_finite(getattr(p, "train_loss", None)):
@@ -204,8 +206,8 @@ class DenseTriggerEngine(GuardedProcessor):
         if grad is not None and grad.value > th.gradient_explosion_ratio:
             out.append("gradient_explosion")
         for name, enabled in (("value_collapse", t.value_collapse), ("entropy_collapse", t.entropy_collapse)):
-            f = by.get(name)
-            if enabled and f is not None and f.failing:
+            collapse = by.get(name)
+            if enabled and collapse is not None and collapse.failing:
                 out.append(name)
         return out
 
@@ -226,7 +228,7 @@ class DenseTriggerEngine(GuardedProcessor):
             return out  # Research mode: dense always, windows never close
 
         reasons = self.anomalies(event)
-        if isinstance(event.payload, HostSnapshot) and self.health is None and not event.is_reduced:
+        if self.health is None and isinstance(event.payload, HostSnapshot) and not event.is_reduced:
             self._history.update(event.payload)
         elif et is ET.PPO_UPDATE:
             self._policy_anomalies = tuple(r for r in reasons if r in _POLICY_REASONS)
@@ -269,6 +271,8 @@ class DenseTriggerEngine(GuardedProcessor):
 
 
 def _non_finite(x: object) -> bool:
+    if type(x) is float:  # what a validated payload holds
+        return x - x != 0.0
     if isinstance(x, bool) or x is None:
         return False
     try:

@@ -134,6 +134,30 @@ def test_stamping_and_epoch_inheritance():
     assert sink.events[-1].epoch == 7
 
 
+def test_an_explicit_epoch_on_the_per_step_path_follows_the_general_rules():
+    """A Scalars with ``epoch=`` (what run.log(..., epoch=e) emits) takes the inlined per-step
+    path; it must stamp, advance and reject exactly as the general path does."""
+    from karn_otel.contracts import Scalars
+
+    c, sink = make(strict=False)
+    c.emit(make_context())
+    c.emit(host(epoch=3))
+    assert c.emit(Scalars(0, {"lr": 0.1}), epoch=5)
+    assert sink.events[-1].epoch == 5, "the explicit epoch is stamped"
+    c.emit(ModeChange(OperatingMode.RESEARCH, "x"))
+    assert sink.events[-1].epoch == 5, "and it advanced the episode's epoch"
+    n = len(sink.events)
+    assert not c.emit(Scalars(1, {"lr": 0.1}), epoch=4)
+    assert c.rejected["epoch_regression"] == 1
+    assert not c.emit(Scalars(1, {"lr": 0.1}), epoch=-1)
+    assert not c.emit(Scalars(1, {"lr": 0.1}), epoch=True)
+    assert not c.emit(Scalars(1, {"lr": 0.1}), epoch=2**63)
+    assert sum(c.rejected[r] for r in ("bad_epoch", "type_error", "epoch_regression", "out_of_range")) == 4
+    assert len(sink.events) == n, "nothing rejected reached the sinks"
+    assert c.emit(Scalars(2, {"lr": 1}), epoch=5)  # an int for a float: converted on this path too
+    assert sink.events[-1].epoch == 5 and type(sink.events[-1].payload.values["lr"]) is float
+
+
 def test_new_episode_resets_epochs_and_slots():
     c, _ = make(strict=True)
     c.emit(make_context())
