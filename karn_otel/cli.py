@@ -560,7 +560,7 @@ def _compare(args: argparse.Namespace) -> int:
     except (RunDirError, ValueError) as exc:
         print(f"karn compare: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    res = compare_runs(runs, baseline, seed=args.bootstrap_seed)
+    res = compare_runs(runs, baseline, seed=args.bootstrap_seed, treatment=args.treatment or ())
     print(to_json_text(res) if args.json else render(res), end="" if not args.json else "\n")
     return EXIT_OK
 
@@ -739,6 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("dirs", type=Path, nargs="+", help="experiment or run directories")
     cp.add_argument("--baseline", type=Path, nargs="+", help="compare against these runs instead of the control twins")
+    cp.add_argument(
+        "--treatment",
+        action="append",
+        metavar="KEY",
+        help="a hyperparameter the two arms are meant to differ in (repeatable); paired runs differing in any "
+        "other (beyond the arm itself) are not called causal",
+    )
     cp.add_argument("--json", action="store_true", help="machine-readable output")
     cp.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
     cp.set_defaults(func=_compare)

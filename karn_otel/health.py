@@ -728,14 +728,15 @@ class GuardedProcessor:
     """A collector processor that never breaks training: it observes only ``WATCHED`` event
     types (everything else, per-batch metrics included, leaves at once), serialises its
     state under a lock (the collector calls processors outside its own lock), and on an
-    internal error logs once and skips the event, or raises when ``strict``."""
+    internal error skips the event, counts it in ``errors`` (the pipeline reports it as
+    ``<Processor>:error`` with the dropped counts) and logs once, or raises when ``strict``."""
 
     WATCHED: frozenset[TelemetryEventType] = frozenset()
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self._lock = threading.Lock()
-        self._error_logged = False
+        self.errors = 0  # events skipped after an internal error
 
     def __call__(self, event: TelemetryEvent) -> list[Any]:
         if getattr(event, "event_type", None) not in self.WATCHED:
@@ -746,9 +747,13 @@ class GuardedProcessor:
         except Exception as exc:
             if self.strict:
                 raise
-            if not self._error_logged:
-                self._error_logged = True
-                log.warning("Karn %s skipped an event after an internal error: %r", type(self).__name__, exc)
+            self.errors += 1
+            if self.errors == 1:
+                log.warning(
+                    "Karn %s skipped an event after an internal error: %r (further errors counted)",
+                    type(self).__name__,
+                    exc,
+                )
             return []
 
     def _observe(self, event: TelemetryEvent) -> list[Any]:

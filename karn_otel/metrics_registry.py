@@ -657,7 +657,8 @@ METRICS: tuple[MetricDef, ...] = (
         "{event}",
         "dropped",
         "",
-        "Events or spans lost by a sink (queue full, write or export failure).",
+        "Events or spans lost by a sink (queue full, write or export failure), or events a "
+        "health or trigger processor skipped after an internal error (reason `error`).",
     ),
     _c(
         "karn.telemetry.export.failures",

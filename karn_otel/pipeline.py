@@ -96,6 +96,8 @@ class Processor(Protocol):
     Must not raise in lenient mode and must not emit: what it returns is routed after its
     cause by the pipeline. A processor with a ``WATCHED`` set of event types is called for
     those types only (the per-batch hot path then skips it); one without sees every event.
+    One with an ``errors`` count (events it skipped after an internal error) has it reported
+    as ``<Processor>:error`` with the dropped counts.
     """
 
     def __call__(self, event: TelemetryEvent) -> Iterable[Any]: ...
@@ -455,6 +457,10 @@ class Pipeline:
                     out[f"{type(sink).__name__}:{reason}"] += n
         for name, n in _snapshot(lambda: self.sink_errors).items():
             out[f"{name}:error"] += n
+        for proc in self._processors:  # events a processor skipped after an internal error
+            n = getattr(proc, "errors", 0)
+            if isinstance(n, int) and n > 0:
+                out[f"{type(proc).__name__}:error"] += n
         return dict(out)
 
     def queue_depths(self) -> dict[str, int]:

@@ -383,8 +383,9 @@ def telemetry_dropping_rule() -> Rule:
             "summary": f"Karn telemetry is being lost on {_where()}",
             "description": (
                 f'{{{{ $value | printf "%.0f" }}}} telemetry items lost in the last {w} on {_where()} '
-                "(events dropped by a sink: queue full or write failure; or failed OTLP exports). "
-                "Training is unaffected; the run log is the source of truth."
+                "(events dropped by a sink: queue full or write failure; events a health or "
+                "trigger processor skipped after an internal error, reason error; or failed OTLP "
+                "exports). Training is unaffected; the run log is the source of truth."
             ),
             "dashboard": f"{GRAFANA_URL}/d/{_RANKS_DASHBOARD}?var-run_id={{{{ $labels.run_id }}}}",
             "explore": explore_link(),

@@ -423,3 +423,33 @@ def test_what_a_loop_without_a_model_or_seed_cannot_know_is_shown_as_unknown(tmp
     shown = "\n".join(_inspect_lines(read_run(run_dir)))
     assert "seed unknown" in shown and "params unknown" in shown and "seed -1" not in shown, shown
     assert "max epochs unknown" in shown
+
+
+def test_a_processor_that_fails_internally_is_counted_where_the_user_looks(tmp_path, monkeypatch, caplog):
+    """An internal error in the health checks skips that event for them and never reaches the
+    loop; the run's accounting (what `karn inspect` prints) counts every skipped event, and
+    the log says it once."""
+    import karn_otel.health as health
+    import karn_otel.triggers as triggers
+    from karn_otel.cli import _inspect_lines
+
+    def broken(*_a, **_k):
+        raise ZeroDivisionError("a bug in a check")
+
+    monkeypatch.setattr(health, "host_findings", broken)
+    monkeypatch.setattr(triggers, "host_findings", broken)  # its own binding (standalone evaluation)
+    run = init(config={"lr": 0.1}, out_dir=tmp_path, console="off")
+    with caplog.at_level("WARNING", logger="karn"):
+        for e in range(3):
+            assert run.log({"train_loss": 1.0, "val_loss": 1.1, "val_accuracy": 0.75}, epoch=e)
+    run.finish()
+    said = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(said) == 2, said  # once per processor: the monitor and the dense triggers' own check
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rec = read_run(run_dir)
+    assert len([e for e in rec.events if e.event_type is ET.HOST_SNAPSHOT]) == 3, "the events themselves are kept"
+    (stats,) = [e.payload for e in rec.events if e.event_type is ET.TELEMETRY_STATS]
+    assert stats.dropped.get("HealthMonitor:error") == 3, stats.dropped
+    assert stats.dropped.get("DenseTriggerEngine:error") == 3, stats.dropped
+    shown = "\n".join(_inspect_lines(rec))
+    assert "HealthMonitor:error 3" in shown, shown

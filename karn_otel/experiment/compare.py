@@ -10,7 +10,9 @@ Quantities, each with :mod:`karn_otel.experiment.stats`:
 
 * final validation accuracy, morph vs control: means, stds, IQMs, difference with a
   bootstrap interval, Welch p, Cohen's d, Hedges' g (and the paired p by seed);
-* accuracy delta vs control (causal), per seed: morph − its control twin;
+* accuracy delta vs control (causal), per seed: morph − its control twin; called causal only
+  when each pair's hyperparameters differ in nothing but the arm (:data:`ARM_KEYS`, and the
+  ``--treatment`` keys the user names), else labelled not causal with the differences named;
 * accuracy delta vs host-only removal (not causal), per morph run;
 * parameter-efficiency ratio vs control, per seed: (acc/params) of the morph run over that of
   its twin (> 1: more accuracy per parameter).
@@ -88,7 +90,46 @@ def _pairs(a: list[RunSummary], b: list[RunSummary]) -> list[tuple[RunSummary, R
     return [(r, by_seed[r.seed]) for r in a if r.seed in by_seed]
 
 
-def compare_runs(runs: list[RunSummary], baseline: list[RunSummary] | None = None, seed: int = 0) -> CompareResult:
+# Hyperparameters that may differ between the two runs of a causal pair: what makes them arms
+# of one experiment (the reference system's control twin is the same RunConfig with
+# controller="none"), and settings that do not change what is trained (timeouts, checkpoint
+# retention). Any other difference (epochs, lr, data, threads) is a second cause.
+ARM_KEYS: frozenset[str] = frozenset(
+    {
+        "controller",
+        "experiment_arm",
+        "experiment_id",
+        "control_curve",
+        "heartbeat_timeout_s",
+        "collective_timeout_s",
+        "checkpoint_retention",
+    }
+)
+
+
+def pair_differences(
+    pairs: Sequence[tuple[RunSummary, RunSummary]], treatment: frozenset[str] = frozenset()
+) -> dict[str, int]:
+    """Hyperparameter -> number of pairs whose two runs differ in it, leaving out ARM_KEYS and
+    the user's ``treatment`` keys. Empty: the pairs differ only in the treatment."""
+    allowed = ARM_KEYS | treatment
+    out: dict[str, int] = {}
+    for x, y in pairs:
+        hx, hy = x.hyperparameters, y.hyperparameters
+        for k in sorted((hx.keys() | hy.keys()) - allowed):
+            if k not in hx or k not in hy or hx[k] != hy[k]:
+                out[k] = out.get(k, 0) + 1
+    return out
+
+
+def compare_runs(
+    runs: list[RunSummary],
+    baseline: list[RunSummary] | None = None,
+    seed: int = 0,
+    treatment: Sequence[str] = (),
+) -> CompareResult:
+    """``treatment``: hyperparameters the two arms are meant to differ in (beyond ARM_KEYS);
+    a pair differing in anything else is not called causal."""
     notes = []
     unfinished = [r.run_id for r in runs + (baseline or []) if not r.finished]
     if unfinished:
@@ -111,9 +152,23 @@ def compare_runs(runs: list[RunSummary], baseline: list[RunSummary] | None = Non
                 seed=seed,
             )
         )
+        differs = pair_differences(pairs, frozenset(treatment))
+        if differs:
+            shown = ", ".join(f"{k} ({n} of {len(pairs)})" for k, n in list(differs.items())[:6])
+            more = f" and {len(differs) - 6} more" if len(differs) > 6 else ""
+            delta_label = (
+                f"accuracy delta vs {b_label}, paired by seed (not causal: the pairs differ in more than the arm)"
+            )
+            notes.append(
+                f"paired runs differ in hyperparameters other than the arm: {shown}{more}. The delta mixes "
+                "those differences with the seeds' effect, so it is not labelled causal; if one of them "
+                "is the treatment, name it with --treatment KEY"
+            )
+        else:
+            delta_label = f"accuracy delta vs {b_label} (causal), paired by seed"
         res.rows.append(
             describe(
-                f"accuracy delta vs {b_label} (causal), paired by seed",
+                delta_label,
                 [x.final_val_accuracy - y.final_val_accuracy for x, y in pairs],
                 0.0,
                 seed,

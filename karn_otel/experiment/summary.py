@@ -49,6 +49,9 @@ class RunSummary:
     curve: list[EpochPoint] = field(default_factory=list)
     final_shapley: dict[str, ShapleyEstimate] = field(default_factory=dict)
     final_shapley_epoch: int = 0
+    # The episode's hyperparameters as recorded: compare checks that paired runs differ only
+    # in what makes them arms of one experiment before it calls a difference causal.
+    hyperparameters: dict[str, bool | int | float | str | None] = field(default_factory=dict)
 
     @property
     def removal_delta(self) -> float | None:
@@ -130,6 +133,7 @@ def summarise(rec: RunRecord) -> RunSummary:
         curve=curve,
         final_shapley=final_shapley,
         final_shapley_epoch=final_shapley_epoch,
+        hyperparameters=dict(hp),
     )
 
 

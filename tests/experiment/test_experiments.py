@@ -121,6 +121,39 @@ def test_compare_json_and_table(experiment):
     assert "not enough runs" in p.stdout and "no control runs" in p.stdout
 
 
+def test_compare_calls_a_delta_causal_only_when_the_pairs_differ_in_nothing_but_the_arm(experiment, tmp_path):
+    """`--baseline` runs trained for fewer epochs share seeds with the morph runs but are not
+    their control: the delta is labelled not causal and the difference is named."""
+    morph = [str(experiment / f"e-s{s}-morph") for s in (0, 1)]
+    twins = [str(experiment / f"e-s{s}-control") for s in (0, 1)]
+
+    def delta_rows(*args):
+        p = karn("compare", *morph, "--baseline", *args, "--json")
+        assert p.returncode == 0, p.stderr
+        res = json.loads(p.stdout)
+        return [r["quantity"] for r in res["results"] if r["quantity"].startswith("accuracy delta vs baseline")], res[
+            "notes"
+        ]
+
+    rows, notes = delta_rows(*twins)
+    assert rows == ["accuracy delta vs baseline (causal), paired by seed"], rows
+    assert not any("differ in hyperparameters" in n for n in notes), notes
+    p = karn(
+        "run", "--seeds", "0,1", "--epochs", "2", "--controller", "none", "--out", str(tmp_path), "--experiment", "short",
+        "--no-live",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    short = [str(tmp_path / "short" / f"short-s{s}-morph") for s in (0, 1)]
+    rows, notes = delta_rows(*short)
+    assert rows == ["accuracy delta vs baseline, paired by seed (not causal: the pairs differ in more than the arm)"]
+    (note,) = [n for n in notes if "differ in hyperparameters" in n]
+    assert "epochs (2 of 2)" in note and "controller" not in note, note
+    shown = karn("compare", *morph, "--baseline", *short).stdout
+    assert "(causal)" not in shown and "not causal: the pairs differ" in shown and "epochs (2 of 2)" in shown
+    rows, _ = delta_rows(*short, "--treatment", "epochs")
+    assert rows == ["accuracy delta vs baseline (causal), paired by seed"], "the named treatment may differ"
+
+
 def _chromium(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
     assert CHROMIUM
     return subprocess.run(

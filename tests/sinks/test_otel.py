@@ -716,6 +716,32 @@ def test_close_is_bounded_even_when_exporters_hang(monkeypatch):
 # ---------------------------------------------------------------------- what the user sees is true
 
 
+def test_a_processor_error_is_scraped_as_dropped(monkeypatch):
+    """What Prometheus (and KarnTelemetryDropping) sees when the health checks fail internally:
+    the events they skipped, under the processor's name with reason "error"."""
+    import karn_otel.health as health
+    import karn_otel.triggers as triggers
+
+    def broken(*_a, **_k):
+        raise ZeroDivisionError("a bug in a check")
+
+    monkeypatch.setattr(health, "host_findings", broken)
+    monkeypatch.setattr(triggers, "host_findings", broken)  # its own binding (standalone evaluation)
+    c = kc.KarnCollector(KarnConfig(out_dir=None, console="off", prometheus_port=0))
+    sink = OTelSink(c.config, c.view)
+    build_pipeline(c.config, c, sinks=[sink])
+    try:
+        c.emit(make_context())
+        for e in (1, 2):
+            assert c.emit(HostSnapshot(e, 1.9, 0.4, 1.8, 0.82, 1674, 0, 1674, 0, 0.5, {}, None))
+        scraped = scrape(sink.prometheus_port)
+    finally:
+        c.close()
+    dropped = {(lb["component"], lb["reason"]): v for lb, v in scraped["karn_telemetry_events_dropped_total"]}
+    assert dropped[("HealthMonitor", "error")] == 2, dropped
+    assert dropped[("DenseTriggerEngine", "error")] == 2, dropped
+
+
 def test_every_counter_has_its_known_series_at_zero_in_the_first_scrape(tmp_path):
     """increase() cannot see a counter's first sample: every known label combination starts at 0."""
     c = karn_otel.configure(KarnConfig(out_dir=tmp_path, console="off", prometheus_port=0))
