@@ -37,6 +37,10 @@ class SeedContributionSummary:
     # The claim rule's outcome (karn_otel.claims): the live alpha-spending rule during the
     # episode, the final-epoch Holm verdict once it has ended; None without an interval.
     claim: Claim | None = None
+    # The blend alpha the contribution was measured at (the matrix's all-on configuration):
+    # a blending seed advances after its epoch's matrix, so its snapshot's alpha is the next
+    # one. None when no matrix names the slot.
+    measured_alpha: float | None = None
 
     @property
     def efficiency(self) -> float | None:
@@ -70,36 +74,62 @@ class PolicyComparisonSummary:
 class ReferenceCurve:
     """Host-only accuracy of traditional (seedless) models of several sizes.
 
-    Produced by `karn calibrate`; ``points`` are (parameters, validation accuracy) sorted
-    by parameters. Used to answer "how big would a traditional model have to be?".
+    Produced by `karn calibrate`; ``points`` are (parameters, validation accuracy after
+    ``epochs`` epochs) sorted by parameters; ``by_epoch[i]`` is point i's accuracy after
+    epochs 1, 2, ..., ``epochs`` (empty in curves written before 2026-12-04). Used to answer
+    "how big would a traditional model, trained as long, have to be?".
     """
 
     points: tuple[tuple[int, float], ...]
     epochs: int
     seed: int
+    by_epoch: tuple[tuple[float, ...], ...] = ()
 
     @classmethod
     def load(cls, path: Path | str) -> ReferenceCurve:
         data = json.loads(Path(path).read_text())
-        pts = tuple(sorted((int(p), float(a)) for p, a in data["points"]))
-        if len(pts) < 2:
+        rows = [(int(p), float(a)) for p, a in data["points"]]
+        curves = [tuple(float(x) for x in c) for c in data.get("by_epoch", ())]
+        epochs = int(data["epochs"])
+        if len(rows) < 2:
             raise ValueError(f"{path}: a reference curve needs at least 2 points")
-        return cls(pts, int(data["epochs"]), int(data["seed"]))
-
-    def save(self, path: Path | str) -> None:
-        Path(path).write_text(
-            json.dumps({"points": self.points, "epochs": self.epochs, "seed": self.seed}, indent=2) + "\n"
+        if curves and (len(curves) != len(rows) or any(len(c) != epochs for c in curves)):
+            raise ValueError(f"{path}: by_epoch must hold {epochs} accuracies for each of the {len(rows)} points")
+        order = sorted(range(len(rows)), key=lambda i: rows[i])
+        return cls(
+            tuple(rows[i] for i in order), epochs, int(data["seed"]), tuple(curves[i] for i in order) if curves else ()
         )
 
-    def params_for_accuracy(self, accuracy: float) -> int | None:
-        """Interpolated parameter count (log-linear in params) reaching ``accuracy``.
+    def save(self, path: Path | str) -> None:
+        data: dict[str, object] = {"points": self.points, "epochs": self.epochs, "seed": self.seed}
+        if self.by_epoch:
+            data["by_epoch"] = self.by_epoch
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+    def at_epoch(self, epoch: int) -> tuple[tuple[int, float], ...] | None:
+        """(parameters, accuracy after ``epoch`` epochs) per size, or None when the curve
+        does not cover that epoch: beyond its training length, or before it in a curve
+        without per-epoch accuracies."""
+        if epoch == self.epochs:
+            return self.points
+        if self.by_epoch and 1 <= epoch < self.epochs:
+            return tuple((p, c[epoch - 1]) for (p, _), c in zip(self.points, self.by_epoch))
+        return None
+
+    def params_for_accuracy(self, accuracy: float, epoch: int | None = None) -> int | None:
+        """Interpolated parameter count (log-linear in params) reaching ``accuracy`` after
+        ``epoch`` epochs of training (default: the curve's full length).
 
         The curve is made monotone (running maximum of accuracy) first. None when the
-        accuracy lies outside the measured range: extrapolating would be a guess.
+        accuracy lies outside the measured range (extrapolating would be a guess) or the
+        curve does not cover ``epoch`` (:meth:`at_epoch`).
         """
-        params = [p for p, _ in self.points]
+        points = self.points if epoch is None else self.at_epoch(epoch)
+        if points is None:
+            return None
+        params = [p for p, _ in points]
         accs: list[float] = []
-        for _, a in self.points:
+        for _, a in points:
             accs.append(max(a, accs[-1]) if accs else a)
         if accuracy < accs[0] or accuracy > accs[-1]:
             return None
@@ -185,15 +215,30 @@ class MorphogeneticAnalytics:
         return (h.val_accuracy / (h.total_params / 1e6)) / (base / (h.host_params / 1e6))
 
     def equivalent_traditional_params(self) -> int | None:
-        """Estimated size of a traditional (seedless) model matching the current accuracy.
+        """Estimated size of a traditional (seedless) model that, trained for as many epochs
+        as this run so far, matches its current accuracy.
 
-        None ("unknown") when no reference curve was calibrated, or the accuracy is outside
-        the curve's measured range.
+        The epoch is the latest host snapshot's, counted as the reference trainer counts
+        them (1 after the first epoch of training). None ("unknown", with the reason in
+        :meth:`equivalent_traditional_note`) when no reference curve was calibrated, the
+        curve does not cover this epoch, or the accuracy is outside its measured range.
         """
-        cur = self.current_accuracy
-        if self.reference_curve is None or cur is None:
+        h = self.store.latest_host()
+        if self.reference_curve is None or h is None:
             return None
-        return self.reference_curve.params_for_accuracy(cur)
+        return self.reference_curve.params_for_accuracy(h.val_accuracy, h.epoch)
+
+    def equivalent_traditional_note(self) -> str | None:
+        """Why :meth:`equivalent_traditional_params` is unknown (None when it is known, or
+        when there is no reference curve at all)."""
+        curve, h = self.reference_curve, self.store.latest_host()
+        if curve is None or h is None or self.equivalent_traditional_params() is not None:
+            return None
+        if curve.at_epoch(h.epoch) is None:
+            if h.epoch > curve.epochs:
+                return f"the reference curve covers {curve.epochs} epochs of training"
+            return f"the reference curve has only epoch {curve.epochs} (recalibrate for every epoch)"
+        return "accuracy outside the calibrated curve"
 
     # === Causal attribution ===
 
@@ -276,10 +321,17 @@ class MorphogeneticAnalytics:
         """
         cf = self.store.latest_counterfactual()
         claims = self.claims(cf) if cf is not None else {}
+        measured: dict[str, float] = {}
+        if cf is not None:
+            for r in cf.configs:
+                if all(r.config):
+                    measured = dict(r.alpha_settings)
+                    break
         out: dict[str, SeedContributionSummary] = {}
         for slot_id, s in self.store.slots().items():
             if s.seed_id is None:
                 continue
+            at = measured.get(slot_id)
             est: ShapleyEstimate | None = None
             if cf is not None and cf.shapley_values and slot_id in cf.shapley_values:
                 est = cf.shapley_values[slot_id]
@@ -293,11 +345,19 @@ class MorphogeneticAnalytics:
                     est.ci_high,
                     "shapley",
                     claims.get(slot_id),
+                    at,
                 )
             else:
                 c = s.counterfactual_contribution
                 out[slot_id] = SeedContributionSummary(
-                    slot_id, s.blueprint_id, s.seed_params, c, None, None, "removal_cost" if c is not None else "none"
+                    slot_id,
+                    s.blueprint_id,
+                    s.seed_params,
+                    c,
+                    None,
+                    None,
+                    "removal_cost" if c is not None else "none",
+                    measured_alpha=at if c is not None else None,
                 )
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -168,11 +169,43 @@ def test_equivalent_traditional_params(tmp_path, setup):
     loaded = ReferenceCurve.load(path)
     a.reference_curve = loaded
     c.emit(host(epoch=1, val_accuracy=0.875, seed_grad_norms={}))
+    # A curve of 20-epoch models says nothing about a model after 1 epoch (this curve has no
+    # per-epoch accuracies): unknown, and why.
+    assert a.equivalent_traditional_params() is None
+    assert a.equivalent_traditional_note() == "the reference curve has only epoch 20 (recalibrate for every epoch)"
+    c.emit(host(epoch=20, val_accuracy=0.875, seed_grad_norms={}))
     # sorted, monotone: (1000,.80) (2000,.85) (4000,.90) (8000,.90); 0.875 is halfway 2000..4000 in log space
     assert a.equivalent_traditional_params() == round(math.sqrt(2000 * 4000))
+    assert a.equivalent_traditional_note() is None
+    c.emit(host(epoch=21, val_accuracy=0.875, seed_grad_norms={}))
+    assert a.equivalent_traditional_params() is None
+    assert a.equivalent_traditional_note() == "the reference curve covers 20 epochs of training"
     assert loaded.params_for_accuracy(0.80) == 1000
     assert loaded.params_for_accuracy(0.95) is None, "no extrapolation beyond the curve"
     assert loaded.params_for_accuracy(0.5) is None
+
+
+def test_equivalent_traditional_params_compare_models_trained_as_long(tmp_path, setup):
+    """With per-epoch accuracies (what `karn calibrate` writes now), epoch e of a run is
+    compared with the traditional models after e epochs, not after the curve's full length."""
+    c, a = setup
+    curve = ReferenceCurve(
+        ((1000, 0.80), (4000, 0.90)), epochs=3, seed=0, by_epoch=((0.50, 0.70, 0.80), (0.60, 0.80, 0.90))
+    )
+    curve.save(tmp_path / "curve.json")
+    a.reference_curve = ReferenceCurve.load(tmp_path / "curve.json")
+    assert a.reference_curve == curve
+    c.emit(host(epoch=1, val_accuracy=0.60, seed_grad_norms={}))
+    assert a.equivalent_traditional_params() == 4000, "at epoch 1 only the big model reaches 60%"
+    c.emit(host(epoch=2, val_accuracy=0.75, seed_grad_norms={}))
+    assert a.equivalent_traditional_params() == 2000, "halfway (log) between 70% and 80% after 2 epochs"
+    c.emit(host(epoch=3, val_accuracy=0.95, seed_grad_norms={}))
+    assert a.equivalent_traditional_params() is None
+    assert a.equivalent_traditional_note() == "accuracy outside the calibrated curve"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"points": [[1, 0.5], [2, 0.6]], "epochs": 3, "seed": 0, "by_epoch": [[0.5]]}))
+    with pytest.raises(ValueError, match="by_epoch"):
+        ReferenceCurve.load(bad)
 
 
 def test_a_lasting_claim_keeps_its_star_through_the_fallback(setup):

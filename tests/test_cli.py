@@ -118,6 +118,9 @@ def test_calibrate_writes_a_curve_that_run_uses(tmp_path):
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "reference_curve.json").read_text())
     assert len(data["points"]) == 2 and data["points"][0][0] < data["points"][1][0]
+    # each size's accuracy after every epoch, the last one the point's own
+    assert [len(c) for c in data["by_epoch"]] == [2, 2]
+    assert [c[-1] for c in data["by_epoch"]] == [a for _, a in data["points"]]
     bad = karn("calibrate", "--multipliers", "x", "--out", str(tmp_path))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 

@@ -98,8 +98,9 @@ def summarise(rec: RunRecord) -> RunSummary:
             acc = all_off_accuracy(p)
             if acc is not None:
                 removal[p.epoch] = acc
-            if p.shapley_values:
-                final_shapley, final_shapley_epoch = dict(p.shapley_values), p.epoch
+            # The latest matrix's values only, as the run's own final verdict reads them: an
+            # earlier matrix's (a seed culled before the last epoch) is not the pre-set test.
+            final_shapley, final_shapley_epoch = dict(p.shapley_values or {}), p.epoch
         elif isinstance(p, HostSnapshot):
             curve.append(EpochPoint(p.epoch, p.val_accuracy, None, p.total_params, p.host_params))
         elif isinstance(p, EpisodeSummary):

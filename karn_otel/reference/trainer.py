@@ -176,6 +176,7 @@ class EpisodeResult:
     total_params: int
     host_params: int
     wall_time_s: float
+    val_accuracy_by_epoch: tuple[float, ...] = ()  # after epochs 1, 2, ... (karn calibrate)
 
 
 def git_commit() -> str:
@@ -273,6 +274,7 @@ class ReferenceTrainer:
             seed=cfg.seed,
         )
         self.accuracy_history: list[float] = []
+        self.val_accuracy_by_epoch: list[float] = []  # the reported accuracy after each epoch
         self.fossilized_params = 0
 
     # -- evaluation ------------------------------------------------------------------
@@ -613,6 +615,7 @@ class ReferenceTrainer:
             # unless RunConfig.attribution_split is set.
             cf, decision = self.counterfactual_pair(epoch)
             val_loss, val_acc = all_on_result(cf)
+            self.val_accuracy_by_epoch.append(val_acc)
             decision_loss, decision_acc = all_on_result(decision)
             self.accuracy_history.append(decision_acc)
             emit(cf, is_reduced=self.cfg.nproc > 1)  # opens the epoch for the events below
@@ -657,7 +660,9 @@ class ReferenceTrainer:
                 wall_time_s=wall,
             )
         )
-        return EpisodeResult(episode_id, val_acc, host_acc, total, self.host_params, wall)
+        return EpisodeResult(
+            episode_id, val_acc, host_acc, total, self.host_params, wall, tuple(self.val_accuracy_by_epoch)
+        )
 
     def observation(self, epoch: int, val_acc: float, val_loss: float) -> ControllerObservation:
         """What the controller sees: accuracies and contributions on the decision examples."""
@@ -911,11 +916,12 @@ def calibrate(
     """Train seedless reference hosts of several widths; return their accuracy-vs-params curve."""
     from karn_otel.analytics import ReferenceCurve
 
-    points = []
+    rows = []
     for m in multipliers:
         widths = tuple(max(1, int(round(w * m))) for w in base_widths)
         cfg = RunConfig(epochs=epochs, seed=seed, widths=widths, controller="none")  # type: ignore[arg-type]
         r = run_episode(cfg)
-        points.append((r.host_params, r.final_val_accuracy))
+        rows.append(((r.host_params, r.final_val_accuracy), r.val_accuracy_by_epoch))
         progress(f"  widths {widths}: {r.host_params:,} params, val acc {100 * r.final_val_accuracy:.2f}%")
-    return ReferenceCurve(tuple(sorted(points)), epochs, seed)
+    rows.sort()
+    return ReferenceCurve(tuple(p for p, _ in rows), epochs, seed, tuple(c for _, c in rows))

@@ -171,8 +171,8 @@ class ConsoleSink:
         contributions = a.seed_contributions()
         parts = []
         for sid, s in sorted(self.store.slots().items(), key=lambda kv: _slot_order(self.store, kv[0])):
-            part = f"{sid}:{s.stage.value[:5]}" + (f"@{s.alpha:.2f}" if s.stage is SeedStage.BLENDING else "")
             c = contributions.get(sid)
+            part = f"{sid}:{s.stage.value[:5]}" + (f"@{_alpha(s.alpha, c)}" if s.stage is SeedStage.BLENDING else "")
             if c is not None and c.contribution is not None:
                 part += _pts(c.contribution)
                 if c.ci_low is not None and c.ci_high is not None:
@@ -230,7 +230,7 @@ class ConsoleSink:
                 rows.append(
                     f"EQUIV. TRADITIONAL {equiv:,} params ({equiv / h.total_params:.2f}x ours)"
                     if equiv
-                    else "EQUIV. TRADITIONAL unknown (accuracy outside the calibrated curve)"
+                    else f"EQUIV. TRADITIONAL unknown ({a.equivalent_traditional_note()})"
                 )
             eff = a.params_efficiency_ratio()
             rows.append(
@@ -245,6 +245,7 @@ class ConsoleSink:
         rows.append(f"SEEDS ({label})")
         contributions = a.seed_contributions()
         slots = st.slots()
+        advanced = False  # a row shows "a->b": measured at alpha a, blending now at b
         if not slots:
             rows.append("  no slots reported yet")
         for sid in sorted(slots, key=lambda s: _slot_order(st, s)):
@@ -264,11 +265,15 @@ class ConsoleSink:
                     # ★ right after the interval it qualifies, so a long row cannot cut it off
                     star = "★" if c.helps and eff >= 1.0 else ""
                     contrib += f"{star} eff {eff:.3g}"
-            rows.append(f"{head}α={s.alpha:.2f} {contrib} {s.blueprint_id} {_k(s.seed_params)}")
+            alpha = _alpha(s.alpha, c)
+            advanced = advanced or "→" in alpha
+            rows.append(f"{head}α={alpha} {contrib} {s.blueprint_id} {_k(s.seed_params)}")
         rule = next((c.claim for c in contributions.values() if c.claim is not None), None)
         if rule is not None:
             # Which rule made the ★, and at what level (karn_otel.claims).
             rows.append(f"  ★ = helps by {rule.rule}, {100 * rule.alpha:g}% false claims/run; eff >= 1")
+        if advanced:
+            rows.append("  α=a→b: the contribution was measured at a; the blend is now at b")
         rows.append(None)
         rows.append("POLICY HEALTH")
         upd = st.ppo_updates()
@@ -428,6 +433,16 @@ def _control_delta(scalars: dict[str, float]) -> float | None:
     """This epoch's accuracy minus the control twin's, when the run has one (docs/experiments.md)."""
     v = scalars.get("accuracy_delta_vs_control")
     return v if isinstance(v, float) and v == v else None
+
+
+def _alpha(now: float, c: Any) -> str:
+    """The slot's alpha, with the one its contribution (``c``, a seed_contributions() entry)
+    was measured at when that differs (a blending seed advances after its epoch's
+    counterfactual matrix)."""
+    at = c.measured_alpha if c is not None and c.contribution is not None else None
+    if at is None or abs(at - now) < 0.005:
+        return f"{now:.2f}"
+    return f"{at:.2f}→{now:.2f}"
 
 
 def _pts(x: float | None) -> str:

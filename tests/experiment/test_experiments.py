@@ -253,3 +253,46 @@ def test_summary_and_report_of_a_multi_rank_log_keep_its_reduced_matrices(tmp_pa
     assert [p.removal_accuracy for p in s.curve] == pytest.approx([0.67, 0.78])
     kinds = [type(ev.payload).__name__ for ev in _last_episode(rec)]
     assert kinds.count("CounterfactualMatrix") == 2 and kinds.count("HostSnapshot") == 2
+
+
+def test_compare_claims_only_what_the_final_matrix_says(tmp_path):
+    """A seed that looked strong at epoch 1 and was culled before the last epoch: the run's own
+    final verdict reads the last matrix (no Shapley value for it), and so must compare."""
+    import karn_otel
+    from karn_otel.contracts import CounterfactualMatrix, CounterfactualResult, ShapleyEstimate
+    from karn_otel.experiment.compare import compare_runs
+    from karn_otel.experiment.summary import load
+
+    strong = ShapleyEstimate(0.2, 0.01, 1, "exact_enumeration", 0.18, 0.22)
+    for k in range(2):
+        run = karn_otel.init(config={"seed": k}, out_dir=tmp_path, slots={"mid": 10}, console="off", max_epochs=2)
+        run.emit(
+            CounterfactualMatrix(
+                epoch=1,
+                slot_ids=("mid",),
+                configs=(
+                    CounterfactualResult((True,), {"mid": 1.0}, 0.3, 0.9),
+                    CounterfactualResult((False,), {"mid": 0.0}, 0.5, 0.7),
+                ),
+                marginal_contributions={"mid": 0.2},
+                interaction_effects={},
+                shapley_values={"mid": strong},
+            )
+        )
+        run.log({"train_loss": 0.3, "val_loss": 0.3, "val_accuracy": 0.9}, epoch=1)
+        run.emit(  # epoch 2: the seed is gone, the matrix has no slot
+            CounterfactualMatrix(
+                epoch=2,
+                slot_ids=(),
+                configs=(CounterfactualResult((), {}, 0.4, 0.8),),
+                marginal_contributions={},
+                interaction_effects={},
+                shapley_values={},
+            )
+        )
+        run.log({"train_loss": 0.4, "val_loss": 0.4, "val_accuracy": 0.8}, epoch=2)
+        assert run.collector.pipeline.view.analytics.claims() == {}, "the run itself claims nothing at the end"
+        run.finish()
+    runs = [load(d) for d in sorted(tmp_path.iterdir()) if d.is_dir()]
+    assert len(runs) == 2 and all(r.final_shapley == {} and r.final_shapley_epoch == 2 for r in runs)
+    assert compare_runs(runs).slots == [], "no run's final verdict claims mid"

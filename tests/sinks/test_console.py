@@ -54,6 +54,61 @@ def _feed(c, est=None):
     )
 
 
+def test_equivalent_traditional_says_why_it_is_unknown(memory_collector):
+    """A reference curve of 20-epoch models is not compared with a model after 4 epochs: the
+    row says unknown and why, instead of a size that would mislead (or a wrong reason)."""
+    from karn_otel.analytics import ReferenceCurve
+
+    sink = ConsoleSink(memory_collector.view, live=True, stream=Tty(), refresh_hz=50)
+    memory_collector.add_sink(sink)
+    sink.analytics.reference_curve = ReferenceCurve(((1000, 0.5), (100_000, 0.9)), epochs=20, seed=0)
+    _feed(memory_collector)  # epoch 4, 67.2%: inside the curve's accuracy range
+    text = "\n".join(sink.render())
+    assert "EQUIV. TRADITIONAL unknown (the reference curve has only epoch 20" in text, text
+    sink.analytics.reference_curve = ReferenceCurve(
+        ((1000, 0.5), (100_000, 0.9)), epochs=20, seed=0, by_epoch=((0.4,) * 20, (0.8,) * 20)
+    )
+    text = "\n".join(sink.render())
+    # after 4 epochs the models reach 40% and 80%: 67.2% is 0.68 of the way, log-linearly
+    # 1000 * 100**0.68 = 22,909 params, 1.91x the run's 12,000
+    assert "EQUIV. TRADITIONAL 22,909 params (1.91x ours)" in text, text
+
+
+def test_a_blending_seed_shows_the_alpha_its_contribution_was_measured_at(memory_collector):
+    """The trainer measures an epoch's matrix, then advances the blend: the snapshot's alpha
+    (0.75) is not the one the contribution was measured at (0.50). Both are shown, and said
+    which is which; a seed measured at its current alpha shows one number."""
+    from karn_otel.contracts import SeedStage
+
+    sink = ConsoleSink(memory_collector.view, live=True, stream=Tty(), refresh_hz=50)
+    memory_collector.add_sink(sink)
+    c = memory_collector
+    c.emit(make_context())
+    c.emit(
+        CounterfactualMatrix(
+            epoch=4,
+            slot_ids=("mid",),
+            configs=(
+                CounterfactualResult((True,), {"mid": 0.5}, 0.3, 0.672),
+                CounterfactualResult((False,), {"mid": 0.0}, 0.4, 0.623),
+            ),
+            marginal_contributions={"mid": 0.049},
+            interaction_effects={},
+            shapley_values={"mid": ShapleyEstimate(0.049, 0.01, 1, "exact_enumeration", 0.029, 0.069)},
+        )
+    )
+    c.emit(slot("mid", alpha=0.75, stage=SeedStage.BLENDING, seed_params=2000))
+    c.emit(host(epoch=4, val_accuracy=0.672, seed_grad_norms={}))
+    assert sink.analytics.seed_contributions()["mid"].measured_alpha == 0.5
+    text = "\n".join(sink.render())
+    assert "α=0.50→0.75 +4.9% [+2.9,+6.9]" in text, text
+    assert "α=a→b: the contribution was measured at a; the blend is now at b" in text
+    assert "seeds mid:BLEND@0.50→0.75+4.9%[+2.9%,+6.9%]" in sink.plain_line(), sink.plain_line()
+    c.emit(slot("mid", alpha=0.5, stage=SeedStage.BLENDING, seed_params=2000))
+    text = "\n".join(sink.render())
+    assert "α=0.50 +4.9%" in text and "→" not in text, text
+
+
 def test_live_dashboard_renders_every_block(memory_collector):
     stream = Tty()
     sink = ConsoleSink(memory_collector.view, live=True, stream=stream, refresh_hz=50)
