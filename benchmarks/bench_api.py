@@ -353,10 +353,11 @@ def main() -> None:
     per_epoch_us, per_batch_us = direct_costs(data)
     epoch_s = statistics.median(w for w, _ in base) / args.epochs
     print(
-        f"  direct: run.log per epoch {per_epoch_us:.0f} us, per batch {per_batch_us:.0f} us -> implied "
-        f"{1 + per_epoch_us * 1e-6 / epoch_s:.4f}x per-epoch, "
+        f"  direct (warm, back to back): run.log per epoch {per_epoch_us:.0f} us, per batch {per_batch_us:.0f} us"
+        f" -> would be {1 + per_epoch_us * 1e-6 / epoch_s:.4f}x per-epoch, "
         f"{1 + (per_epoch_us + per_batch_us * batches / args.epochs) * 1e-6 / epoch_s:.3f}x per-batch "
-        f"for this loop's {1e3 * epoch_s:.1f} ms epochs"
+        f"for this loop's {1e3 * epoch_s:.1f} ms epochs; inside the loop the call runs with cold caches "
+        "and slows the next epoch, so the ratios above are what the loop pays"
     )
     for name, ts in FIXED.items():
         if name != "base":

@@ -1427,8 +1427,13 @@ def attribute(
     *,
     epoch: int = 0,
     attribution_examples: npt.ArrayLike | None = None,
+    on_alphas: Mapping[str, float] | None = None,
 ) -> CounterfactualMatrix:
     """Run the counterfactual pass for one epoch and return the attribution matrix.
+
+    ``on_alphas`` (slot -> blend alpha): the alpha ``evaluate`` runs an "on" slot at, when it
+    is not 1.0 (a seed mid-blend); every configuration's ``alpha_settings`` then records it
+    (:func:`with_on_alphas`). Without it an "on" slot is recorded at 1.0.
 
     ``attribution_examples`` (indices, or a boolean mask over the validation examples)
     restricts every accuracy, attribution and interval to those examples: pass the
@@ -1523,7 +1528,8 @@ def attribute(
             f"timeout_seconds={config.timeout_seconds} exceeded after {time.monotonic() - started:.3f} s: {progress}"
         )
 
-    return _build_matrix(memo, slots, config, strategy, epoch, units, boot_rng, started, partial_reason)
+    matrix = _build_matrix(memo, slots, config, strategy, epoch, units, boot_rng, started, partial_reason)
+    return with_on_alphas(matrix, on_alphas) if on_alphas else matrix
 
 
 def _build_matrix(

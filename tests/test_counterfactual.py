@@ -410,6 +410,21 @@ def test_full_factorial_on_the_spec_table():
     assert set(m.interaction_index) == {("early", "mid"), ("early", "late"), ("mid", "late")}
 
 
+def test_on_alphas_records_the_blend_an_on_slot_was_evaluated_at():
+    """A caller whose "on" seed runs mid-blend says so; the matrix then records that alpha for
+    every configuration where the slot is on (off stays 0.0), and nothing else changes."""
+    plain = attribute(spec_evaluate([]), ["early", "mid", "late"], CounterfactualConfig(), epoch=7)
+    m = attribute(spec_evaluate([]), ["early", "mid", "late"], CounterfactualConfig(), epoch=7, on_alphas={"mid": 0.4})
+    for r in m.configs:
+        assert r.alpha_settings == {
+            "early": float(r.config[0]),
+            "mid": 0.4 if r.config[1] else 0.0,
+            "late": float(r.config[2]),
+        }
+    assert [r.val_accuracy for r in m.configs] == [r.val_accuracy for r in plain.configs]
+    assert m.shapley_values == plain.shapley_values and m.marginal_contributions == plain.marginal_contributions
+
+
 def test_matrix_is_a_valid_contract_and_round_trips():
     m = attribute(spec_evaluate([]), ["early", "mid", "late"], CounterfactualConfig())
     again = codec.from_json(CounterfactualMatrix, codec.to_json(m))
