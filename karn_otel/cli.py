@@ -347,6 +347,9 @@ def _inspect_lines(rec) -> list[str]:
     from karn_otel.contracts import TelemetryEventType as ET
 
     out = [f"run {P(rec.run_id)}  ({P(str(rec.run_dir))})"]
+    # Karn's accounting record (TelemetryStats) at each episode end holds the run's totals so
+    # far: each episode is shown its own share, the difference from the episode before.
+    before: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
     for ep_id, ctx in rec.episodes.items():
         slots = " ".join(f"{P(k, 40)}={_num(v)}" for k, v in list(ctx.slot_config.items())[:32])
         started = P(ctx.timestamp.isoformat(timespec="seconds"))
@@ -396,9 +399,12 @@ def _inspect_lines(rec) -> list[str]:
         stats = [e.payload for e in events if e.event_type is ET.TELEMETRY_STATS]
         if stats:
             s = stats[-1]
-            rej = ", ".join(f"{P(k, 60)} {_num(v)}" for k, v in sorted(s.rejected.items())) or "none"
-            drop = ", ".join(f"{P(k, 60)} {_num(v)}" for k, v in sorted(s.dropped.items())) or "none"
-            out.append(f"  rejected: {P(rej, 2000)}; dropped: {P(drop, 2000)}")
+            totals = (Counter(_counts(s.rejected)), Counter(_counts(s.dropped)))
+            rejected, dropped = totals[0] - before[0], totals[1] - before[1]
+            before = totals
+            rej = ", ".join(f"{P(k, 60)} {_num(v)}" for k, v in sorted(rejected.items())) or "none"
+            drop = ", ".join(f"{P(k, 60)} {_num(v)}" for k, v in sorted(dropped.items())) or "none"
+            out.append(f"  rejected in this episode: {P(rej, 2000)}; dropped: {P(drop, 2000)}")
         alerts = [e.payload for e in events if e.event_type is ET.HEALTH_ALERT]
         if alerts:
             checks = ", ".join(sorted({P(a.check, 60) for a in alerts}))
@@ -410,6 +416,13 @@ def _inspect_lines(rec) -> list[str]:
     for line in rec.accounting.lines() if rec.accounting is not None else ():
         out.append(P(line, 2000))  # emitted vs on disk, from the log's sequence numbers (sinks/runlog.py)
     return out
+
+
+def _counts(d: object) -> dict[str, int]:
+    """A recorded count mapping (untrusted input): its int values only."""
+    if not isinstance(d, dict):
+        return {}
+    return {str(k): v for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -145,7 +145,7 @@ def test_a_plain_digits_loop_records_a_run_inspect_reads(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"git {commit[:12]}" in out.stdout and "seed 7" in out.stdout
     assert "finished: 4 epochs" in out.stdout and "interrupted" not in out.stdout
-    assert "rejected: type_error 4" in out.stdout
+    assert "rejected in this episode: type_error 4" in out.stdout
     assert "resume=None" in out.stdout and "sk-live" not in out.stdout
 
 

@@ -45,7 +45,7 @@ def test_inspect(run_dir):
     assert "host cnn_3block" in r.stdout
     assert "last epoch 3:" in r.stdout
     assert "host_snapshot 3" in r.stdout
-    assert "rejected: none" in r.stdout
+    assert "rejected in this episode: none" in r.stdout
     assert "lines skipped: 0" in r.stdout
 
 
@@ -137,3 +137,29 @@ def test_injected_loss_spike_raises_an_alert_and_a_dense_window(tmp_path):
     assert any(t["window_start_epoch"] <= 9 <= t["window_end_epoch"] for t in traces)
     alerts = [e["payload"]["check"] for e in events if e["event_type"] == "health_alert"]
     assert "loss_spike" in alerts
+
+
+def test_inspect_shows_each_episode_its_own_rejections(tmp_path):
+    """Karn's accounting record at each episode end holds the run's totals so far; inspect
+    shows each episode its own share: a rejection in episode 1 is not shown again under 2."""
+    import karn_otel
+    from karn_otel.cli import _inspect_lines
+    from karn_otel.config import KarnConfig
+    from karn_otel.contracts import EpisodeSummary, Scalars
+    from karn_otel.sinks.runlog import read_run
+    from tests.conftest import make_context
+
+    c = karn_otel.configure(KarnConfig(out_dir=tmp_path, console="off"))
+    for k, bad in ((1, 1), (2, 0), (3, 2)):
+        c.emit(make_context(episode_id=f"ep-{k}"))
+        for _ in range(bad):
+            assert not c.emit(Scalars(0, {"x": "not a number"}))  # type: ignore[dict-item]
+        c.emit(EpisodeSummary(1, 1.0, 0.5, 0.4, 100, 100, 0, 1.0))
+    karn_otel.shutdown()
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    shown = [ln for ln in _inspect_lines(read_run(run_dir)) if "rejected in this episode" in ln]
+    assert [ln.split(";")[0].strip() for ln in shown] == [
+        "rejected in this episode: type_error 1",
+        "rejected in this episode: none",
+        "rejected in this episode: type_error 2",
+    ], shown

@@ -608,6 +608,7 @@ class ReferenceTrainer:
 
         val_loss, val_acc = init_loss, init_acc
         decision_loss, decision_acc = val_loss, val_acc
+        culled = False  # the last epoch's action culled a seed (see the summary below)
         for epoch in range(1, cfg.epochs + 1):
             self.update_dense_window(epoch)
             m = self.train_epoch(epoch)
@@ -631,7 +632,7 @@ class ReferenceTrainer:
             self.reward_previous_decision(obs, done=False)
             action, reason = self.controller.decide(obs)
             shadow = self.shadow.decide(obs)[0] if self.shadow is not None else None
-            self.apply(action, val_acc)
+            culled = self.apply(action, val_acc) and action.op is ActionOp.CULL
             emit(ControllerDecision(self.controller.name, action, reason, shadow_action=shadow))
             self.after_decision(obs, action, shadow)
             if self.heartbeat is not None:
@@ -644,9 +645,13 @@ class ReferenceTrainer:
             self.reward_previous_decision(self.observation(cfg.epochs, decision_acc, decision_loss), done=True)
             self.ppo_update(force=True)
             self.controller.reset_episode()
+        if culled:
+            # The last epoch's matrix (and its snapshot) measured the model before the
+            # controller's cull; the summary describes the model the run ends with.
+            val_loss, val_acc = self.evaluate()
         host_loss, host_acc = self.host_only()
         emit(dataclasses.replace(baseline, final_host_only_loss=host_loss, final_host_only_accuracy=host_acc))
-        total = self.host_params + sum(s.seed_params for s in model.slots.values())
+        total = self.host_params + sum(s.seed_params for s in model.slots.values() if s.stage is not SeedStage.CULLED)
         wall = time.perf_counter() - t_start
         emit(
             EpisodeSummary(
@@ -687,18 +692,25 @@ class ReferenceTrainer:
             host_params=self.host_params,
         )
 
-    def apply(self, action, val_acc: float) -> None:
+    def apply(self, action, val_acc: float) -> bool:
+        """Carry out the controller's action; True when it changed a slot (a refused one, a
+        failed gate or a busy slot, changes nothing)."""
         slots = self.model.slots
         if action.op is ActionOp.GERMINATE:
             seed = slots[action.slot].germinate(action.blueprint, self.host_params, val_acc)
             if seed is not None:
                 self.seed_opts[action.slot] = torch.optim.Adam(seed.parameters(), lr=self.cfg.seed_lr)
-        elif action.op is ActionOp.FOSSILIZE:
+            return seed is not None
+        if action.op is ActionOp.FOSSILIZE:
             if slots[action.slot].try_fossilize():
                 self.fossilized_params += slots[action.slot].seed_params
-        elif action.op is ActionOp.CULL:
+                return True
+            return False
+        if action.op is ActionOp.CULL:
             if slots[action.slot].cull("culled by controller"):
                 self.seed_opts.pop(action.slot, None)
+                return True
+        return False
 
     def emit_snapshots(self, epoch: int, m: dict, val_loss: float, val_acc: float) -> None:
         seed_norms: dict[str, float] = {}

@@ -156,7 +156,16 @@ class ConsoleSink:
             return None
         first = claims[0]
         which = "final verdict" if first.rule == "final-epoch Holm" else "live claims"
-        parts = ", ".join(f"{c.slot_id} {'helps' if c.helps else 'no claim'}" for c in claims)
+        slots = self.store.slots()
+
+        def said(c: Any) -> str:
+            text = f"{c.slot_id} {'helps' if c.helps else 'no claim'}"
+            s = slots.get(c.slot_id)
+            if s is not None and s.stage is SeedStage.CULLED:  # measured, then culled by the controller
+                text += " (then culled: not in the final model)"
+            return text
+
+        parts = ", ".join(said(c) for c in claims)
         return f"[karn] {which} ({first.rule}, {100 * first.alpha:g}% false-claim rate per run): {parts}"
 
     def plain_line(self) -> str:

@@ -211,7 +211,7 @@ def test_cleanrl_ppo_on_cartpole_through_the_shim(tmp_path):
         [sys.executable, "-m", "karn_otel.cli", "inspect", str(run.run_dir)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "finished:" in out.stdout and "interrupted" not in out.stdout
-    assert "rejected: none" in out.stdout
+    assert "rejected in this episode: none" in out.stdout
 
 
 def test_return_based_health_fires_on_a_collapse_not_on_learning(tmp_path):

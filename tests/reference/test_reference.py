@@ -152,3 +152,41 @@ def test_a_blending_seed_is_recorded_at_the_alpha_it_was_evaluated_at(memory_col
         off = next(r for r in e.payload.configs if not any(r.config))
         assert set(off.alpha_settings.values()) == {0.0}
     assert seen_partial, "a blending seed was evaluated mid-blend (FAST blends over 2 epochs)"
+
+
+class _CullsAtTheEnd:
+    """Germinates a seed at once and culls it at the final epoch: the case where the last
+    epoch's matrix measured a model the run does not end with."""
+
+    name = "scripted"
+
+    def decide(self, obs):
+        from karn_otel.contracts import ActionOp, FactoredAction
+
+        if obs.epoch == 1:
+            return FactoredAction(ActionOp.GERMINATE, "mid", "conv_light"), "germinate"
+        if obs.epoch == obs.max_epochs:
+            return FactoredAction(ActionOp.CULL, "mid"), "cull at the end"
+        return FactoredAction(ActionOp.WAIT), "wait"
+
+
+def test_a_seed_culled_at_the_last_epoch_is_not_in_the_final_numbers(memory_collector, capsys):
+    """The summary (and the console's episode-end line) describe the model the run ends with:
+    after a cull at the final epoch its accuracy is the host's, its parameters the host's, and
+    the final verdict says the seed is gone."""
+    from karn_otel.reference.trainer import ReferenceTrainer
+
+    cfg = dataclasses.replace(FAST, epochs=8)
+    memory_collector.memory.events.clear()
+    ReferenceTrainer(cfg, controller=_CullsAtTheEnd()).run()
+    events = list(memory_collector.memory.events)
+    (last_cf,) = [e.payload for e in events if e.event_type is ET.COUNTERFACTUAL and e.epoch == 8]
+    assert last_cf.slot_ids == ("mid",), "the seed was active when the last matrix was measured"
+    on = next(r for r in last_cf.configs if r.config == (True,))
+    off = next(r for r in last_cf.configs if r.config == (False,))
+    assert on.val_accuracy != off.val_accuracy, "the seed changed the model's predictions"
+    (summary,) = [e.payload for e in events if e.event_type is ET.EPISODE_ENDED]
+    assert summary.final_val_accuracy == off.val_accuracy, "the final model is the host alone"
+    assert summary.total_params == summary.host_params, "a culled seed's parameters are gone"
+    (last_host,) = [e.payload for e in events if e.event_type is ET.HOST_SNAPSHOT and e.epoch == 8]
+    assert last_host.val_accuracy == on.val_accuracy, "the epoch's own snapshot keeps what was measured then"

@@ -262,3 +262,16 @@ def test_a_row_too_long_for_the_box_shortens_its_left_side_never_the_verdict():
     assert row.endswith("✗ not yet│") and "…" in row and len(row) == WIDTH + 2, row
     short = _lr("ACCURACY        92.5%", "✓ WIN")
     assert short.startswith("ACCURACY        92.5%") and short.endswith(" ✓ WIN") and "…" not in short
+
+
+def test_the_final_verdict_says_when_a_claimed_seed_was_culled_after_it(memory_collector):
+    from karn_otel.contracts import EpisodeSummary, SeedStage
+
+    sink = ConsoleSink(memory_collector.view, live=False, stream=io.StringIO())
+    memory_collector.add_sink(sink)
+    _feed(memory_collector)
+    memory_collector.emit(slot("mid", alpha=0.0, stage=SeedStage.CULLED, seed_params=2000))
+    memory_collector.emit(EpisodeSummary(4, 1.0, 0.623, 0.623, 10_000, 10_000, 0, 1.0))
+    line = sink.verdict_line()
+    assert line is not None and line.startswith("[karn] final verdict"), line
+    assert "mid helps (then culled: not in the final model)" in line, line
