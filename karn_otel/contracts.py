@@ -275,6 +275,9 @@ class ControllerDecision:
     action: FactoredAction
     reason: str
     shadow_action: FactoredAction | None = None
+    # Whether the action took effect: False when it was refused (a failed gate, a busy slot,
+    # nothing to cull); None when not reported (WAIT, or a controller that does not say).
+    applied: bool | None = None
 
 
 @dataclass(frozen=True)

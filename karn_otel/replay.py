@@ -180,7 +180,11 @@ def compare_events(recorded: list[TelemetryEvent], replayed: list[TelemetryEvent
     rec = [e for e in recorded if e.event_type not in SKIPPED_TYPES]
     rep = [e for e in replayed if e.event_type not in SKIPPED_TYPES]
     for i, (a, b) in enumerate(zip(rec, rep)):
-        d = first_difference(comparable(a), comparable(b))
+        ca, cb = comparable(a), comparable(b)
+        if a.event_type is ET.CONTROLLER_DECISION and ca["payload"].get("applied") is None:
+            cb["payload"].pop("applied", None)  # a log from before decisions said whether they took effect
+            ca["payload"].pop("applied", None)
+        d = first_difference(ca, cb)
         if d:
             where = f"event #{i + 1} ({a.event_type.value}, epoch {a.epoch})"
             return ReplayReport(i, f"{where}: {d.lstrip('.')}", [])
@@ -308,10 +312,14 @@ def _compare_checkpoints(record: RunRecord, tmp: Path) -> str:
     """Compare every retained initial checkpoint with the replay's, episode by episode."""
     from karn_otel.torch.checkpoints import compare_state_dicts
 
-    replayed = sorted(tmp.glob("ep*-initial.pt"))  # named ep<index>-<episode id>-initial.pt
+    # Named ep<index>-<episode id>-initial.pt; the episode ids differ between the run and its
+    # replay, so the two are paired by episode index. Retention may have removed some on
+    # either side (keep_last keeps only the last episode's): those are skipped, not misaligned.
+    replayed = {p.name.split("-", 1)[0]: p for p in tmp.glob("ep*-initial.pt")}
     compared = 0
-    for path, other in zip(recorded_checkpoints(record), replayed):
-        if path is None:
+    for path in recorded_checkpoints(record):
+        other = replayed.get(path.name.split("-", 1)[0]) if path is not None else None
+        if path is None or other is None:
             continue
         try:
             same = compare_state_dicts(path, other)

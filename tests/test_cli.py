@@ -163,3 +163,15 @@ def test_inspect_shows_each_episode_its_own_rejections(tmp_path):
         "rejected in this episode: none",
         "rejected in this episode: type_error 2",
     ], shown
+
+
+def test_replay_of_a_multi_episode_run_compares_the_retained_checkpoint(tmp_path):
+    """keep_last retains only the last episode's initial checkpoint; replay must compare that
+    one (it paired the list by position and said none was retained)."""
+    r = karn("run", "--controller", "ppo", "--episodes", "2", "--epochs", "2", "--no-live", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    (d,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(list((d / "checkpoints").glob("ep*-initial.pt"))) == 1
+    r = karn("replay", str(d))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "initial checkpoint identical (1 retained)" in r.stdout, r.stdout

@@ -459,7 +459,10 @@ def build_report(
         progress(f"read {i}/{len(dirs)} runs")
     if len(records) == 1:
         rec = records[0]
-        return _page(f"Karn report — run {rec.run_id}", run_sections(rec, matrix_epoch))
+        n = len(rec.episodes)
+        # Every figure and table reads the last episode (a PPO run learns across them): say so.
+        scope = f", episode {n} of {n} (the last; the others are in karn inspect)" if n > 1 else ""
+        return _page(f"Karn report — run {rec.run_id}{scope}", run_sections(rec, matrix_epoch))
     summaries = [summarise(r) for r in records]
     cmp = compare_runs(summaries)
     sections = [

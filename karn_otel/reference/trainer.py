@@ -632,8 +632,17 @@ class ReferenceTrainer:
             self.reward_previous_decision(obs, done=False)
             action, reason = self.controller.decide(obs)
             shadow = self.shadow.decide(obs)[0] if self.shadow is not None else None
-            culled = self.apply(action, val_acc) and action.op is ActionOp.CULL
-            emit(ControllerDecision(self.controller.name, action, reason, shadow_action=shadow))
+            applied = self.apply(action, val_acc)
+            culled = applied and action.op is ActionOp.CULL
+            emit(
+                ControllerDecision(
+                    self.controller.name,
+                    action,
+                    reason,
+                    shadow_action=shadow,
+                    applied=None if action.op is ActionOp.WAIT else applied,
+                )
+            )
             self.after_decision(obs, action, shadow)
             if self.heartbeat is not None:
                 self.heartbeat.beat(epoch)

@@ -191,7 +191,7 @@ class ConsoleSink:
             parts.append(part)
         seeds = " ".join(parts)
         dec = self.store.recent_decisions(1)
-        action = dec[-1][1].action.label() if dec else "-"
+        action = _decided(dec[-1][1]) if dec else "-"
         ratio_s = "n/a" if ratio is None else f"{ratio:.3f}x"
         control = _control_delta(self.store.scalars())
         vs_control = "" if control is None else f", {_pts(control)} vs control (causal)"
@@ -301,19 +301,22 @@ class ConsoleSink:
             dec = st.recent_decisions(1)
             who = dec[-1][1].controller if dec else "-"
             rows.append(f"  controller: {who} (no PPO updates)")
-        recent = " ".join(d.action.label() for _, d in st.recent_decisions(4))
+        recent = " ".join(_decided(d) for _, d in st.recent_decisions(4))
         rows.append(f"  Recent actions: {recent or '-'}")
         rows.append(None)
+        # The store holds one episode (it resets at each EpisodeContext); Karn's accounting
+        # is the run's.
         alerts = st.recent_alerts(3)
         if not alerts:
-            rows.append("ALERTS: None")
+            rows.append("ALERTS (this episode): None")
         else:
-            rows.append(f"ALERTS: {len(st.recent_alerts())}")
+            n = len(st.recent_alerts())
+            rows.append(f"ALERTS (this episode): {n}" + (f", the latest {len(alerts)}:" if n > len(alerts) else ""))
             for ep, al in alerts:
                 rows.append(f"  e{ep} {al.severity.value.upper()} {al.check}: {al.message}")
         stats = st.stats()
         rows.append(
-            f"TELEMETRY: {stats.accepted} events, {sum(stats.rejected.values())} rejected,"
+            f"TELEMETRY (run): {stats.accepted} events, {sum(stats.rejected.values())} rejected,"
             f" {sum(stats.dropped.values())} dropped"
         )
         return _box(rows)
@@ -442,6 +445,13 @@ def _control_delta(scalars: dict[str, float]) -> float | None:
     """This epoch's accuracy minus the control twin's, when the run has one (docs/experiments.md)."""
     v = scalars.get("accuracy_delta_vs_control")
     return v if isinstance(v, float) and v == v else None
+
+
+def _decided(d: Any) -> str:
+    """A ControllerDecision as shown: the action, marked when it was refused (a requested
+    FOSSILIZE whose gate failed did not fossilize anything)."""
+    label: str = d.action.label()
+    return label + " (refused)" if d.applied is False else label
 
 
 def _alpha(now: float, c: Any) -> str:

@@ -296,3 +296,14 @@ def test_compare_claims_only_what_the_final_matrix_says(tmp_path):
     runs = [load(d) for d in sorted(tmp_path.iterdir()) if d.is_dir()]
     assert len(runs) == 2 and all(r.final_shapley == {} and r.final_shapley_epoch == 2 for r in runs)
     assert compare_runs(runs).slots == [], "no run's final verdict claims mid"
+
+
+def test_report_of_a_multi_episode_run_says_which_episode_it_shows(tmp_path):
+    p = karn("run", "--epochs", "2", "--controller", "ppo", "--episodes", "2", "--out", str(tmp_path), "--no-live")
+    assert p.returncode == 0, p.stderr
+    run = next(d for d in tmp_path.iterdir() if d.is_dir())
+    out = tmp_path / "ppo2.html"
+    assert karn("report", str(run), "-o", str(out)).returncode == 0
+    dom, console = _open_in_browser(out, tmp_path)
+    assert console == []
+    assert f"Karn report — run {run.name}, episode 2 of 2 (the last" in dom

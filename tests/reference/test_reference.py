@@ -190,3 +190,53 @@ def test_a_seed_culled_at_the_last_epoch_is_not_in_the_final_numbers(memory_coll
     assert summary.total_params == summary.host_params, "a culled seed's parameters are gone"
     (last_host,) = [e.payload for e in events if e.event_type is ET.HOST_SNAPSHOT and e.epoch == 8]
     assert last_host.val_accuracy == on.val_accuracy, "the epoch's own snapshot keeps what was measured then"
+
+
+class _AsksTheImpossible:
+    name = "scripted"
+
+    def decide(self, obs):
+        from karn_otel.contracts import ActionOp, FactoredAction
+
+        if obs.epoch == 1:
+            return FactoredAction(ActionOp.GERMINATE, "mid", "conv_light"), "germinate"
+        if obs.epoch == 2:
+            return FactoredAction(ActionOp.FOSSILIZE, "early"), "fossilize an empty slot"
+        return FactoredAction(ActionOp.WAIT), "wait"
+
+
+def test_a_refused_action_is_recorded_as_not_applied(memory_collector):
+    """What the console shows as the epoch's action must say when nothing happened: the
+    decision records whether it took effect."""
+    cfg = dataclasses.replace(FAST, epochs=3)
+    memory_collector.memory.events.clear()
+    ReferenceTrainer(cfg, controller=_AsksTheImpossible()).run()
+    decisions = [(e.epoch, e.payload) for e in memory_collector.memory.events if e.event_type is ET.CONTROLLER_DECISION]
+    assert [(ep, d.action.op.value, d.applied) for ep, d in decisions] == [
+        (1, "GERMINATE", True),
+        (2, "FOSSILIZE", False),
+        (3, "WAIT", None),
+    ], decisions
+
+
+def test_replay_of_a_log_from_before_applied_was_recorded_is_not_a_difference(memory_collector):
+    """Logs written before ControllerDecision.applied existed read it as None: replay does not
+    call that a difference, but does call a changed value one."""
+    cfg = dataclasses.replace(FAST, epochs=3)
+    memory_collector.memory.events.clear()
+    ReferenceTrainer(cfg, controller=_AsksTheImpossible()).run()
+    events = list(memory_collector.memory.events)
+    old = [
+        dataclasses.replace(e, payload=dataclasses.replace(e.payload, applied=None))
+        if e.event_type is ET.CONTROLLER_DECISION
+        else e
+        for e in events
+    ]
+    assert compare_events(old, events).first_difference is None
+    flipped = [
+        dataclasses.replace(e, payload=dataclasses.replace(e.payload, applied=not e.payload.applied))
+        if e.event_type is ET.CONTROLLER_DECISION and e.payload.applied is not None
+        else e
+        for e in events
+    ]
+    assert "applied" in (compare_events(flipped, events).first_difference or "")

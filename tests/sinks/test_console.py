@@ -275,3 +275,30 @@ def test_the_final_verdict_says_when_a_claimed_seed_was_culled_after_it(memory_c
     line = sink.verdict_line()
     assert line is not None and line.startswith("[karn] final verdict"), line
     assert "mid helps (then culled: not in the final model)" in line, line
+
+
+def test_a_refused_action_is_shown_as_refused(memory_collector):
+    sink = ConsoleSink(memory_collector.view, live=True, stream=Tty(), refresh_hz=50)
+    memory_collector.add_sink(sink)
+    _feed(memory_collector)
+    memory_collector.emit(
+        ControllerDecision("heuristic", FactoredAction(ActionOp.FOSSILIZE, "mid"), "probation done", applied=False)
+    )
+    assert "action FOSSILIZE(mid) (refused)" in sink.plain_line(), sink.plain_line()
+    text = "\n".join(sink.render())
+    assert "Recent actions: GERMINATE(mid,attention) FOSSILIZE(mid) (refused)" in text, text
+
+
+def test_the_alerts_block_says_its_scope(memory_collector):
+    """The store holds one episode: the alerts block says so, and that it shows the latest
+    three of more; the telemetry line is the run's."""
+    sink = ConsoleSink(memory_collector.view, live=True, stream=Tty(), refresh_hz=50)
+    memory_collector.add_sink(sink)
+    _feed(memory_collector)
+    for k in range(4):
+        memory_collector.emit(HealthAlert("loss_spike", Severity.WARNING, f"spike {k}", 3.0, 2.0))
+    text = "\n".join(sink.render())
+    assert "ALERTS (this episode): 5, the latest 3:" in text, text
+    assert "TELEMETRY (run): " in text
+    memory_collector.emit(make_context(episode_id="ep-2"))
+    assert "ALERTS (this episode): None" in "\n".join(sink.render())
