@@ -300,7 +300,13 @@ class ConsoleSink:
         else:
             dec = st.recent_decisions(1)
             who = dec[-1][1].controller if dec else "-"
-            rows.append(f"  controller: {who} (no PPO updates)")
+            # The store holds this episode: a PPO controller's statistics (and their health
+            # checks) arrive with its first update in it.
+            rows.append(
+                f"  controller: {who} (no PPO update yet this episode)"
+                if who == "ppo"
+                else f"  controller: {who} (no PPO updates)"
+            )
         recent = " ".join(_decided(d) for _, d in st.recent_decisions(4))
         rows.append(f"  Recent actions: {recent or '-'}")
         rows.append(None)

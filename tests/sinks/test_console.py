@@ -302,3 +302,12 @@ def test_the_alerts_block_says_its_scope(memory_collector):
     assert "TELEMETRY (run): " in text
     memory_collector.emit(make_context(episode_id="ep-2"))
     assert "ALERTS (this episode): None" in "\n".join(sink.render())
+
+
+def test_a_ppo_controller_without_an_update_this_episode_says_so(memory_collector):
+    sink = ConsoleSink(memory_collector.view, live=True, stream=Tty(), refresh_hz=50)
+    memory_collector.add_sink(sink)
+    memory_collector.emit(make_context())
+    memory_collector.emit(ControllerDecision("ppo", FactoredAction(ActionOp.WAIT), "policy"))
+    memory_collector.emit(host(epoch=1, seed_grad_norms={}))
+    assert "controller: ppo (no PPO update yet this episode)" in "\n".join(sink.render())
