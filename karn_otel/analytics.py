@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from karn_otel.claims import ALPHA, Claim, final_verdict, live_claim, live_claim_chain
-from karn_otel.contracts import ActionOp, CounterfactualMatrix, ShapleyEstimate
+from karn_otel.contracts import ActionOp, CounterfactualMatrix, CounterfactualResult, ShapleyEstimate
 from karn_otel.pipeline import HealthSource
 from karn_otel.store import TelemetryStore
 
@@ -321,12 +321,8 @@ class MorphogeneticAnalytics:
         """
         cf = self.store.latest_counterfactual()
         claims = self.claims(cf) if cf is not None else {}
-        measured: dict[str, float] = {}
-        if cf is not None:
-            for r in cf.configs:
-                if all(r.config):
-                    measured = dict(r.alpha_settings)
-                    break
+        on = all_on(cf) if cf is not None else None
+        measured = on.alpha_settings if on is not None else {}
         out: dict[str, SeedContributionSummary] = {}
         for slot_id, s in self.store.slots().items():
             if s.seed_id is None:
@@ -413,3 +409,8 @@ def all_off_accuracy(cf: CounterfactualMatrix) -> float | None:
         if not any(r.config):
             return r.val_accuracy
     return None
+
+
+def all_on(cf: CounterfactualMatrix) -> CounterfactualResult | None:
+    """The matrix's all-on configuration: the model as it runs (its alphas included)."""
+    return next((r for r in cf.configs if all(r.config)), None)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from karn_otel import emit
+from karn_otel.analytics import all_on
 from karn_otel.collector import dense_requested, get_collector
 from karn_otel.config import CounterfactualConfig
 from karn_otel.contracts import (
@@ -902,7 +903,9 @@ def split_attribution(
 
 def all_on_result(cf: CounterfactualMatrix) -> tuple[float, float]:
     """(val loss, val accuracy) of the model as it is: the matrix's all-on configuration."""
-    row = next(r for r in cf.configs if all(r.config))
+    row = all_on(cf)
+    if row is None:
+        raise ValueError(f"the epoch-{cf.epoch} matrix has no all-on configuration")
     return row.val_loss, row.val_accuracy
 
 

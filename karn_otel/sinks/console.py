@@ -464,7 +464,7 @@ def _alpha(now: float, c: Any) -> str:
     """The slot's alpha, with the one its contribution (``c``, a seed_contributions() entry)
     was measured at when that differs (a blending seed advances after its epoch's
     counterfactual matrix)."""
-    at = c.measured_alpha if c is not None and c.contribution is not None else None
+    at = c.measured_alpha if c is not None else None  # None without a measured contribution
     if at is None or abs(at - now) < 0.005:
         return f"{now:.2f}"
     return f"{at:.2f}→{now:.2f}"

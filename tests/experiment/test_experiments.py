@@ -192,8 +192,11 @@ def test_report_of_a_run_renders_every_section(tmp_path, experiment):
     assert 'id="ppo"' not in dom
 
 
-def test_report_of_a_ppo_run_has_ppo_health(tmp_path):
-    p = karn("run", "--epochs", "3", "--controller", "ppo", "--out", str(tmp_path), "--no-live")
+def test_report_of_a_ppo_run_has_ppo_health_and_names_the_episode_it_shows(tmp_path):
+    """Two episodes: every section renders, and the title says the report is the last one's."""
+    p = karn(
+        "run", "--epochs", "3", "--controller", "ppo", "--episodes", "2", "--out", str(tmp_path), "--no-live"
+    )  # fmt: skip
     assert p.returncode == 0, p.stderr
     run = next(d for d in tmp_path.iterdir() if d.is_dir())
     out = tmp_path / "ppo.html"
@@ -202,6 +205,7 @@ def test_report_of_a_ppo_run_has_ppo_health(tmp_path):
     assert console == []
     for sid in SECTIONS_RUN:
         assert re.search(rf'<section id="{sid}" data-rendered="yes"', dom), sid
+    assert f"Karn report — run {run.name}, episode 2 of 2 (the last" in dom
 
 
 def test_report_of_an_experiment_overlays_runs_and_compares(tmp_path, experiment):
@@ -296,14 +300,3 @@ def test_compare_claims_only_what_the_final_matrix_says(tmp_path):
     runs = [load(d) for d in sorted(tmp_path.iterdir()) if d.is_dir()]
     assert len(runs) == 2 and all(r.final_shapley == {} and r.final_shapley_epoch == 2 for r in runs)
     assert compare_runs(runs).slots == [], "no run's final verdict claims mid"
-
-
-def test_report_of_a_multi_episode_run_says_which_episode_it_shows(tmp_path):
-    p = karn("run", "--epochs", "2", "--controller", "ppo", "--episodes", "2", "--out", str(tmp_path), "--no-live")
-    assert p.returncode == 0, p.stderr
-    run = next(d for d in tmp_path.iterdir() if d.is_dir())
-    out = tmp_path / "ppo2.html"
-    assert karn("report", str(run), "-o", str(out)).returncode == 0
-    dom, console = _open_in_browser(out, tmp_path)
-    assert console == []
-    assert f"Karn report — run {run.name}, episode 2 of 2 (the last" in dom

@@ -24,21 +24,24 @@ class Tty(io.StringIO):
         return True
 
 
+def _matrix(est=None, on_alpha=1.0):
+    """The epoch-4 matrix of one slot, "mid", evaluated on at ``on_alpha``."""
+    return CounterfactualMatrix(
+        epoch=4,
+        slot_ids=("mid",),
+        configs=(
+            CounterfactualResult((True,), {"mid": on_alpha}, 0.3, 0.672),
+            CounterfactualResult((False,), {"mid": 0.0}, 0.4, 0.623),
+        ),
+        marginal_contributions={"mid": 0.049},
+        interaction_effects={},
+        shapley_values={"mid": est or ShapleyEstimate(0.049, 0.01, 1, "exact_enumeration", 0.029, 0.069)},
+    )
+
+
 def _feed(c, est=None):
     c.emit(make_context())
-    c.emit(
-        CounterfactualMatrix(
-            epoch=4,
-            slot_ids=("mid",),
-            configs=(
-                CounterfactualResult((True,), {"mid": 1.0}, 0.3, 0.672),
-                CounterfactualResult((False,), {"mid": 0.0}, 0.4, 0.623),
-            ),
-            marginal_contributions={"mid": 0.049},
-            interaction_effects={},
-            shapley_values={"mid": est or ShapleyEstimate(0.049, 0.01, 1, "exact_enumeration", 0.029, 0.069)},
-        )
-    )
+    c.emit(_matrix(est))
     c.emit(ControllerDecision("heuristic", FactoredAction(ActionOp.GERMINATE, "mid", "attention"), "plateau"))
     c.emit(slot("mid", alpha=1.0, seed_params=2000, blueprint_id="attention"))
     c.emit(HealthAlert("loss_spike", Severity.WARNING, "loss 3.1x rolling mean", 3.1, 2.0))
@@ -84,19 +87,7 @@ def test_a_blending_seed_shows_the_alpha_its_contribution_was_measured_at(memory
     memory_collector.add_sink(sink)
     c = memory_collector
     c.emit(make_context())
-    c.emit(
-        CounterfactualMatrix(
-            epoch=4,
-            slot_ids=("mid",),
-            configs=(
-                CounterfactualResult((True,), {"mid": 0.5}, 0.3, 0.672),
-                CounterfactualResult((False,), {"mid": 0.0}, 0.4, 0.623),
-            ),
-            marginal_contributions={"mid": 0.049},
-            interaction_effects={},
-            shapley_values={"mid": ShapleyEstimate(0.049, 0.01, 1, "exact_enumeration", 0.029, 0.069)},
-        )
-    )
+    c.emit(_matrix(on_alpha=0.5))
     c.emit(slot("mid", alpha=0.75, stage=SeedStage.BLENDING, seed_params=2000))
     c.emit(host(epoch=4, val_accuracy=0.672, seed_grad_norms={}))
     assert sink.analytics.seed_contributions()["mid"].measured_alpha == 0.5
